@@ -1,0 +1,184 @@
+"""The one canonical msgpack encoding for everything gpumesh signs, hashes or stores.
+
+A frozen dataclass encodes as a msgpack array of its field values in declaration order; the
+decoder rebuilds it from the class's type hints, checking every value's type, and rejects any
+input that does not re-encode to exactly the same bytes. So one object has one encoding, and a
+hash or signature over the bytes is a hash or signature over the object.
+
+Supported field types: ``int`` (never ``bool``), ``bool``, ``str``, ``bytes``, ``None``,
+``X | None``, ``tuple[X, ...]``, fixed ``tuple[X, Y]``, ``enum.IntEnum``, ``NewType`` over any
+of these, and nested frozen dataclasses. Dicts are not supported: their order is not canonical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import types
+import typing
+from typing import Any, TypeVar
+
+import msgpack
+
+from ledger.exceptions import DecodeError
+
+T = TypeVar("T")
+
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+message_bytes_max = 4 * 1024 * 1024
+"""Largest encoded object the decoder accepts unless the caller passes a smaller cap."""
+
+
+def to_plain(value: Any) -> Any:
+    """Turn a dataclass tree into msgpack-ready lists, ints, bytes and strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, bool) or value is None or isinstance(value, str | bytes):
+        return value
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise OverflowError(f"integer {value} does not fit in 64 bits")
+        return int(value)
+    if isinstance(value, tuple | list):
+        return [to_plain(v) for v in value]
+    raise TypeError(f"cannot encode {type(value).__name__} canonically")
+
+
+def encode(value: Any) -> bytes:
+    """The canonical bytes of ``value`` (a frozen dataclass, or a plain value)."""
+    packed: bytes = msgpack.packb(to_plain(value), use_bin_type=True)
+    return packed
+
+
+def digest(data: bytes) -> bytes:
+    """SHA-256 of ``data``: the hash every id and root in gpumesh is made of."""
+    return hashlib.sha256(data).digest()
+
+
+def hash_of(value: Any) -> bytes:
+    """SHA-256 of the canonical encoding of ``value``."""
+    return digest(encode(value))
+
+
+_hints_cache: dict[type, list[tuple[str, Any]]] = {}
+
+
+def _field_hints(cls: type) -> list[tuple[str, Any]]:
+    cached = _hints_cache.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+        _hints_cache[cls] = cached
+    return cached
+
+
+def _fail(path: str, expected: str, got: Any) -> typing.NoReturn:
+    raise DecodeError(f"{path}: expected {expected}, got {type(got).__name__}")
+
+
+def from_plain(tp: Any, value: Any, path: str = "$") -> Any:
+    """Rebuild a value of type ``tp`` from msgpack-decoded data, checking every type."""
+    supertype = getattr(tp, "__supertype__", None)
+    if supertype is not None:  # typing.NewType
+        return from_plain(supertype, value, path)
+    if tp is Any:
+        return value
+    if tp is type(None) or tp is None:
+        if value is not None:
+            _fail(path, "nil", value)
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, "bool", value)
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(path, tp.__name__, value)
+        try:
+            return tp(value)
+        except ValueError:
+            raise DecodeError(f"{path}: {value} is not a valid {tp.__name__}") from None
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(path, "int", value)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, "str", value)
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes):
+            _fail(path, "bytes", value)
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = _field_hints(tp)
+        if not isinstance(value, list) or len(value) != len(hints):
+            raise DecodeError(f"{path}: expected {tp.__name__} with {len(hints)} fields")
+        kwargs = {
+            name: from_plain(hint, item, f"{path}.{name}")
+            for (name, hint), item in zip(hints, value, strict=True)
+        }
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as exc:  # a __post_init__ check refused the values
+            raise DecodeError(f"{path}: invalid {tp.__name__}: {exc}") from exc
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return from_plain(arg, value, path)
+            except DecodeError as exc:
+                errors.append(str(exc))
+        raise DecodeError(f"{path}: no variant matched ({'; '.join(errors)})")
+    if origin is tuple:
+        if not isinstance(value, list):
+            _fail(path, "array", value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(from_plain(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise DecodeError(f"{path}: expected {len(args)} items, got {len(value)}")
+        return tuple(
+            from_plain(a, v, f"{path}[{i}]")
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is typing.Literal:
+        if value not in args:
+            raise DecodeError(f"{path}: {value!r} is not one of {args}")
+        return value
+    raise TypeError(f"{path}: type {tp!r} is not supported by the canonical codec")
+
+
+def unpack(data: bytes, *, max_bytes: int = message_bytes_max) -> Any:
+    """Parse msgpack bytes with every size bounded; no maps, no extension types."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise DecodeError(f"message of {len(data)} bytes exceeds the cap of {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid msgpack: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"invalid UTF-8 in a string: {exc}") from exc
+
+
+def decode(cls: type[T], data: bytes, *, max_bytes: int = message_bytes_max) -> T:
+    """Decode canonical bytes into ``cls``; raise ``DecodeError`` on anything else."""
+    value: T = from_plain(cls, unpack(data, max_bytes=max_bytes), "$")
+    if encode(value) != bytes(data):
+        raise DecodeError(f"{getattr(cls, '__name__', cls)}: bytes are not in canonical form")
+    return value

@@ -1,0 +1,1 @@
+"""p2p package (see docs/ARCHITECTURE.md)."""
