@@ -1,0 +1,194 @@
+"""The node's per-machine configuration (config.toml): one frozen, validated object per section.
+
+Chain-wide parameters (chain id, allocations, validators) live in genesis.json, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from typing import TYPE_CHECKING, Any, Literal
+
+from node.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+LogFormat = Literal["plain", "json"]
+port_max = 65535
+peers_max_limit = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSection:
+    chain_id: str = "gpumesh-dev"
+    log_format: LogFormat = "plain"
+    log_levels: str = "info"
+    """A default level, then per-subsystem overrides: ``"info,p2p=debug,libp2p=warning"``."""
+
+    def __post_init__(self) -> None:
+        if not self.chain_id or len(self.chain_id) > 64 or not self.chain_id.isascii():
+            raise ConfigError("[node] chain_id must be 1-64 ASCII characters")
+        if self.log_format not in ("plain", "json"):
+            raise ConfigError('[node] log_format must be "plain" or "json"')
+
+
+@dataclasses.dataclass(frozen=True)
+class P2PSection:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 7700
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = True
+    dht: bool = True
+    peers_max: int = 64
+
+    def __post_init__(self) -> None:
+        if self.listen_host in ("0.0.0.0", "::", ""):
+            # libp2p advertises the wildcard address and peers cannot dial it.
+            raise ConfigError("[p2p] listen_host must be a concrete address, not a wildcard")
+        if not 0 <= self.listen_port <= port_max:
+            raise ConfigError(f"[p2p] listen_port must be 0-{port_max}")
+        if not 1 <= self.peers_max <= peers_max_limit:
+            raise ConfigError(f"[p2p] peers_max must be 1-{peers_max_limit}")
+        for addr in self.bootstrap:
+            if not addr.startswith("/") or "/p2p/" not in addr:
+                raise ConfigError(f"[p2p] bootstrap entry {addr!r} is not a .../p2p/<id> address")
+
+
+@dataclasses.dataclass(frozen=True)
+class RpcSection:
+    host: str = "127.0.0.1"
+    port: int = 7800
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= port_max:
+            raise ConfigError(f"[rpc] port must be 0-{port_max}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeSection:
+    simulate_gpus: str = ""
+    """Simulated devices for GPU-less machines, e.g. ``"A100-80GB:2,RTX4090:1"``."""
+    provider: bool = True
+    """Whether this node offers its devices (or its CPU, with no GPU) to the market."""
+    price_per_gpu_second: int = 100
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.price_per_gpu_second < 0:
+            raise ConfigError("[compute] price_per_gpu_second must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsensusSection:
+    create_empty_blocks: bool = False
+    timeout_propose_ms: int = 1000
+    timeout_vote_ms: int = 500
+
+    def __post_init__(self) -> None:
+        if self.timeout_propose_ms <= 0 or self.timeout_vote_ms <= 0:
+            raise ConfigError("[consensus] timeouts must be > 0 ms")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    node: NodeSection = dataclasses.field(default_factory=NodeSection)
+    p2p: P2PSection = dataclasses.field(default_factory=P2PSection)
+    rpc: RpcSection = dataclasses.field(default_factory=RpcSection)
+    compute: ComputeSection = dataclasses.field(default_factory=ComputeSection)
+    consensus: ConsensusSection = dataclasses.field(default_factory=ConsensusSection)
+
+    @classmethod
+    def default(cls) -> NodeConfig:
+        return cls()
+
+    @classmethod
+    def for_tests(cls, chain_id: str = "gpumesh-test") -> NodeConfig:
+        """Ephemeral ports, no mDNS: tests must not hear each other's nodes."""
+        return cls(
+            node=NodeSection(chain_id=chain_id),
+            p2p=P2PSection(listen_port=0, mdns=False),
+            rpc=RpcSection(port=0),
+        )
+
+    def replace(self, **sections: Any) -> NodeConfig:
+        """A copy with some sections replaced, or with section keys: ``p2p={"mdns": False}``."""
+        changes: dict[str, Any] = {}
+        for name, value in sections.items():
+            if isinstance(value, dict):
+                value = dataclasses.replace(getattr(self, name), **value)
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+    # -- TOML ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
+        sections: dict[str, Any] = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for name, table in data.items():
+            if name not in known:
+                raise ConfigError(f"unknown section [{name}]")
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{name}] must be a table")
+            section_cls = type(getattr(cls(), name))
+            sections[name] = _section_from_dict(section_cls, name, table)
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: Path) -> NodeConfig:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path} (run `gpumesh init`)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        lines = ["# gpumesh node configuration. Chain-wide settings live in genesis.json."]
+        for section in dataclasses.fields(self):
+            lines.append(f"\n[{section.name}]")
+            value = getattr(self, section.name)
+            for f in dataclasses.fields(value):
+                lines.append(f"{f.name} = {_toml_value(getattr(value, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+def _section_from_dict(section_cls: type[Any], name: str, table: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    kwargs: dict[str, Any] = {}
+    defaults = section_cls()
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"[{name}] unknown key {key!r}")
+        expected = type(getattr(defaults, key))
+        if expected is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"[{name}] {key} must be a list of strings")
+            value = tuple(value)
+        elif expected is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"[{name}] {key} must be true or false")
+        elif expected is int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"[{name}] {key} must be an integer")
+        elif not isinstance(value, expected):
+            raise ConfigError(f"[{name}] {key} must be a {expected.__name__}")
+        kwargs[key] = value
+    return section_cls(**kwargs)
+
+
+def _toml_value(value: Any) -> str:
+    # JSON string escapes are valid TOML basic-string escapes for everything we write.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,120 @@
+"""The node daemon: composes p2p, consensus, ledger, compute and rpc into one trio service."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+import node as node_pkg
+from p2p import Mesh, P2PConfig
+from rpc import MethodRegistry, RpcServer
+
+if TYPE_CHECKING:
+    from ledger import SigningKey
+    from node._config import NodeConfig
+    from node._home import Home
+
+log = logging.getLogger("node")
+shutdown_grace_s = 5.0
+
+
+class Node:
+    """One gpumesh node. ``run`` starts every service, reports ready, runs until cancelled."""
+
+    def __init__(self, home: Home, config: NodeConfig, key: SigningKey) -> None:
+        self.home = home
+        self.config = config
+        self.key = key
+        self.chain_id = config.node.chain_id
+        self.started_at = time.time()
+        self.mesh = Mesh(key.seed, self.chain_id, self._p2p_config())
+        self.registry = MethodRegistry()
+        self.rpc = RpcServer(
+            self.registry,
+            host=config.rpc.host,
+            port=config.rpc.port,
+            cookie_path=home.cookie_path,
+            port_path=home.port_path,
+        )
+        self._register_methods()
+
+    def _p2p_config(self) -> P2PConfig:
+        c = self.config.p2p
+        return P2PConfig.default().replace(
+            listen_host=c.listen_host,
+            listen_port=c.listen_port,
+            bootstrap=c.bootstrap,
+            mdns=c.mdns,
+            dht=c.dht,
+            peers_max=c.peers_max,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Two nurseries so shutdown runs in order: the RPC and application services stop first,
+        # then the mesh leaves its peers (py-libp2p misbehaves if pubsub stops under traffic).
+        async with trio.open_nursery() as mesh_nursery:
+            await mesh_nursery.start(self.mesh.run)
+            async with trio.open_nursery() as app_nursery:
+                await app_nursery.start(self.rpc.run)
+                log.info(
+                    "node ready",
+                    extra={
+                        "peer_id": self.mesh.peer_id,
+                        "address": self.key.address.hex(),
+                        "chain_id": self.chain_id,
+                        "listen": ",".join(self.mesh.listen_addrs()),
+                        "rpc_port": self.rpc.port,
+                    },
+                )
+                task_status.started()
+                await trio.sleep_forever()
+
+    # -- RPC methods ---------------------------------------------------------------------------
+
+    def _register_methods(self) -> None:
+        r = self.registry
+        r.register("node_info", self.rpc_node_info, description="This node's identity and state.")
+        r.register("net_peers", self.rpc_net_peers, description="Connected peers.")
+        r.register("net_peerCount", self.rpc_net_peer_count, description="Number of peers.")
+
+    async def rpc_node_info(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.mesh.peer_id,
+            "address": self.key.address.hex(),
+            "version": node_pkg.__version__,
+            "chain_id": self.chain_id,
+            "listen_addrs": self.mesh.listen_addrs(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "home": str(self.home.root),
+        }
+
+    async def rpc_net_peers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "peer_id": p.peer_id,
+                "addrs": list(p.addrs),
+                "source": p.source,
+                "connected_since_ms": p.connected_since_ms,
+            }
+            for p in self.mesh.peers()
+        ]
+
+    async def rpc_net_peer_count(self) -> int:
+        return self.mesh.peer_count()
+
+
+async def serve(home: Home, config: NodeConfig, key: SigningKey) -> None:
+    """Run a node until SIGINT or SIGTERM, then shut it down within ``shutdown_grace_s``."""
+    node = Node(home, config, key)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+
+            async for signum in signals:
+                log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                break
+            nursery.cancel_scope.cancel()
