@@ -74,6 +74,28 @@ def _field_hints(cls: type) -> list[tuple[str, Any]]:
     return cached
 
 
+_tagged_cache: dict[Any, dict[int, type] | None] = {}
+
+
+def _tagged_variants(tp: Any, args: tuple[Any, ...]) -> dict[int, type] | None:
+    """For a union of dataclasses that each declare ``KIND: ClassVar[int]`` and a first field
+    ``kind``: the map from kind number to class. None for any other union."""
+    if tp in _tagged_cache:
+        return _tagged_cache[tp]
+    variants: dict[int, type] | None = {}
+    for arg in args:
+        kind = getattr(arg, "KIND", None)
+        if not (isinstance(arg, type) and dataclasses.is_dataclass(arg) and isinstance(kind, int)):
+            variants = None
+            break
+        assert variants is not None
+        assert dataclasses.fields(arg)[0].name == "kind", f"{arg.__name__}: kind must come first"
+        assert kind not in variants, f"two variants share kind {kind}"
+        variants[int(kind)] = arg
+    _tagged_cache[tp] = variants
+    return variants
+
+
 def _fail(path: str, expected: str, got: Any) -> typing.NoReturn:
     raise DecodeError(f"{path}: expected {expected}, got {type(got).__name__}")
 
@@ -127,6 +149,16 @@ def from_plain(tp: Any, value: Any, path: str = "$") -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
+        tagged = _tagged_variants(tp, args)
+        if tagged is not None:
+            # A union of kinds (transactions): the first field names the variant, so the
+            # decoder dispatches on it instead of trying every variant in turn.
+            if not isinstance(value, list) or not value or not isinstance(value[0], int):
+                raise DecodeError(f"{path}: expected an array that starts with a kind number")
+            variant = tagged.get(value[0])
+            if variant is None:
+                raise DecodeError(f"{path}: unknown kind {value[0]}")
+            return from_plain(variant, value, path)
         errors = []
         for arg in args:
             try:

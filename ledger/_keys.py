@@ -71,8 +71,12 @@ class SignedObject(Protocol):
     """A frozen dataclass with a ``TYPE_TAG`` and trailing ``signer`` / ``signature`` fields."""
 
     TYPE_TAG: ClassVar[str]
-    signer: bytes
-    signature: bytes
+
+    @property
+    def signer(self) -> bytes: ...
+
+    @property
+    def signature(self) -> bytes: ...
 
 
 S = TypeVar("S", bound=SignedObject)

@@ -1,0 +1,500 @@
+"""The pure, deterministic state transition and the state root.
+
+``apply_block(state, block)`` checks the block against the state (chain, height, parent, time,
+transaction root), applies each transaction in order and checks the resulting state root. A
+transaction that fails a check is recorded as failed with a reason and changes nothing at all:
+not the balances, not the nonce, not the fee. Nothing here does I/O or reads a clock.
+
+The state root is a two-level hash: every account and trade is a leaf
+``sha256(key || canonical value)``; leaves fall into 256 buckets by the first byte of their id
+(addresses and job ids are uniformly distributed); a bucket's hash is the hash of its leaves in
+key order, and the root is the hash of the 256 bucket hashes. A block recomputes only the
+buckets it touched, so the root costs O(touched * bucket size), not O(state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from ledger._codec import digest, encode
+from ledger._keys import Address
+from ledger.exceptions import InvalidBlock, InvalidTransaction
+from ledger.types import (
+    Account,
+    Agreement,
+    Block,
+    BlockHash,
+    Cancel,
+    JobId,
+    Receipt,
+    Refund,
+    Trade,
+    TradeStatus,
+    Transaction,
+    Transfer,
+    TxHash,
+    TxResult,
+    Validator,
+    amount_max,
+    block_transactions_max,
+    deadline_horizon_ms_max,
+    tx_hash,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+bucket_count = 256
+_EMPTY_BUCKET = digest(b"")
+_ACCOUNT_PREFIX = b"a"
+_TRADE_PREFIX = b"t"
+
+
+def _leaf(key: bytes, value: Account | Trade) -> bytes:
+    return digest(key + encode(value))
+
+
+def _bucket_hash(bucket: Mapping[bytes, bytes]) -> bytes:
+    if not bucket:
+        return _EMPTY_BUCKET
+    return digest(b"".join(bucket[k] for k in sorted(bucket)))
+
+
+class LedgerState:
+    """One immutable snapshot of the ledger: accounts, trades, the last block, the root.
+
+    Treat it as immutable: ``apply_block`` returns a new one and shares unchanged parts with
+    the old one (the mappings are copied, the leaf buckets only where a block touched them).
+    """
+
+    __slots__ = (
+        "_bucket_hashes",
+        "_buckets",
+        "accounts",
+        "block_hash",
+        "chain_id",
+        "height",
+        "root",
+        "supply",
+        "time_ms",
+        "trades",
+        "validators",
+    )
+
+    def __init__(
+        self,
+        *,
+        chain_id: str,
+        height: int,
+        block_hash: bytes,
+        time_ms: int,
+        accounts: dict[Address, Account],
+        trades: dict[JobId, Trade],
+        validators: tuple[Validator, ...],
+        supply: int,
+        _buckets: tuple[dict[bytes, bytes], ...] | None = None,
+        _bucket_hashes: tuple[bytes, ...] | None = None,
+    ) -> None:
+        self.chain_id = chain_id
+        self.height = height
+        self.block_hash = block_hash
+        self.time_ms = time_ms
+        self.accounts: Mapping[Address, Account] = accounts
+        self.trades: Mapping[JobId, Trade] = trades
+        self.validators = validators
+        self.supply = supply
+        if _buckets is None or _bucket_hashes is None:
+            buckets: list[dict[bytes, bytes]] = [{} for _ in range(bucket_count)]
+            for address, account in accounts.items():
+                key = _ACCOUNT_PREFIX + address
+                buckets[address[0]][key] = _leaf(key, account)
+            for job_id, trade in trades.items():
+                key = _TRADE_PREFIX + job_id
+                buckets[job_id[0]][key] = _leaf(key, trade)
+            _buckets = tuple(buckets)
+            _bucket_hashes = tuple(_bucket_hash(b) for b in buckets)
+        self._buckets = _buckets
+        self._bucket_hashes = _bucket_hashes
+        self.root = digest(b"".join(_bucket_hashes))
+
+    def account(self, address: bytes) -> Account:
+        """The account at ``address``; an address never seen is an empty account."""
+        return self.accounts.get(Address(address)) or _EMPTY_ACCOUNT
+
+    def total_supply(self) -> int:
+        """Balances plus locked escrow over every account: constant after genesis."""
+        return sum(a.balance + a.locked for a in self.accounts.values())
+
+    def _with_changes(
+        self,
+        *,
+        height: int,
+        block_hash: bytes,
+        time_ms: int,
+        accounts: Mapping[Address, Account],
+        trades: Mapping[JobId, Trade | None],
+    ) -> LedgerState:
+        new_accounts = dict(self.accounts)
+        new_accounts.update(accounts)
+        new_trades = dict(self.trades)
+        buckets = list(self._buckets)
+        copied: set[int] = set()
+
+        def bucket(index: int) -> dict[bytes, bytes]:
+            if index not in copied:
+                buckets[index] = dict(buckets[index])
+                copied.add(index)
+            return buckets[index]
+
+        for address, account in accounts.items():
+            key = _ACCOUNT_PREFIX + address
+            bucket(address[0])[key] = _leaf(key, account)
+        for job_id, maybe_trade in trades.items():
+            key = _TRADE_PREFIX + job_id
+            if maybe_trade is None:
+                del new_trades[job_id]
+                bucket(job_id[0]).pop(key, None)
+            else:
+                new_trades[job_id] = maybe_trade
+                bucket(job_id[0])[key] = _leaf(key, maybe_trade)
+        hashes = list(self._bucket_hashes)
+        for index in copied:
+            hashes[index] = _bucket_hash(buckets[index])
+        return LedgerState(
+            chain_id=self.chain_id,
+            height=height,
+            block_hash=block_hash,
+            time_ms=time_ms,
+            accounts=new_accounts,
+            trades=new_trades,
+            validators=self.validators,
+            supply=self.supply,
+            _buckets=tuple(buckets),
+            _bucket_hashes=tuple(hashes),
+        )
+
+
+_EMPTY_ACCOUNT = Account()
+
+
+def state_root(state: LedgerState) -> bytes:
+    """The 32-byte root over every account and trade; any node can recompute it."""
+    return state.root
+
+
+def tx_root(hashes: Iterable[bytes]) -> bytes:
+    """The transactions' commitment in a header: SHA-256 of their hashes in block order."""
+    return digest(b"".join(hashes))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockResults:
+    """What ``apply_block`` did: one result per transaction and what the store must rewrite."""
+
+    tx_results: tuple[TxResult, ...]
+    accounts: Mapping[Address, Account]
+    """Every account the block changed, with its new value."""
+    trades: Mapping[JobId, Trade]
+    """Every trade the block opened or closed, with its new value (the store keeps them all)."""
+    removed_trades: frozenset[JobId]
+    """Closed trades dropped from the state because their deadline passed."""
+    fees: int
+
+
+class _Overlay:
+    """Writes of the block so far over the parent state; one transaction's writes are staged
+    separately and merged only when the whole transaction succeeded."""
+
+    __slots__ = ("accounts", "base", "trades")
+
+    def __init__(self, base: LedgerState) -> None:
+        self.base = base
+        self.accounts: dict[Address, Account] = {}
+        self.trades: dict[JobId, Trade | None] = {}
+
+    def account(self, address: Address) -> Account:
+        found = self.accounts.get(address)
+        if found is not None:
+            return found
+        return self.base.accounts.get(address) or _EMPTY_ACCOUNT
+
+    def trade(self, job_id: JobId) -> Trade | None:
+        if job_id in self.trades:
+            return self.trades[job_id]
+        return self.base.trades.get(job_id)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidTransaction(message)
+
+
+def _open_trade(view: _Overlay, job_id: JobId) -> Trade:
+    trade = view.trade(job_id)
+    _require(trade is not None, f"no trade for job {job_id.hex()}")
+    assert trade is not None
+    _require(trade.status is TradeStatus.OPEN, f"trade is already {trade.status.name.lower()}")
+    return trade
+
+
+def _release(trade: Trade, requester: Account, refund: int) -> Account:
+    """The requester's account with the trade's escrow unlocked and ``refund`` of it returned."""
+    max_cost = trade.terms.max_cost
+    assert requester.locked >= max_cost, "escrow accounting broke: locked < a trade's max cost"
+    return dataclasses.replace(
+        requester, balance=requester.balance + refund, locked=requester.locked - max_cost
+    )
+
+
+def _transition(
+    view: _Overlay,
+    tx: Transaction,
+    txh: TxHash,
+    *,
+    height: int,
+    time_ms: int,
+    check_nonce: bool = True,
+) -> tuple[dict[Address, Account], dict[JobId, Trade]]:
+    """The writes one valid transaction makes, or ``InvalidTransaction``; writes nothing."""
+    sender_address = tx.signer
+    sender = view.account(sender_address)
+    if check_nonce:
+        _require(
+            tx.nonce >= sender.nonce,
+            f"nonce {tx.nonce} was already used (account nonce is {sender.nonce})",
+        )
+        _require(
+            tx.nonce == sender.nonce,
+            f"nonce {tx.nonce} is out of order (account nonce is {sender.nonce})",
+        )
+    fee = tx.fee
+    accounts: dict[Address, Account] = {}
+    trades: dict[JobId, Trade] = {}
+
+    def current(address: Address) -> Account:
+        return accounts.get(address) or view.account(address)
+
+    if isinstance(tx, Transfer):
+        total = tx.amount + fee
+        _require(sender.balance >= total, f"balance {sender.balance} < amount + fee {total}")
+        accounts[sender_address] = dataclasses.replace(sender, balance=sender.balance - total)
+        recipient = current(tx.recipient)
+        accounts[tx.recipient] = dataclasses.replace(
+            recipient, balance=recipient.balance + tx.amount
+        )
+    elif isinstance(tx, Agreement):
+        terms = tx.terms
+        _require(view.trade(terms.job_id) is None, f"job {terms.job_id.hex()} already has a trade")
+        _require(time_ms < terms.deadline_ms, "the deadline has already passed")
+        _require(
+            terms.deadline_ms - time_ms <= deadline_horizon_ms_max,
+            f"the deadline is more than {deadline_horizon_ms_max} ms ahead",
+        )
+        total = terms.max_cost + fee
+        _require(sender.balance >= total, f"balance {sender.balance} < max_cost + fee {total}")
+        accounts[sender_address] = dataclasses.replace(
+            sender, balance=sender.balance - total, locked=sender.locked + terms.max_cost
+        )
+        trades[terms.job_id] = Trade(terms=terms, status=TradeStatus.OPEN, opened_height=height)
+    elif isinstance(tx, Receipt):
+        trade = _open_trade(view, tx.job_id)
+        terms = trade.terms
+        _require(sender_address == terms.provider, "only the trade's provider may send a receipt")
+        _require(time_ms <= terms.deadline_ms, "the deadline passed before the receipt")
+        cost = terms.cost(tx.wall_ms)
+        _require(sender.balance + cost >= fee, f"balance {sender.balance} + pay < fee {fee}")
+        requester = _release(trade, current(terms.requester), terms.max_cost - cost)
+        accounts[terms.requester] = requester
+        provider = current(sender_address)
+        accounts[sender_address] = dataclasses.replace(
+            provider,
+            balance=provider.balance + cost - fee,
+            # Saturate: earnings are a statistic, not money; they must not overflow the codec.
+            earned=min(amount_max, provider.earned + cost),
+        )
+        trades[tx.job_id] = dataclasses.replace(
+            trade, status=TradeStatus.SETTLED, closed_height=height, paid=cost, receipt_tx=txh
+        )
+    elif isinstance(tx, Refund):
+        trade = _open_trade(view, tx.job_id)
+        _require(
+            time_ms > trade.terms.deadline_ms, "a refund is only valid after the trade's deadline"
+        )
+        _require(sender.balance >= fee, f"balance {sender.balance} < fee {fee}")
+        accounts[sender_address] = dataclasses.replace(sender, balance=sender.balance - fee)
+        requester_address = trade.terms.requester
+        accounts[requester_address] = _release(
+            trade, current(requester_address), trade.terms.max_cost
+        )
+        trades[tx.job_id] = dataclasses.replace(
+            trade, status=TradeStatus.REFUNDED, closed_height=height
+        )
+    elif isinstance(tx, Cancel):
+        trade = _open_trade(view, tx.job_id)
+        _require(sender_address == trade.terms.requester, "only the requester may cancel")
+        max_cost = trade.terms.max_cost
+        _require(sender.balance + max_cost >= fee, f"balance {sender.balance} < fee {fee}")
+        accounts[sender_address] = _release(trade, sender, max_cost - fee)
+        trades[tx.job_id] = dataclasses.replace(
+            trade, status=TradeStatus.CANCELLED, closed_height=height
+        )
+    else:  # pragma: no cover - the codec only builds the kinds above
+        raise InvalidTransaction(f"unknown transaction type {type(tx).__name__}")
+    final_sender = accounts[sender_address]
+    accounts[sender_address] = dataclasses.replace(final_sender, nonce=final_sender.nonce + 1)
+    return accounts, trades
+
+
+def check_transaction(state: LedgerState, tx: Transaction, *, check_nonce: bool = True) -> None:
+    """Stateless then stateful checks of ``tx`` against ``state`` as if it were in the next
+    block at the state's time; raises ``InvalidTransaction`` with the reason."""
+    tx.validate(state.chain_id)
+    _transition(
+        _Overlay(state),
+        tx,
+        tx_hash(tx),
+        height=state.height + 1,
+        time_ms=state.time_ms,
+        check_nonce=check_nonce,
+    )
+
+
+def _check_header(state: LedgerState, block: Block) -> None:
+    if block.chain_id != state.chain_id:
+        raise InvalidBlock(f"block is for chain {block.chain_id!r}, not {state.chain_id!r}")
+    if block.height != state.height + 1:
+        raise InvalidBlock(f"block height {block.height} does not follow {state.height}")
+    if block.prev_hash != state.block_hash:
+        raise InvalidBlock("block's previous hash is not the hash of the last block")
+    if block.time_ms <= state.time_ms:
+        raise InvalidBlock(f"block time {block.time_ms} is not after {state.time_ms}")
+    if len(block.proposer) != 32:
+        raise InvalidBlock("block proposer is not a 32-byte address")
+    if len(block.transactions) > block_transactions_max:
+        raise InvalidBlock(f"block has more than {block_transactions_max} transactions")
+
+
+def _apply(
+    state: LedgerState, block: Block, *, verify_signatures: bool
+) -> tuple[LedgerState, BlockResults, Sequence[TxHash]]:
+    _check_header(state, block)
+    view = _Overlay(state)
+    time_ms = block.time_ms
+    height = block.height
+    results: list[TxResult] = []
+    hashes: list[TxHash] = []
+    fees = 0
+    for tx in block.transactions:
+        txh = tx_hash(tx)
+        hashes.append(txh)
+        try:
+            if verify_signatures:
+                tx.validate(state.chain_id)
+            accounts, trades = _transition(view, tx, txh, height=height, time_ms=time_ms)
+        except InvalidTransaction as exc:
+            results.append(TxResult(txh, False, str(exc)))
+            continue
+        view.accounts.update(accounts)
+        view.trades.update(trades)
+        fees += tx.fee
+        results.append(TxResult(txh, True))
+    if fees:
+        proposer = view.account(block.proposer)
+        view.accounts[block.proposer] = dataclasses.replace(
+            proposer, balance=proposer.balance + fees
+        )
+    changed_trades = {k: v for k, v in view.trades.items() if v is not None}
+    # Closed trades stay in the state until their deadline passes, so their job ids (and the
+    # provider's signed terms) cannot be replayed; after the deadline an agreement over them
+    # is invalid anyway, and they can go. The rule is a function of the state and the block
+    # time alone, so the store can rebuild the state from its trade table (see _store).
+    removed = frozenset(
+        job_id
+        for job_id, trade in (*state.trades.items(), *changed_trades.items())
+        if trade.status is not TradeStatus.OPEN and trade.terms.deadline_ms < time_ms
+    )
+    for job_id in removed:
+        view.trades[job_id] = None
+    new_state = state._with_changes(
+        height=height,
+        block_hash=block.hash(),
+        time_ms=time_ms,
+        accounts=view.accounts,
+        trades={k: v for k, v in view.trades.items() if v is not None or k in state.trades},
+    )
+    block_results = BlockResults(
+        tx_results=tuple(results),
+        accounts=dict(view.accounts),
+        trades=changed_trades,
+        removed_trades=removed,
+        fees=fees,
+    )
+    return new_state, block_results, hashes
+
+
+def apply_block(
+    state: LedgerState, block: Block, *, verify_signatures: bool = True
+) -> tuple[LedgerState, BlockResults]:
+    """Apply ``block`` to ``state``: a new state and one result per transaction.
+
+    Raises ``InvalidBlock`` (and changes nothing) when the block does not follow the state or
+    its transaction root or state root is wrong. ``verify_signatures=False`` is for a caller
+    that already verified every transaction (a node replaying its own committed blocks).
+    """
+    new_state, results, hashes = _apply(state, block, verify_signatures=verify_signatures)
+    if tx_root(hashes) != block.tx_root:
+        raise InvalidBlock("block's transaction root does not match its transactions")
+    if new_state.root != block.state_root:
+        raise InvalidBlock(
+            f"block's state root {block.state_root.hex()} != computed {new_state.root.hex()}"
+        )
+    return new_state, results
+
+
+def build_block(
+    state: LedgerState,
+    height: int,
+    prev_hash: bytes,
+    time_ms: int,
+    proposer: bytes,
+    txs: Sequence[Transaction],
+) -> Block:
+    """The block a proposer publishes: ``txs`` in order, with the correct roots filled in.
+
+    Transactions that fail are kept and recorded as failed when the block is applied; a
+    proposer should pass what ``Mempool.reap`` gave it, which already passed every check.
+    """
+    draft = Block(
+        chain_id=state.chain_id,
+        height=height,
+        prev_hash=prev_hash,
+        time_ms=time_ms,
+        proposer=Address(bytes(proposer)),
+        tx_root=b"",
+        state_root=b"",
+        transactions=tuple(txs),
+    )
+    new_state, _, hashes = _apply(state, draft, verify_signatures=True)
+    return dataclasses.replace(draft, tx_root=tx_root(hashes), state_root=new_state.root)
+
+
+def genesis_state(
+    chain_id: str,
+    genesis_hash: BlockHash,
+    time_ms: int,
+    balances: Mapping[Address, int],
+    validators: tuple[Validator, ...],
+) -> LedgerState:
+    accounts = {address: Account(balance=balance) for address, balance in balances.items()}
+    supply = sum(balances.values())
+    return LedgerState(
+        chain_id=chain_id,
+        height=0,
+        block_hash=genesis_hash,
+        time_ms=time_ms,
+        accounts=accounts,
+        trades={},
+        validators=validators,
+        supply=supply,
+    )

@@ -1,0 +1,359 @@
+"""The ledger's canonical types: transactions, accounts, trades, blocks and commit certificates.
+
+Every type is a frozen dataclass with one canonical msgpack encoding (``ledger.encode``); hashes
+and signatures are taken over that encoding. Transactions are a tagged union: each kind's first
+field ``kind`` names it, so ``decode(Transaction, data)`` picks the right class.
+
+``validate()`` on a transaction is the stateless check (shapes, ranges, signatures); the stateful
+check lives with the state transition in ``ledger._state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, ClassVar, NewType
+
+from ledger._codec import encode, hash_of
+from ledger._keys import Address, verify
+from ledger.exceptions import InvalidTransaction
+
+JobId = NewType("JobId", bytes)
+"""A job's 32-byte id, chosen by the requester (in practice a hash of the job request)."""
+Height = NewType("Height", int)
+TxHash = NewType("TxHash", bytes)
+BlockHash = NewType("BlockHash", bytes)
+
+_UNSIGNED = Address(b"")
+"""The signer field before signing; ``sign_object`` fills it in."""
+address_bytes = 32
+job_id_bytes = 32
+hash_bytes = 32
+signature_bytes = 64
+amount_max = 2**63 - 1
+"""Largest amount anywhere (balance, fee, price, supply): every sum of amounts must fit in it."""
+nonce_max = 2**63 - 1
+gpus_max = 1024
+wall_ms_max = 10 * 365 * 24 * 3600 * 1000
+"""Longest usage a receipt may claim: ten years of wall time, far past any real job."""
+deadline_horizon_ms_max = 30 * 24 * 3600 * 1000
+"""How far past a block's time an agreement's deadline may lie (bounds how long trades stay)."""
+transaction_bytes_max = 2048
+"""Largest encoded transaction; the largest kind (an agreement) is under 400 bytes."""
+block_transactions_max = 10_000
+block_bytes_max = 8 * 1024 * 1024
+
+
+class TxKind(enum.IntEnum):
+    TRANSFER = 1
+    AGREEMENT = 2
+    RECEIPT = 3
+    REFUND = 4
+    CANCEL = 5
+
+
+class TradeStatus(enum.IntEnum):
+    OPEN = 1
+    SETTLED = 2
+    REFUNDED = 3
+    CANCELLED = 4
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidTransaction(message)
+
+
+def _check_amount(name: str, value: int) -> None:
+    _check(0 <= value <= amount_max, f"{name} {value} is outside 0..{amount_max}")
+
+
+def _check_bytes(name: str, value: bytes, size: int) -> None:
+    _check(len(value) == size, f"{name} must be {size} bytes, got {len(value)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Account:
+    """One account's state. ``earned`` sums what the account was paid as a provider."""
+
+    balance: int = 0
+    locked: int = 0
+    nonce: int = 0
+    earned: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AgreementTerms:
+    """The trade both sides agreed to; signed by the provider, embedded in the requester's tx."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/agreement-terms/1"
+    job_id: JobId
+    requester: Address
+    provider: Address
+    price_per_gpu_second: int
+    gpus: int
+    max_cost: int
+    deadline_ms: int
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        _check_bytes("terms.job_id", self.job_id, job_id_bytes)
+        _check_bytes("terms.requester", self.requester, address_bytes)
+        _check_bytes("terms.provider", self.provider, address_bytes)
+        _check(self.requester != self.provider, "requester and provider must differ")
+        _check_amount("terms.price_per_gpu_second", self.price_per_gpu_second)
+        _check(0 <= self.gpus <= gpus_max, f"terms.gpus {self.gpus} is outside 0..{gpus_max}")
+        _check_amount("terms.max_cost", self.max_cost)
+        _check(0 <= self.deadline_ms <= amount_max, "terms.deadline_ms is out of range")
+        _check(self.signer == self.provider, "the terms must be signed by the provider")
+        _check(
+            verify(self.signer, self.signature, chain_id, self.TYPE_TAG, _signed_body(self)),
+            "the provider's signature over the terms does not verify",
+        )
+
+    def cost(self, wall_ms: int) -> int:
+        """What the requester pays for ``wall_ms`` of usage: CPU-only jobs count one slot."""
+        return min(self.max_cost, self.price_per_gpu_second * max(self.gpus, 1) * wall_ms // 1000)
+
+
+def _signed_body(obj: object) -> bytes:
+    return encode(dataclasses.replace(obj, signature=b""))  # type: ignore[type-var]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _TxBase:
+    """Fields and checks every transaction shares; the sender is ``signer``."""
+
+    TYPE_TAG: ClassVar[str]
+    KIND: ClassVar[TxKind]
+    if TYPE_CHECKING:
+        # Declared by every subclass, in an order the codec depends on (kind first, the
+        # signature last); declared here for the type checker only.
+        @property
+        def kind(self) -> TxKind: ...
+        @property
+        def nonce(self) -> int: ...
+        @property
+        def fee(self) -> int: ...
+        @property
+        def signer(self) -> Address: ...
+        @property
+        def signature(self) -> bytes: ...
+
+    def _validate_common(self) -> None:
+        _check(self.kind == self.KIND, f"kind {self.kind} does not match {type(self).__name__}")
+        _check(0 <= self.nonce <= nonce_max, f"nonce {self.nonce} is outside 0..{nonce_max}")
+        _check_amount("fee", self.fee)
+        _check_bytes("signer", self.signer, address_bytes)
+        _check_bytes("signature", self.signature, signature_bytes)
+
+    def _verify_signature(self, chain_id: str) -> None:
+        _check(
+            verify(self.signer, self.signature, chain_id, self.TYPE_TAG, _signed_body(self)),
+            "the sender's signature does not verify",
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Transfer(_TxBase):
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/transfer/1"
+    KIND: ClassVar[TxKind] = TxKind.TRANSFER
+    kind: TxKind = TxKind.TRANSFER
+    nonce: int
+    fee: int
+    recipient: Address
+    amount: int
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        """Stateless checks, signature included; raises ``InvalidTransaction``."""
+        self._validate_common()
+        _check_bytes("recipient", self.recipient, address_bytes)
+        _check_amount("amount", self.amount)
+        self._verify_signature(chain_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Agreement(_TxBase):
+    """Opens a trade: sent by the requester, locks ``terms.max_cost`` of its balance."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/agreement/1"
+    KIND: ClassVar[TxKind] = TxKind.AGREEMENT
+    kind: TxKind = TxKind.AGREEMENT
+    nonce: int
+    fee: int
+    terms: AgreementTerms
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check(self.signer == self.terms.requester, "an agreement is sent by its requester")
+        self.terms.validate(chain_id)
+        self._verify_signature(chain_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt(_TxBase):
+    """Settles a trade: sent by the provider, pays ``terms.cost(wall_ms)`` and refunds the rest."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/receipt/1"
+    KIND: ClassVar[TxKind] = TxKind.RECEIPT
+    kind: TxKind = TxKind.RECEIPT
+    nonce: int
+    fee: int
+    job_id: JobId
+    output_digest: bytes
+    wall_ms: int
+    exit_status: int
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check_bytes("job_id", self.job_id, job_id_bytes)
+        _check_bytes("output_digest", self.output_digest, hash_bytes)
+        _check(0 <= self.wall_ms <= wall_ms_max, f"wall_ms {self.wall_ms} is out of range")
+        _check(-(2**31) <= self.exit_status < 2**31, "exit_status must fit in 32 bits")
+        self._verify_signature(chain_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Refund(_TxBase):
+    """Returns a trade's escrow to the requester once a block's time is past the deadline."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/refund/1"
+    KIND: ClassVar[TxKind] = TxKind.REFUND
+    kind: TxKind = TxKind.REFUND
+    nonce: int
+    fee: int
+    job_id: JobId
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check_bytes("job_id", self.job_id, job_id_bytes)
+        self._verify_signature(chain_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(_TxBase):
+    """Closes an open trade before any receipt: sent by the requester, full refund."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/cancel/1"
+    KIND: ClassVar[TxKind] = TxKind.CANCEL
+    kind: TxKind = TxKind.CANCEL
+    nonce: int
+    fee: int
+    job_id: JobId
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check_bytes("job_id", self.job_id, job_id_bytes)
+        self._verify_signature(chain_id)
+
+
+Transaction = Transfer | Agreement | Receipt | Refund | Cancel
+TRANSACTION_TYPES: tuple[type[Transfer | Agreement | Receipt | Refund | Cancel], ...] = (
+    Transfer,
+    Agreement,
+    Receipt,
+    Refund,
+    Cancel,
+)
+
+
+def tx_hash(tx: Transaction) -> TxHash:
+    """A transaction's id: SHA-256 of its canonical encoding (signature included)."""
+    return TxHash(hash_of(tx))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Trade:
+    """A trade's state on the ledger, from agreement to settlement, refund or cancel."""
+
+    terms: AgreementTerms
+    status: TradeStatus
+    opened_height: int
+    closed_height: int = 0
+    paid: int = 0
+    """What the provider was paid (settled trades only)."""
+    receipt_tx: bytes = b""
+    """Hash of the receipt transaction that settled it (settled trades only)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TxResult:
+    """What applying one transaction of a block did: ``error`` is empty when it succeeded."""
+
+    tx_hash: TxHash
+    ok: bool
+    error: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockHeader:
+    """What a block's hash covers; ``tx_root`` commits to the transactions."""
+
+    chain_id: str
+    height: int
+    prev_hash: bytes
+    time_ms: int
+    proposer: Address
+    tx_root: bytes
+    state_root: bytes
+    """The state root *after* applying this block."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Block:
+    chain_id: str
+    height: int
+    prev_hash: bytes
+    time_ms: int
+    proposer: Address
+    tx_root: bytes
+    state_root: bytes
+    transactions: tuple[Transaction, ...]
+
+    def header(self) -> BlockHeader:
+        return BlockHeader(
+            self.chain_id,
+            self.height,
+            self.prev_hash,
+            self.time_ms,
+            self.proposer,
+            self.tx_root,
+            self.state_root,
+        )
+
+    def hash(self) -> BlockHash:
+        """The block id: SHA-256 of the canonical header."""
+        return BlockHash(hash_of(self.header()))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommitSig:
+    validator: bytes
+    signature: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Commit:
+    """The certificate consensus produces for a block; the ledger stores it, never checks it."""
+
+    height: int
+    round: int
+    block_hash: bytes
+    signatures: tuple[CommitSig, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Validator:
+    address: Address
+    power: int
