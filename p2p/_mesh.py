@@ -1,0 +1,764 @@
+"""The Mesh service: one libp2p host with discovery, validated gossip and request/response.
+
+Lifecycle: ``await nursery.start(mesh.run)`` returns once the host listens and pubsub runs;
+cancelling the nursery stops it. Shutdown order matters with py-libp2p 0.8.1: our own tasks
+stop first, then peers are disconnected, then the DHT, gossipsub and pubsub services, and last
+the host, so pubsub never sees traffic after its nursery closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.discovery.events.peerDiscovery import peerDiscovery
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2p._envelope import (
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+    envelope_overhead_bytes_max,
+    message_id,
+    sign_envelope,
+    verify_envelope,
+)
+from p2p._identity import key_pair_from_seed, peer_id_bytes_of, peer_id_of, private_key_from_seed
+from p2p._reqresp import Handler, RequestResponse
+from p2p._stats import Rejections, TopicCounters
+from p2p.abc import MeshAPI
+from p2p.exceptions import (
+    ConfigError,
+    EnvelopeError,
+    GossipTooLarge,
+    NotRunning,
+    P2PError,
+    SignatureInvalid,
+)
+from p2p.types import GossipMessage, PeerEvent, PeerEventKind, PeerId, PeerInfo, PeerSource
+
+if TYPE_CHECKING:
+    # trio-typing (a py-libp2p dependency) shadows trio's types; TaskStatus lives there.
+    from libp2p.pubsub.pb import rpc_pb2
+    from trio_typing import TaskStatus
+
+    from p2p.config import P2PConfig
+
+logger = logging.getLogger("gpumesh.p2p")
+
+Validator = Callable[[GossipMessage], bool]
+"""A subscriber's extra check, run before a message is accepted and forwarded."""
+
+topic_prefix = "/gpumesh"
+purpose_chars_max = 32
+pubsub_rpc_overhead_bytes = 64 * 1024
+peer_event_subscribers_max = 16
+subscribers_per_topic_max = 16
+shutdown_disconnect_s = 2.0
+connection_slack = 16
+
+
+def topic_name(chain_id: str, purpose: str) -> str:
+    """The gossipsub topic for ``purpose`` on ``chain_id``: ``/gpumesh/<chain>/<purpose>/1``."""
+    return f"{topic_prefix}/{chain_id}/{purpose}/1"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclasses.dataclass(slots=True)
+class _Candidate:
+    """A peer we may dial, with its backoff state."""
+
+    peer_id: ID
+    addrs: list[multiaddr.Multiaddr]
+    source: PeerSource
+    permanent: bool
+    failures: int = 0
+    next_attempt: float = 0.0
+    dialing: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class _Connected:
+    source: PeerSource
+    since_ms: int
+
+
+@dataclasses.dataclass(slots=True)
+class _Subscriber:
+    send: trio.MemorySendChannel[GossipMessage]
+    validator: Validator | None
+
+
+class _Notifee(INotifee):  # type: ignore[misc]  # libp2p types are Any to mypy
+    """Connection events from the swarm; awaited inline there, so this only records them."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        direction = getattr(conn, "direction", None)
+        outbound = direction is not None and direction.name == "OUTBOUND"
+        self._mesh._on_connected(conn.muxed_conn.peer_id, outbound=outbound)
+        await trio.lowlevel.checkpoint()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._mesh._on_disconnected(conn.muxed_conn.peer_id)
+        await trio.lowlevel.checkpoint()
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class Mesh(MeshAPI):
+    """A node's presence on the p2p network (see ``p2p/__init__.py`` for the tour)."""
+
+    def __init__(self, seed: bytes, chain_id: str, config: P2PConfig) -> None:
+        if not chain_id or "/" in chain_id:
+            raise ConfigError(f"[p2p] chain_id: must be non-empty without '/' (got {chain_id!r})")
+        self.chain_id = chain_id
+        self.config = config
+        _configure_libp2p_logging()
+        self._key_pair = key_pair_from_seed(seed)
+        self._signer = private_key_from_seed(seed)
+        self.public_key: bytes = self._signer.public_key().public_bytes_raw()
+        self.peer_id: PeerId = peer_id_of(self.public_key)
+        self._id = ID(peer_id_bytes_of(self.public_key))
+
+        noise_key = create_x25519_key_pair()
+        # Noise only: a default host would also accept /plaintext/2.0.0 dialers.
+        self._host = new_host(
+            key_pair=self._key_pair,
+            sec_opt={
+                TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
+                    self._key_pair, noise_privkey=noise_key.private_key
+                )
+            },
+            muxer_preference="YAMUX",
+            enable_mDNS=config.mdns,
+            # One connection per peer skips the 250 ms fallback-dial wait in dial_peer.
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1,
+                dial_timeout=config.dial_timeout_ms / 1000,
+                min_connections=0,
+                # The peer table enforces peers_max; the slack admits transient DHT dials.
+                low_watermark=config.peers_max + connection_slack,
+                high_watermark=config.peers_max + connection_slack,
+                max_connections=config.peers_max + connection_slack,
+            ),
+        )
+        self._gossipsub = GossipSub(
+            protocols=[TProtocol(p) for p in config.gossip_protocols],
+            degree=config.gossip_degree,
+            degree_low=config.gossip_degree_low,
+            degree_high=config.gossip_degree_high,
+            time_to_live=config.gossip_fanout_ttl_s,
+            gossip_window=config.gossip_window,
+            gossip_history=config.gossip_history,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=config.gossip_heartbeat_ms / 1000,
+            do_px=False,
+            prune_back_off=config.gossip_prune_backoff_s,
+            adaptive_gossip_enabled=False,
+            # Rates are ours to bound (publish pacing); its 10 msg/s cap drops silently.
+            spam_protection_enabled=False,
+            # Every test and LAN peer may share one IP; diversity would refuse to form a mesh.
+            eclipse_protection_enabled=False,
+        )
+        self._pubsub = Pubsub(
+            self._host,
+            self._gossipsub,
+            seen_ttl=config.gossip_seen_ttl_s,
+            strict_signing=config.gossip_strict_signing,
+            msg_id_constructor=_message_id_of,
+            max_inbound_rpc_size=max(
+                2 * config.gossip_message_bytes_max + pubsub_rpc_overhead_bytes, 1024 * 1024
+            ),
+        )
+        self._dht: KadDHT | None = (
+            KadDHT(self._host, DHTMode.SERVER, enable_random_walk=False) if config.dht else None
+        )
+        self._reqresp = RequestResponse(
+            self._host,
+            request_bytes_max=config.request_bytes_max,
+            response_bytes_max=config.response_bytes_max,
+            inbound_streams_max=config.inbound_streams_max,
+        )
+        self._host.get_network().register_notifee(_Notifee(self))
+
+        self._running = False
+        self._nursery: trio.Nursery | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._candidates: dict[ID, _Candidate] = {}
+        self._connected: dict[ID, _Connected] = {}
+        self._dialing_sources: dict[ID, PeerSource] = {}
+        self._peers_changed = trio.Event()
+        self._peer_event_sends: list[trio.MemorySendChannel[PeerEvent]] = []
+        self._subscribers: dict[str, list[_Subscriber]] = {}
+        self._draining: set[str] = set()
+        self._topic_counters: dict[str, TopicCounters] = {}
+        self._rejections = Rejections()
+        self._publish_lock = trio.Lock()
+        self._publish_next_s = 0.0
+        self._counters: dict[str, int] = {
+            "dial_attempts": 0,
+            "dial_failures": 0,
+            "refused_peers_max": 0,
+            "peer_events_dropped": 0,
+            "dht_walks": 0,
+            "dht_walk_failures": 0,
+            "mdns_discovered": 0,
+        }
+        for addr in config.bootstrap:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            if info.peer_id != self._id:
+                self._candidates[info.peer_id] = _Candidate(
+                    info.peer_id, list(info.addrs), PeerSource.BOOTSTRAP, permanent=True
+                )
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, discover, gossip; ``task_status.started()`` once listening."""
+        listen = multiaddr.Multiaddr(
+            f"/ip4/{self.config.listen_host}/tcp/{self.config.listen_port}"
+        )
+        self._trio_token = trio.lowlevel.current_trio_token()
+        if self.config.mdns:
+            peerDiscovery.register_peer_discovered_handler(self._on_mdns_thread)
+        try:
+            async with self._host.run([listen]), self._services():
+                # Its auto-connector would dial every peerstore entry up to the watermark,
+                # bypassing peers_max and our discovery sources: we do the dialing.
+                await self._host.get_network().auto_connector.stop()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    for topic in self._subscribers:
+                        await self._start_draining(topic)
+                    nursery.start_soon(self._dial_loop)
+                    if self._dht is not None:
+                        nursery.start_soon(self._dht_walk_loop)
+                    self._running = True
+                    task_status.started()
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._running = False
+                        nursery.cancel_scope.cancel()
+                        await self._disconnect_all()
+        finally:
+            self._running = False
+            self._nursery = None
+            if self.config.mdns:
+                peerDiscovery.unregister_peer_discovered_handler(self._on_mdns_thread)
+            for sends in self._subscribers.values():
+                for sub in sends:
+                    sub.send.close()
+            for send in self._peer_event_sends:
+                send.close()
+
+    @contextlib.asynccontextmanager
+    async def _services(self) -> AsyncIterator[None]:
+        async with background_trio_service(self._pubsub):
+            async with background_trio_service(self._gossipsub):
+                await self._pubsub.wait_until_ready()
+                if self._dht is None:
+                    yield
+                    return
+                async with background_trio_service(self._dht):
+                    yield
+
+    async def _disconnect_all(self) -> None:
+        # Shielded: this runs while we are being cancelled, and pubsub must see its peers
+        # leave before its own service stops (else "Nursery is closed to new arrivals").
+        with trio.CancelScope(shield=True), trio.move_on_after(shutdown_disconnect_s):
+            for peer in list(self._host.get_network().connections):
+                try:
+                    await self._host.disconnect(peer)
+                except BaseLibp2pError as exc:
+                    logger.debug("disconnect from %s at shutdown failed: %s", peer, exc)
+
+    # ---- identity and peers ----------------------------------------------------------------
+
+    def listen_addrs(self) -> list[str]:
+        """Dialable multiaddrs of this node, each ending in ``/p2p/<peer id>``."""
+        return [f"{addr}" for addr in self._host.get_addrs()]
+
+    def peers(self) -> list[PeerInfo]:
+        store = self._host.get_peerstore()
+        out = []
+        for peer, state in self._connected.items():
+            try:
+                addrs = tuple(str(a) for a in store.addrs(peer))
+            except BaseLibp2pError:
+                addrs = ()
+            out.append(PeerInfo(PeerId(peer.to_base58()), addrs, state.source, state.since_ms))
+        return out
+
+    def peer_count(self) -> int:
+        return len(self._connected)
+
+    async def wait_for_peers(self, count: int) -> None:
+        """Block until at least ``count`` peers are connected (wrap in a timeout)."""
+        while len(self._connected) < count:
+            await self._peers_changed.wait()
+
+    def peer_events(self) -> trio.MemoryReceiveChannel[PeerEvent]:
+        """A bounded feed of connect/disconnect events; slow readers lose events (counted)."""
+        if len(self._peer_event_sends) >= peer_event_subscribers_max:
+            self._peer_event_sends = [s for s in self._peer_event_sends if not _is_closed(s)]
+            if len(self._peer_event_sends) >= peer_event_subscribers_max:
+                raise P2PError(f"at most {peer_event_subscribers_max} peer event subscribers")
+        send, receive = trio.open_memory_channel[PeerEvent](self.config.peer_events_queue_max)
+        self._peer_event_sends.append(send)
+        return receive
+
+    def _emit(self, event: PeerEvent) -> None:
+        alive = []
+        for send in self._peer_event_sends:
+            try:
+                send.send_nowait(event)
+                alive.append(send)
+            except trio.WouldBlock:
+                self._counters["peer_events_dropped"] += 1
+                alive.append(send)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self._peer_event_sends = alive
+        self._peers_changed.set()
+        self._peers_changed = trio.Event()
+
+    def _on_connected(self, peer: ID, *, outbound: bool) -> None:
+        if peer in self._connected:
+            return
+        if len(self._connected) >= self.config.peers_max:
+            self._counters["refused_peers_max"] += 1
+            if self._nursery is not None:
+                self._nursery.start_soon(self._disconnect_quietly, peer)
+            return
+        source = self._dialing_sources.get(peer)
+        if source is None:
+            # Dials we did not start ourselves are the DHT's lookups reaching new peers.
+            source = PeerSource.DHT if outbound else PeerSource.INBOUND
+        self._connected[peer] = _Connected(source, _now_ms())
+        candidate = self._candidates.get(peer)
+        if candidate is not None:
+            candidate.failures = 0
+        self._emit(PeerEvent(PeerEventKind.CONNECTED, PeerId(peer.to_base58()), source, _now_ms()))
+        if self._dht is not None and self._nursery is not None:
+            self._nursery.start_soon(self._add_to_dht, peer)
+
+    def _on_disconnected(self, peer: ID) -> None:
+        if self._host.get_network().get_connections(peer):
+            return
+        state = self._connected.pop(peer, None)
+        if state is None:
+            return
+        self._emit(
+            PeerEvent(PeerEventKind.DISCONNECTED, PeerId(peer.to_base58()), state.source, _now_ms())
+        )
+
+    async def _disconnect_quietly(self, peer: ID) -> None:
+        try:
+            await self._host.disconnect(peer)
+        except BaseLibp2pError as exc:
+            logger.debug("disconnect from %s failed: %s", peer, exc)
+
+    async def _add_to_dht(self, peer: ID) -> None:
+        assert self._dht is not None
+        with trio.move_on_after(self.config.dial_timeout_ms / 1000):
+            try:
+                await self._dht.add_peer(peer)
+            except (BaseLibp2pError, OSError) as exc:
+                logger.debug("adding %s to the DHT routing table failed: %s", peer, exc)
+
+    # ---- discovery and dialing -------------------------------------------------------------
+
+    def _add_candidate(
+        self, peer: ID, addrs: list[multiaddr.Multiaddr], source: PeerSource
+    ) -> None:
+        if peer == self._id or not addrs:
+            return
+        existing = self._candidates.get(peer)
+        if existing is not None:
+            existing.addrs = list(addrs)
+            return
+        if len(self._candidates) >= self.config.known_peers_max:
+            evictable = [
+                c
+                for c in self._candidates.values()
+                if not c.permanent and not c.dialing and c.peer_id not in self._connected
+            ]
+            if not evictable:
+                return
+            worst = max(evictable, key=lambda c: c.failures)
+            del self._candidates[worst.peer_id]
+        self._candidates[peer] = _Candidate(peer, list(addrs), source, permanent=False)
+
+    async def _dial_loop(self) -> None:
+        assert self._nursery is not None
+        in_flight = trio.CapacityLimiter(self.config.dials_in_flight_max)
+        while True:
+            now = trio.current_time()
+            if len(self._connected) < self.config.peers_max:
+                for candidate in list(self._candidates.values()):
+                    if in_flight.available_tokens == 0:
+                        break
+                    if (
+                        candidate.dialing
+                        or candidate.peer_id in self._connected
+                        or candidate.next_attempt > now
+                    ):
+                        continue
+                    candidate.dialing = True
+                    await in_flight.acquire_on_behalf_of(candidate.peer_id)
+                    self._nursery.start_soon(self._dial, candidate, in_flight)
+            await trio.sleep(self.config.dial_interval_ms / 1000)
+
+    async def _dial(self, candidate: _Candidate, in_flight: trio.CapacityLimiter) -> None:
+        peer = candidate.peer_id
+        self._counters["dial_attempts"] += 1
+        self._dialing_sources[peer] = candidate.source
+        ok = False
+        try:
+            with trio.move_on_after(self.config.dial_timeout_ms / 1000):
+                await self._host.connect(Libp2pPeerInfo(peer, candidate.addrs))
+                ok = True
+        except (BaseLibp2pError, OSError) as exc:
+            logger.debug("dial %s (%s) failed: %s", peer, candidate.source, exc)
+        finally:
+            self._dialing_sources.pop(peer, None)
+            candidate.dialing = False
+            in_flight.release_on_behalf_of(candidate.peer_id)
+        if ok:
+            candidate.failures = 0
+            candidate.next_attempt = 0.0
+            return
+        self._counters["dial_failures"] += 1
+        candidate.failures += 1
+        backoff_ms = min(
+            self.config.backoff_initial_ms * 2 ** min(candidate.failures - 1, 30),
+            self.config.backoff_max_ms,
+        )
+        # Jitter spreads the redials of many nodes that lost the same peer at once.
+        candidate.next_attempt = trio.current_time() + backoff_ms / 1000 * random.uniform(0.8, 1.2)
+
+    async def _dht_walk_loop(self) -> None:
+        assert self._dht is not None
+        walks = 0
+        while True:
+            fast = walks < self.config.dht_walk_fast_count
+            interval_ms = (
+                self.config.dht_walk_fast_interval_ms if fast else self.config.dht_walk_interval_ms
+            )
+            await trio.sleep(interval_ms / 1000)
+            if not self._connected:
+                continue
+            walks += 1
+            self._counters["dht_walks"] += 1
+            # Look up ourselves on alternate walks (fills our neighbourhood) and a random key
+            # otherwise (reaches the far buckets), as Kademlia's bucket refresh does.
+            key = self._id.to_bytes() if walks % 2 else os.urandom(32)
+            found: list[ID] = []
+            with trio.move_on_after(self.config.dial_timeout_ms / 1000):
+                try:
+                    found = await self._dht.peer_routing.find_closest_peers_network(key)
+                except (BaseLibp2pError, OSError) as exc:
+                    self._counters["dht_walk_failures"] += 1
+                    logger.debug("DHT walk failed: %s", exc)
+            store = self._host.get_peerstore()
+            for peer in [*found, *self._dht.routing_table.get_peer_ids()]:
+                if peer in self._candidates or peer == self._id:
+                    continue
+                try:
+                    addrs = list(store.addrs(peer))
+                except BaseLibp2pError:
+                    continue
+                self._add_candidate(peer, addrs, PeerSource.DHT)
+
+    def _on_mdns_thread(self, info: Libp2pPeerInfo) -> None:
+        # Runs on zeroconf's thread: hand the peer to trio and let the dial loop connect.
+        token = self._trio_token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._on_mdns_peer, info)
+        except trio.RunFinishedError:
+            pass
+
+    def _on_mdns_peer(self, info: Libp2pPeerInfo) -> None:
+        if not self._running or info.peer_id == self._id:
+            return
+        self._counters["mdns_discovered"] += 1
+        addrs = [a for a in info.addrs if _is_dialable(a)]
+        self._add_candidate(info.peer_id, addrs, PeerSource.MDNS)
+
+    # ---- gossip ----------------------------------------------------------------------------
+
+    def topic(self, purpose: str) -> str:
+        return topic_name(self.chain_id, purpose)
+
+    def subscribe(
+        self, purpose: str, validator: Validator | None = None
+    ) -> trio.MemoryReceiveChannel[GossipMessage]:
+        """Receive validated messages of ``purpose`` from other nodes (not our own)."""
+        if not purpose or "/" in purpose or len(purpose) > purpose_chars_max:
+            raise P2PError(f"bad gossip purpose {purpose!r}")
+        topic = self.topic(purpose)
+        subscribers = self._subscribers.setdefault(topic, [])
+        subscribers[:] = [s for s in subscribers if not _is_closed(s.send)]
+        if len(subscribers) >= subscribers_per_topic_max:
+            raise P2PError(f"at most {subscribers_per_topic_max} subscribers per topic")
+        send, receive = trio.open_memory_channel[GossipMessage](self.config.subscription_queue_max)
+        subscribers.append(_Subscriber(send, validator))
+        self._topic_counters.setdefault(topic, TopicCounters())
+        if topic not in self._draining:
+            self._pubsub.set_topic_validator(topic, self._validator_for(topic), False)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._start_draining, topic)
+        return receive
+
+    async def _start_draining(self, topic: str) -> None:
+        if topic in self._draining:
+            return
+        self._draining.add(topic)
+        subscription = await self._pubsub.subscribe(topic)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._drain, topic, subscription)
+
+    async def _drain(self, topic: str, subscription: Any) -> None:
+        # libp2p's subscription channel holds 32 and drops silently: empty it at once into
+        # the subscribers' own (larger, bounded, counted) queues.
+        counters = self._topic_counters[topic]
+        async for msg in subscription:
+            envelope = _decoded(msg.data, self._envelope_bytes_max())
+            if envelope is None or envelope.sender == self.public_key:
+                continue
+            message = _gossip_message(topic, envelope, msg.data)
+            counters.incoming.add(time.monotonic())
+            for sub in self._subscribers.get(topic, []):
+                try:
+                    sub.send.send_nowait(message)
+                    counters.delivered += 1
+                except trio.WouldBlock:
+                    counters.dropped_queue_full += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    def _envelope_bytes_max(self) -> int:
+        return self.config.gossip_message_bytes_max
+
+    def _validator_for(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            reason = self._check(topic, msg)
+            if reason is None:
+                return True
+            self._rejections.add(forwarder.to_base58(), reason)
+            return False
+
+        return validate
+
+    def _check(self, topic: str, msg: rpc_pb2.Message) -> str | None:
+        """None when ``msg`` may be delivered and forwarded, else the reason to reject it."""
+        data = msg.data
+        if len(data) > self.config.gossip_message_bytes_max:
+            return "oversized"
+        try:
+            envelope = decode_envelope(data, bytes_max=self.config.gossip_message_bytes_max)
+        except SignatureInvalid:
+            return "bad_signature"
+        except EnvelopeError:
+            return "malformed"
+        if envelope.chain_id != self.chain_id:
+            return "wrong_chain"
+        try:
+            verify_envelope(envelope)
+        except SignatureInvalid:
+            return "bad_signature"
+        # Without libp2p's strict signing, from_id is unauthenticated: tie it to our signer.
+        if msg.from_id != peer_id_bytes_of(envelope.sender):
+            return "author_mismatch"
+        now = _now_ms()
+        if envelope.timestamp_ms > now + self.config.gossip_clock_skew_ms:
+            return "from_future"
+        if envelope.timestamp_ms < now - self.config.gossip_message_age_max_ms:
+            return "too_old"
+        subscribers = self._subscribers.get(topic, [])
+        if any(s.validator is not None for s in subscribers):
+            message = _gossip_message(topic, envelope, data)
+            for sub in subscribers:
+                if sub.validator is None:
+                    continue
+                try:
+                    accepted = sub.validator(message)
+                except Exception:
+                    # A validator bug must reject the message, not crash the node's reader.
+                    logger.exception("gossip validator for %s raised", topic)
+                    return "validator_error"
+                if not accepted:
+                    return "validator_rejected"
+        return None
+
+    async def publish(self, purpose: str, type_tag: str, payload: bytes) -> bytes:
+        """Sign and gossip ``payload``; returns its message id. Paced to the publish rate."""
+        if not self._running:
+            raise NotRunning("mesh is not running")
+        size = len(payload) + envelope_overhead_bytes_max
+        if size > self.config.gossip_message_bytes_max:
+            raise GossipTooLarge(
+                f"payload of {len(payload)} bytes exceeds the gossip limit "
+                f"{self.config.gossip_message_bytes_max - envelope_overhead_bytes_max}"
+            )
+        topic = self.topic(purpose)
+        async with self._publish_lock:
+            now = trio.current_time()
+            if self._publish_next_s > now:
+                await trio.sleep_until(self._publish_next_s)
+                now = trio.current_time()
+            self._publish_next_s = max(now, self._publish_next_s) + (
+                1.0 / self.config.gossip_publish_rate_max_per_s
+            )
+            envelope = sign_envelope(self._signer, self.chain_id, type_tag, payload, _now_ms())
+            data = encode_envelope(envelope)
+            await self._pubsub.publish(topic, data)
+        self._topic_counters.setdefault(topic, TopicCounters()).outgoing.add(time.monotonic())
+        return message_id(data)
+
+    # ---- request / response ----------------------------------------------------------------
+
+    def set_handler(self, protocol: str, handler: Handler) -> None:
+        """Serve ``protocol`` with ``handler(peer_id, request) -> response``."""
+        self._reqresp.set_handler(protocol, handler)
+
+    async def request(
+        self, peer_id: PeerId, protocol: str, payload: bytes, timeout_s: float | None = None
+    ) -> bytes:
+        """One request/response exchange with ``peer_id``; raises a ``RequestError``."""
+        if not self._running:
+            raise NotRunning("mesh is not running")
+        timeout = self.config.request_timeout_s_default if timeout_s is None else timeout_s
+        return await self._reqresp.request(peer_id, protocol, payload, timeout)
+
+    # ---- statistics ------------------------------------------------------------------------
+
+    def rejected_by(self, peer_id: PeerId) -> dict[str, int]:
+        """Rejected gossip counted against ``peer_id`` (the peer that forwarded it to us)."""
+        return self._rejections.of_peer(peer_id)
+
+    def statistics(self) -> dict[str, Any]:
+        now = time.monotonic()
+        by_source: dict[str, int] = {s.value: 0 for s in PeerSource}
+        for state in self._connected.values():
+            by_source[state.source.value] += 1
+        return {
+            "peer_id": self.peer_id,
+            "peers": len(self._connected),
+            "peers_by_source": by_source,
+            "known_peers": len(self._candidates),
+            "topics": {
+                topic: {
+                    "in_per_s": c.incoming.per_second(now),
+                    "out_per_s": c.outgoing.per_second(now),
+                    "in_total": c.incoming.total,
+                    "out_total": c.outgoing.total,
+                    "delivered_total": c.delivered,
+                    "dropped_queue_full": c.dropped_queue_full,
+                }
+                for topic, c in self._topic_counters.items()
+            },
+            "rejected": {
+                "by_reason": dict(self._rejections.by_reason),
+                "by_peer": {p: dict(c) for p, c in self._rejections.by_peer.items()},
+            },
+            "requests": {
+                "inbound_served": self._reqresp.inbound_served,
+                "inbound_failed": self._reqresp.inbound_failed,
+                "inbound_refused_busy": self._reqresp.inbound_refused_busy,
+            },
+            **self._counters,
+        }
+
+
+def _message_id_of(msg: rpc_pb2.Message) -> bytes:
+    return message_id(msg.data)
+
+
+def _decoded(data: bytes, bytes_max: int) -> Envelope | None:
+    try:
+        return decode_envelope(data, bytes_max=bytes_max)
+    except EnvelopeError:
+        return None
+
+
+def _gossip_message(topic: str, envelope: Envelope, data: bytes) -> GossipMessage:
+    return GossipMessage(
+        topic=topic,
+        sender_public_key=envelope.sender,
+        sender_peer_id=peer_id_of(envelope.sender),
+        type_tag=envelope.type_tag,
+        payload=envelope.payload,
+        timestamp_ms=envelope.timestamp_ms,
+        message_id=message_id(data),
+    )
+
+
+def _is_closed(send: trio.MemorySendChannel[Any]) -> bool:
+    return send.statistics().open_receive_channels == 0
+
+
+def _is_dialable(addr: multiaddr.Multiaddr) -> bool:
+    text = str(addr)
+    return "/tcp/" in text and "/ip4/0.0.0.0/" not in text
+
+
+class _ForwardToOurs(logging.Handler):
+    """libp2p's logger does not propagate; re-emit its records under ``gpumesh.p2p.libp2p``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
+            return
+        logging.getLogger("gpumesh.p2p.libp2p").handle(record)
+
+
+def _configure_libp2p_logging() -> None:
+    root = logging.getLogger("libp2p")
+    if any(isinstance(h, _ForwardToOurs) for h in root.handlers):
+        return
+    root.addHandler(_ForwardToOurs())
+    root.setLevel(logging.WARNING)
+    # Routine disconnects and empty DHT reads log at WARNING/ERROR there; they are not news.
+    for noisy in ("libp2p.kad_dht", "libp2p.pubsub", "libp2p.network", "libp2p.host"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)

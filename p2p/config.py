@@ -1,0 +1,116 @@
+"""``P2PConfig``: every knob of the mesh in one frozen, validated object."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from p2p.exceptions import ConfigError
+
+MESHSUB_1_1 = "/meshsub/1.1.0"
+MESHSUB_1_2 = "/meshsub/1.2.0"
+MESHSUB_1_0 = "/meshsub/1.0.0"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class P2PConfig:
+    """Per-node p2p settings (chain-wide ones live in genesis, not here)."""
+
+    listen_host: str = "127.0.0.1"
+    """A concrete IP: listening on 0.0.0.0 would advertise an undialable address."""
+    listen_port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    """Multiaddrs with ``/p2p/<peer id>``; retried with capped exponential backoff forever."""
+    mdns: bool = True
+    dht: bool = True
+    peers_max: int = 64
+    known_peers_max: int = 512
+    """Dial candidates remembered (bootstrap peers are never evicted)."""
+    dial_interval_ms: int = 1_000
+    dial_timeout_ms: int = 5_000
+    dials_in_flight_max: int = 8
+    backoff_initial_ms: int = 500
+    backoff_max_ms: int = 30_000
+    dht_walk_interval_ms: int = 10_000
+    """How often a random-walk lookup feeds new DHT peers into the dial candidates."""
+    dht_walk_fast_interval_ms: int = 1_000
+    dht_walk_fast_count: int = 10
+    """The first walks run this often, so a fresh node fills its peer table quickly."""
+
+    gossip_degree: int = 6
+    gossip_degree_low: int = 4
+    gossip_degree_high: int = 12
+    gossip_heartbeat_ms: int = 1_000
+    gossip_window: int = 3
+    gossip_history: int = 5
+    gossip_fanout_ttl_s: int = 60
+    gossip_prune_backoff_s: int = 60
+    gossip_protocols: tuple[str, ...] = (MESHSUB_1_1, MESHSUB_1_0)
+    """meshsub 1.2 (IDONTWANT) is left out by default: measured to cost throughput here."""
+    gossip_strict_signing: bool = False
+    """libp2p's own message signing; redundant with our envelope signature (see docs/p2p.md)."""
+    gossip_message_bytes_max: int = 1024 * 1024
+    gossip_clock_skew_ms: int = 30_000
+    gossip_message_age_max_ms: int = 10 * 60 * 1_000
+    gossip_seen_ttl_s: int = 120
+    gossip_publish_rate_max_per_s: float = 100.0
+    """Publishes beyond this wait: libp2p's 32-deep per-peer queues drop silently when flooded."""
+    subscription_queue_max: int = 1_024
+    peer_events_queue_max: int = 256
+
+    request_bytes_max: int = 1024 * 1024
+    response_bytes_max: int = 16 * 1024 * 1024
+    request_timeout_s_default: float = 10.0
+    inbound_streams_max: int = 64
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"[p2p] {key}: {why} (got {getattr(self, key)!r})")
+
+        need(self.listen_host not in ("0.0.0.0", "::", ""), "listen_host", "must be concrete")
+        need(0 <= self.listen_port <= 65535, "listen_port", "must be 0..65535")
+        for addr in self.bootstrap:
+            need("/p2p/" in addr, "bootstrap", "every entry needs /p2p/<peer id>")
+        need(self.peers_max >= 1, "peers_max", "must be >= 1")
+        need(self.known_peers_max >= self.peers_max, "known_peers_max", "must be >= peers_max")
+        need(self.dials_in_flight_max >= 1, "dials_in_flight_max", "must be >= 1")
+        need(
+            0 < self.backoff_initial_ms <= self.backoff_max_ms,
+            "backoff_initial_ms",
+            "must be > 0 and <= backoff_max_ms",
+        )
+        need(
+            0 < self.gossip_degree_low <= self.gossip_degree <= self.gossip_degree_high,
+            "gossip_degree",
+            "need 0 < degree_low <= degree <= degree_high",
+        )
+        need(self.gossip_heartbeat_ms >= 100, "gossip_heartbeat_ms", "must be >= 100")
+        need(bool(self.gossip_protocols), "gossip_protocols", "must not be empty")
+        need(self.gossip_message_bytes_max >= 1024, "gossip_message_bytes_max", "must be >= 1 KiB")
+        need(self.gossip_publish_rate_max_per_s > 0, "gossip_publish_rate_max_per_s", "must be > 0")
+        need(self.subscription_queue_max >= 1, "subscription_queue_max", "must be >= 1")
+        need(self.request_bytes_max >= 1, "request_bytes_max", "must be >= 1")
+        need(self.response_bytes_max >= 1, "response_bytes_max", "must be >= 1")
+        need(self.inbound_streams_max >= 1, "inbound_streams_max", "must be >= 1")
+
+    @classmethod
+    def default(cls) -> P2PConfig:
+        return cls(listen_port=7700)
+
+    @classmethod
+    def for_tests(cls, **overrides: object) -> P2PConfig:
+        """Loopback, ephemeral port, no mDNS, fast timers: for in-process test meshes."""
+        values: dict[str, object] = {
+            "listen_port": 0,
+            "mdns": False,
+            "dht": True,
+            "dial_interval_ms": 200,
+            "backoff_initial_ms": 200,
+            "backoff_max_ms": 2_000,
+            "dht_walk_interval_ms": 2_000,
+            "dht_walk_fast_interval_ms": 300,
+            "gossip_heartbeat_ms": 200,
+            "request_timeout_s_default": 5.0,
+        }
+        values.update(overrides)
+        return dataclasses.replace(cls(), **values)  # type: ignore[arg-type]
