@@ -1,0 +1,696 @@
+"""The sandboxed executor: one job, one working directory, one process group, hard limits.
+
+Two sandbox kinds, picked by a runtime probe:
+- ``bwrap``: bubblewrap gives the job its own mount, PID, network, IPC and UTS namespaces; the
+  host is visible read-only (``/usr``, ``/etc``), ``/job`` is the job's directory, ``/tmp`` is
+  private, ``/dev`` is minimal plus the allocated GPUs' device nodes only. Killing the process
+  group kills bwrap's PID 1, and the kernel then kills every process in the namespace, even one
+  that escaped the group with ``setsid``.
+- ``process``: a plain subprocess in its own session; same limits, no filesystem or network
+  isolation, and a ``setsid`` escapee survives the group kill.
+
+Limits are set in the child (``setrlimit``) before exec; memory is also watched from outside
+(resident set of the whole process group) because ``RLIMIT_AS`` cannot be used with CUDA. When
+this daemon runs as root the job runs as ``sandbox_uid`` (default 65534, "nobody"), so the job
+cannot touch the node's files and ``RLIMIT_NPROC`` means something.
+
+Output digest (carried by the receipt): the output files, each as ``OutputFile(path, size_bytes,
+sha256)`` with ``path`` relative to the output directory, '/'-separated, UTF-8; sorted by the
+UTF-8 bytes of ``path``; the digest is ``sha256(ledger.encode(tuple_of_those_files))``, i.e.
+SHA-256 of the canonical msgpack array ``[[path, size, sha256], ...]``. No outputs hash the
+empty array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+import ledger
+from compute.exceptions import JobSpecError, SandboxError
+from compute.types import SANDBOX_KINDS, JobId, OutputFile, SandboxKind
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from compute._allocator import Allocation
+
+log = logging.getLogger("gpumesh.compute.sandbox")
+
+MIB = 1024 * 1024
+argv_items_max = 256
+argv_item_chars_max = 4096
+env_items_max = 64
+env_value_chars_max = 4096
+input_files_max = 1000
+input_bytes_max = 256 * MIB
+output_depth_max = 32
+read_chunk_bytes = 64 * 1024
+kill_wait_s = 2.0
+"""After SIGKILL, how long to wait for the kernel to reap the group before giving up loudly."""
+drain_grace_s = 1.0
+"""After the job exits, how long its pipes may stay open (a lingering grandchild) before we stop."""
+memory_poll_ms = 100
+address_space_slack_bytes = 256 * MIB
+probe_timeout_s = 10.0
+NOBODY_UID = 65534
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+RESERVED_ENV = frozenset(
+    {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES", "HOME", "TMPDIR",
+     "PATH", "GPUMESH_OUTPUT_DIR", "GPUMESH_JOB_ID"}
+)  # fmt: skip
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+BWRAP_JOB_DIR = "/job"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobLimits:
+    """Per-job caps; every one is enforced by the executor, none is trusted to the job."""
+
+    wall_time_ms: int = 10 * 60 * 1000
+    cpu_time_s: int = 10 * 60
+    memory_bytes: int = 4096 * MIB
+    file_size_bytes: int = 1024 * MIB
+    processes_max: int = 256
+    stdout_bytes_max: int = 1 * MIB
+    stderr_bytes_max: int = 1 * MIB
+    output_bytes_max: int = 1024 * MIB
+    output_files_max: int = 1000
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise JobSpecError(f"limit {field.name} must be a positive integer")
+        if self.wall_time_ms > 7 * 24 * 3600 * 1000:
+            raise JobSpecError("wall_time_ms is over a week")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A command, its input files (relative path -> bytes), extra environment, limits."""
+
+    argv: tuple[str, ...]
+    inputs: tuple[tuple[str, bytes], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    limits: JobLimits = dataclasses.field(default_factory=JobLimits)
+
+    def validate(self) -> None:
+        if not 0 < len(self.argv) <= argv_items_max:
+            raise JobSpecError(f"argv must have 1..{argv_items_max} items")
+        for arg in self.argv:
+            if len(arg) > argv_item_chars_max or "\0" in arg:
+                raise JobSpecError("argv item too long or contains NUL")
+        if len(self.inputs) > input_files_max:
+            raise JobSpecError(f"more than {input_files_max} input files")
+        if sum(len(data) for _, data in self.inputs) > input_bytes_max:
+            raise JobSpecError(f"inputs exceed {input_bytes_max} bytes")
+        seen: set[str] = set()
+        for path, _ in self.inputs:
+            normal = _safe_relative(path)
+            if normal in seen:
+                raise JobSpecError(f"input {path!r} given twice")
+            seen.add(normal)
+        if len(self.env) > env_items_max:
+            raise JobSpecError(f"more than {env_items_max} environment variables")
+        for name, value in self.env:
+            if not _ENV_NAME.match(name) or name in RESERVED_ENV:
+                raise JobSpecError(f"environment variable {name!r} is not allowed")
+            if len(value) > env_value_chars_max or "\0" in value:
+                raise JobSpecError(f"environment value of {name} too long or contains NUL")
+
+
+def _safe_relative(path: str) -> str:
+    parts = path.split("/")
+    if (
+        not path
+        or len(path) > 1024
+        or path.startswith("/")
+        or "\0" in path
+        or any(p in ("", ".", "..") for p in parts)
+        or len(parts) > output_depth_max
+    ):
+        raise JobSpecError(f"input path {path[:64]!r} must be relative, normalised, no '..'")
+    return path
+
+
+class JobOutcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    EXIT_NONZERO = "exit_nonzero"
+    KILLED_BY_SIGNAL = "killed_by_signal"
+    TIMED_OUT = "timed_out"
+    MEMORY_LIMIT = "memory_limit"
+    CPU_TIME_LIMIT = "cpu_time_limit"
+    FILE_SIZE_LIMIT = "file_size_limit"
+    STDOUT_LIMIT = "stdout_limit"
+    OUTPUT_LIMIT = "output_limit"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    """What the executor measured; ``usage_gpu_ms`` is wall time x slots (GPUs, or 1 for CPU)."""
+
+    job_id: JobId
+    outcome: JobOutcome
+    reason: str
+    exit_code: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    outputs: tuple[OutputFile, ...]
+    outputs_digest: bytes
+    output_dir: Path
+    wall_ms: int
+    usage_gpu_ms: int
+    gpu_uuids: tuple[str, ...]
+    sandbox: SandboxKind
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is JobOutcome.SUCCEEDED
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "job_id": self.job_id,
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "stdout_bytes": len(self.stdout),
+            "stderr_bytes": len(self.stderr),
+            "outputs": [
+                {"path": o.path, "size_bytes": o.size_bytes, "sha256": o.sha256.hex()}
+                for o in self.outputs
+            ],
+            "outputs_digest": self.outputs_digest.hex(),
+            "wall_ms": self.wall_ms,
+            "usage_gpu_ms": self.usage_gpu_ms,
+            "gpu_uuids": list(self.gpu_uuids),
+            "sandbox": self.sandbox,
+        }
+
+
+def outputs_digest(files: Sequence[OutputFile]) -> bytes:
+    """The receipt's output digest; see the module docstring for the exact definition."""
+    ordered = tuple(sorted(files, key=lambda f: f.path.encode()))
+    return ledger.hash_of(ordered)
+
+
+class _OutputLimitError(Exception):
+    pass
+
+
+def collect_outputs(
+    out_dir: Path, *, files_max: int, bytes_max: int
+) -> tuple[tuple[OutputFile, ...], int]:
+    """Hash every regular file under ``out_dir`` without following links.
+
+    Returns the files and how many entries were skipped (links, devices, non-UTF-8 names).
+    Raises ``_OutputLimitError`` past ``files_max`` files or ``bytes_max`` bytes in total.
+    """
+    files: list[OutputFile] = []
+    skipped = 0
+    total = 0
+    stack: list[tuple[Path, str, int]] = [(out_dir, "", 0)]
+    while stack:
+        directory, prefix, depth = stack.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    name = entry.name.encode("utf-8").decode("utf-8")
+                except UnicodeEncodeError:
+                    skipped += 1
+                    continue
+                rel = f"{prefix}{name}"
+                if entry.is_dir(follow_symlinks=False):
+                    if depth + 1 >= output_depth_max:
+                        skipped += 1
+                        continue
+                    stack.append((Path(entry.path), rel + "/", depth + 1))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    skipped += 1
+                    continue
+                if len(files) >= files_max:
+                    raise _OutputLimitError(f"more than {files_max} output files")
+                size, sha = _hash_file(Path(entry.path), bytes_max - total)
+                total += size
+                files.append(OutputFile(rel, size, sha))
+    files.sort(key=lambda f: f.path.encode())
+    return tuple(files), skipped
+
+
+def _hash_file(path: Path, budget: int) -> tuple[int, bytes]:
+    # O_NOFOLLOW + fstat: the job owned this directory and may have swapped a file for a link.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _OutputLimitError(f"output {path.name!r} is not a regular file")
+        import hashlib
+
+        hasher = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, MIB):
+            size += len(chunk)
+            if size > budget:
+                raise _OutputLimitError("outputs exceed the output size cap")
+            hasher.update(chunk)
+        return size, hasher.digest()
+    finally:
+        os.close(fd)
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def probe_bwrap(*, sandbox_uid: int | None = None) -> str | None:
+    """Run a trivial job under bwrap; ``None`` if it works, else why not (for the logs)."""
+    exe = bwrap_path()
+    if exe is None:
+        return "bwrap is not installed"
+    argv = [exe, *_bwrap_base_args(), "--", "/bin/sh", "-c", "exit 0"]
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=probe_timeout_s,
+            cwd="/",
+            check=False,
+            preexec_fn=_drop_privileges_fn(sandbox_uid),
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bwrap probe failed: {exc}"
+    if done.returncode != 0:
+        return f"bwrap probe exited {done.returncode}: {done.stderr[:300].decode(errors='replace')}"
+    return None
+
+
+def _drop_privileges_fn(sandbox_uid: int | None) -> Callable[[], None]:
+    def apply() -> None:  # in the child between fork and exec
+        if sandbox_uid is not None:
+            os.setgroups([])
+            os.setgid(sandbox_uid)
+            os.setuid(sandbox_uid)
+
+    return apply
+
+
+def _bwrap_base_args() -> list[str]:
+    args = ["--unshare-all", "--die-with-parent", "--hostname", "gpumesh-job"]
+    args += ["--ro-bind", "/usr", "/usr"]
+    for top in ("bin", "lib", "lib32", "lib64", "sbin"):
+        host = Path("/") / top
+        if host.is_symlink():
+            args += ["--symlink", os.readlink(host), f"/{top}"]
+        elif host.is_dir():
+            args += ["--ro-bind", str(host), f"/{top}"]
+    args += ["--ro-bind", "/etc", "/etc", "--ro-bind-try", "/opt", "/opt"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    return args
+
+
+def default_sandbox_uid() -> int | None:
+    """``nobody`` when the daemon runs as root (so jobs never run as root), else ``None``."""
+    return NOBODY_UID if os.geteuid() == 0 else None
+
+
+def _rss_of_group(pgid: int) -> int:
+    """Resident bytes of every process in group ``pgid`` (read from /proc)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                raw = handle.read()
+        except OSError:
+            continue  # the process exited between listdir and open
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if len(fields) > 21 and int(fields[2]) == pgid:
+            total += int(fields[21]) * page
+    return total
+
+
+class _Run:
+    """Mutable state of one running job; the first limit that trips names the outcome."""
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self.failure: tuple[JobOutcome, str] | None = None
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+
+    def fail(self, outcome: JobOutcome, reason: str) -> None:
+        if self.failure is None:
+            self.failure = (outcome, reason)
+        self.kill()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # every member is already gone
+
+
+class Executor:
+    """Runs jobs in the sandbox under ``work_root/<job_id>/``; cancellable at any await."""
+
+    def __init__(
+        self,
+        work_root: Path,
+        *,
+        sandbox: SandboxKind | None = None,
+        sandbox_uid: int | bool | None = True,
+        memory_poll_ms: int = memory_poll_ms,
+    ) -> None:
+        """``sandbox=None`` probes bwrap and falls back to ``process``; ``sandbox_uid=True``
+        means ``default_sandbox_uid()``."""
+        self._uid: int | None = (
+            default_sandbox_uid() if sandbox_uid is True else (sandbox_uid or None)
+        )
+        self._work_root = Path(work_root).absolute()
+        self._memory_poll_s = memory_poll_ms / 1000
+        self._prepare_work_root()
+        self.bwrap_error: str | None = None
+        if sandbox is None:
+            self.bwrap_error = probe_bwrap(sandbox_uid=self._uid)
+            sandbox = "process" if self.bwrap_error else "bwrap"
+            if self.bwrap_error:
+                log.warning("sandbox: bwrap unusable (%s); using plain processes", self.bwrap_error)
+        if sandbox not in SANDBOX_KINDS:
+            raise SandboxError(f"unknown sandbox kind {sandbox!r}")
+        self._bwrap = bwrap_path() if sandbox == "bwrap" else None
+        if sandbox == "bwrap" and self._bwrap is None:
+            raise SandboxError("sandbox 'bwrap' requested but bwrap is not installed")
+        self.sandbox: SandboxKind = sandbox
+        self._jobs_run = 0
+
+    @property
+    def sandbox_uid(self) -> int | None:
+        return self._uid
+
+    @property
+    def work_root(self) -> Path:
+        return self._work_root
+
+    def _prepare_work_root(self) -> None:
+        self._work_root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        info = self._work_root.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise SandboxError(f"[compute] work_root {self._work_root} is not our own directory")
+        if self._uid is None:
+            return
+        os.chmod(self._work_root, 0o711)
+        # The job (as sandbox_uid) must be able to reach its directory through every parent.
+        for parent in self._work_root.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                raise SandboxError(
+                    f"[compute] work_root {self._work_root}: {parent} is mode "
+                    f"{stat.S_IMODE(mode):o}, so sandbox uid {self._uid} cannot reach it; "
+                    "put work_root outside it (e.g. /var/tmp/gpumesh-jobs)"
+                )
+
+    def job_dir(self, job_id: JobId) -> Path:
+        return self._work_root / job_id
+
+    def remove_job_dir(self, job_id: JobId) -> None:
+        """Delete a finished job's directory (after its outputs have been shipped)."""
+        if not _JOB_ID.match(job_id):
+            raise JobSpecError(f"bad job id {job_id!r}")
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=False)
+
+    def _setup_dir(self, job_id: JobId, spec: JobSpec) -> Path:
+        job_dir = self.job_dir(job_id)
+        try:
+            job_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise SandboxError(f"job directory for {job_id!r} already exists") from None
+        work = job_dir / "work"
+        (work / "out").mkdir(parents=True, mode=0o700)
+        for rel, data in spec.inputs:
+            target = work / rel
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target.write_bytes(data)
+        if self._uid is not None:
+            os.chown(job_dir, self._uid, self._uid)
+            for root, dirs, files in os.walk(job_dir):
+                for name in dirs + files:
+                    os.chown(os.path.join(root, name), self._uid, self._uid, follow_symlinks=False)
+        return work
+
+    def _env(
+        self, job_id: JobId, spec: JobSpec, work: Path, gpu_uuids: Sequence[str]
+    ) -> dict[str, str]:
+        inside = Path(BWRAP_JOB_DIR) if self.sandbox == "bwrap" else work
+        env = dict(spec.env)
+        env.update(
+            {
+                "PATH": SANDBOX_PATH,
+                "HOME": str(inside),
+                "TMPDIR": "/tmp" if self.sandbox == "bwrap" else str(inside),
+                "LANG": env.get("LANG", "C.UTF-8"),
+                "GPUMESH_JOB_ID": job_id,
+                "GPUMESH_OUTPUT_DIR": str(inside / "out"),
+                # Empty means "no GPUs" to CUDA: a job never falls back to every device.
+                "CUDA_VISIBLE_DEVICES": ",".join(gpu_uuids),
+                "NVIDIA_VISIBLE_DEVICES": ",".join(gpu_uuids) or "void",
+                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            }
+        )
+        return env
+
+    def _argv(self, spec: JobSpec, work: Path, gpu_minors: Sequence[int]) -> list[str]:
+        if self._bwrap is None:
+            return list(spec.argv)
+        args = [self._bwrap, *_bwrap_base_args(), "--bind", str(work), BWRAP_JOB_DIR]
+        args += ["--chdir", BWRAP_JOB_DIR]
+        # Only the allocated GPUs' device nodes exist inside; the control nodes are shared.
+        nodes = [f"/dev/nvidia{m}" for m in gpu_minors if m >= 0]
+        if nodes:
+            nodes += ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
+        for node in nodes:
+            args += ["--dev-bind-try", node, node]
+        return [*args, "--", *spec.argv]
+
+    @staticmethod
+    def _limits_fn(
+        limits: JobLimits, *, address_space: bool, nproc: bool, uid: int | None
+    ) -> Callable[[], None]:
+        cpu = limits.cpu_time_s
+        as_bytes = 2 * limits.memory_bytes + address_space_slack_bytes
+        fsize = limits.file_size_bytes
+        procs = limits.processes_max
+
+        def apply() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if address_space:
+                resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
+            if nproc:
+                resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
+            drop()
+
+        drop = _drop_privileges_fn(uid)
+        return apply
+
+    async def run(
+        self, job_id: JobId, spec: JobSpec, allocation: Allocation | None = None
+    ) -> JobResult:
+        """Run ``spec`` to completion (or a limit) and return what happened.
+
+        Cancelling the caller kills the job's whole process group before this returns.
+        """
+        if not _JOB_ID.match(job_id):
+            raise JobSpecError(f"job id {job_id!r} must match {_JOB_ID.pattern}")
+        spec.validate()
+        limits = spec.limits
+        gpu_uuids: tuple[str, ...] = allocation.gpu_uuids if allocation else ()
+        slots = allocation.slot_count if allocation else 1
+        minors = allocation.gpu_minors if allocation else ()
+        work = await trio.to_thread.run_sync(self._setup_dir, job_id, spec)
+        env = self._env(job_id, spec, work, gpu_uuids)
+        preexec = self._limits_fn(
+            limits,
+            # CUDA reserves huge virtual ranges, so RLIMIT_AS would break every GPU job.
+            address_space=not gpu_uuids,
+            # RLIMIT_NPROC counts all processes of the uid; only meaningful for a dedicated one.
+            nproc=self._uid is not None,
+            uid=self._uid,
+        )
+        started = time.monotonic()
+        try:
+            proc = await trio.lowlevel.open_process(
+                self._argv(spec, work, minors),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=str(work),
+                env=env,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SandboxError(f"cannot start job {job_id}: {exc}") from exc
+        state = _Run(proc.pid)
+        try:
+            await self._supervise(proc, state, limits)
+        finally:
+            # Also on cancellation: SIGKILL is synchronous, reaping is shielded and bounded.
+            state.kill()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(kill_wait_s):
+                    await proc.wait()
+                for stream in (proc.stdout, proc.stderr):
+                    if stream is not None:
+                        await stream.aclose()
+        wall_ms = int((time.monotonic() - started) * 1000)
+        self._jobs_run += 1
+        outcome, reason, code, sig = self._classify(proc.returncode, state)
+        out_dir = work / "out"
+        files: tuple[OutputFile, ...] = ()
+        try:
+            files, skipped = await trio.to_thread.run_sync(
+                lambda: collect_outputs(
+                    out_dir, files_max=limits.output_files_max, bytes_max=limits.output_bytes_max
+                )
+            )
+            if skipped:
+                log.info("job %s: skipped %d non-regular output entries", job_id, skipped)
+        except _OutputLimitError as exc:
+            if outcome is JobOutcome.SUCCEEDED or outcome is JobOutcome.EXIT_NONZERO:
+                outcome, reason = JobOutcome.OUTPUT_LIMIT, f"outputs rejected: {exc}"
+            files = ()
+        except FileNotFoundError:
+            files = ()  # the job removed its own output directory: it produced nothing
+        return JobResult(
+            job_id=job_id,
+            outcome=outcome,
+            reason=reason,
+            exit_code=code,
+            signal=sig,
+            stdout=bytes(state.stdout),
+            stderr=bytes(state.stderr),
+            outputs=files,
+            outputs_digest=outputs_digest(files),
+            output_dir=out_dir,
+            wall_ms=wall_ms,
+            usage_gpu_ms=wall_ms * slots,
+            gpu_uuids=gpu_uuids,
+            sandbox=self.sandbox,
+        )
+
+    async def _supervise(self, proc: trio.Process, state: _Run, limits: JobLimits) -> None:
+        async with trio.open_nursery() as nursery:
+            drained = [trio.Event(), trio.Event()]
+            nursery.start_soon(
+                self._drain, proc.stdout, state.stdout, limits.stdout_bytes_max, state, drained[0]
+            )
+            nursery.start_soon(
+                self._drain, proc.stderr, state.stderr, limits.stderr_bytes_max, state, drained[1]
+            )
+            nursery.start_soon(self._watch_memory, state, limits.memory_bytes)
+            with trio.move_on_after(limits.wall_time_ms / 1000):
+                await proc.wait()
+            if proc.returncode is None:
+                state.fail(
+                    JobOutcome.TIMED_OUT, f"wall time exceeded {limits.wall_time_ms} ms; killed"
+                )
+            # The leader is gone; whatever it left behind in the group goes too.
+            state.kill()
+            with trio.move_on_after(drain_grace_s):
+                for event in drained:
+                    await event.wait()
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _drain(
+        stream: trio.abc.ReceiveStream | None,
+        buffer: bytearray,
+        cap: int,
+        state: _Run,
+        done: trio.Event,
+    ) -> None:
+        assert stream is not None, "job pipes are always opened"
+        try:
+            while chunk := await stream.receive_some(read_chunk_bytes):
+                room = cap - len(buffer)
+                buffer += chunk[:room]
+                if len(chunk) > room:
+                    state.fail(JobOutcome.STDOUT_LIMIT, f"wrote more than {cap} bytes to a pipe")
+                    return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        finally:
+            done.set()
+
+    async def _watch_memory(self, state: _Run, memory_bytes: int) -> None:
+        while True:
+            rss = await trio.to_thread.run_sync(_rss_of_group, state.pgid)
+            if rss > memory_bytes:
+                state.fail(
+                    JobOutcome.MEMORY_LIMIT,
+                    f"resident memory {rss} bytes exceeded the cap of {memory_bytes}",
+                )
+                return
+            await trio.sleep(self._memory_poll_s)
+
+    def _classify(
+        self, returncode: int | None, state: _Run
+    ) -> tuple[JobOutcome, str, int | None, int | None]:
+        code: int | None = None
+        sig: int | None = None
+        if returncode is not None and returncode < 0:
+            sig = -returncode
+        elif returncode is not None and self.sandbox == "bwrap" and 128 < returncode <= 128 + 64:
+            sig = returncode - 128  # bwrap reports a signalled child as 128 + signal
+        else:
+            code = returncode
+        if state.failure is not None:
+            outcome, reason = state.failure
+            return outcome, reason, code, sig
+        if sig == signal.SIGXCPU:
+            return JobOutcome.CPU_TIME_LIMIT, "CPU time limit exceeded (SIGXCPU)", code, sig
+        if sig == signal.SIGXFSZ:
+            return JobOutcome.FILE_SIZE_LIMIT, "file size limit exceeded (SIGXFSZ)", code, sig
+        if sig is not None:
+            return JobOutcome.KILLED_BY_SIGNAL, f"killed by {signal.Signals(sig).name}", code, sig
+        if code == 0:
+            return JobOutcome.SUCCEEDED, "exited 0", code, sig
+        tail = bytes(state.stderr[-4096:])
+        if b"MemoryError" in tail or b"Cannot allocate memory" in tail or b"bad_alloc" in tail:
+            return (
+                JobOutcome.MEMORY_LIMIT,
+                f"allocation failed at the address-space cap (exit {code})",
+                code,
+                sig,
+            )
+        return JobOutcome.EXIT_NONZERO, f"exited {code}", code, sig
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "sandbox": self.sandbox,
+            "bwrap_error": self.bwrap_error,
+            "sandbox_uid": self._uid,
+            "work_root": str(self._work_root),
+            "jobs_run": self._jobs_run,
+        }

@@ -1,0 +1,54 @@
+"""Errors raised by the compute package.
+
+Offer validation splits in two: ``OfferRejected`` (the sender sent something invalid; the caller
+counts it against the sender) and the harmless outcomes (duplicate, stale, expired), which are
+return values of ``OfferDirectory.add``, not errors.
+"""
+
+
+class ComputeError(Exception):
+    """Base class of every error the compute package raises on purpose."""
+
+
+class SimulateSpecError(ComputeError, ValueError):
+    """Raised when a ``simulate_gpus`` string is malformed or names an unknown GPU model."""
+
+
+class NvmlUnavailableError(ComputeError):
+    """Raised when NVML cannot be used: no library, no driver, or no device answers."""
+
+
+class OfferRejected(ComputeError):
+    """Raised when an offer is invalid; the peer that sent it should be scored down."""
+
+
+class OfferDecodeError(OfferRejected):
+    """Raised when offer bytes are not the canonical encoding of an ``Offer``."""
+
+
+class OfferSignatureError(OfferRejected):
+    """Raised when an offer's signature does not verify for its provider."""
+
+
+class OfferWrongChainError(OfferRejected):
+    """Raised when an offer names another chain id than ours."""
+
+
+class OfferInvalidError(OfferRejected):
+    """Raised when an offer carries impossible values (negative VRAM, bad expiry, huge lists)."""
+
+
+class AllocationError(ComputeError):
+    """Raised when a slot request cannot be satisfied or names an unknown allocation."""
+
+
+class NoCapacityError(AllocationError):
+    """Raised when there are not enough free slots for a request right now."""
+
+
+class JobSpecError(ComputeError, ValueError):
+    """Raised when a job's command, inputs, environment or limits are not acceptable."""
+
+
+class SandboxError(ComputeError):
+    """Raised when the sandbox itself cannot be set up (work directory, bwrap, permissions)."""
