@@ -19,7 +19,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.exceptions import StreamFailure
 from libp2p.peer.id import ID
-from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
 
 from p2p.exceptions import (
     FrameTooLarge,
@@ -163,7 +163,11 @@ class RequestResponse:
                 try:
                     stream = await self._host.new_stream(remote, [TProtocol(protocol)])
                 except StreamFailure as exc:
-                    if isinstance(exc.__cause__, ProtocolNotSupportedError):
+                    cause = exc.__cause__
+                    # 0.8.1 wraps the peer's "na" as a MultiselectClientError with this text.
+                    if isinstance(cause, ProtocolNotSupportedError) or (
+                        isinstance(cause, MultiselectClientError) and "not supported" in str(cause)
+                    ):
                         raise ProtocolUnsupported(f"{peer_id} does not serve {protocol}") from exc
                     raise PeerUnreachable(f"cannot open {protocol} to {peer_id}: {exc}") from exc
                 except BaseLibp2pError as exc:

@@ -1,0 +1,288 @@
+"""In-process meshes on real loopback sockets: discovery, gossip, validation, requests."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+
+import multiaddr
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from p2p import (
+    FrameTooLarge,
+    GossipMessage,
+    Mesh,
+    P2PConfig,
+    PeerEventKind,
+    PeerSource,
+    ProtocolUnsupported,
+    RemoteError,
+    RequestTimeout,
+    encode_envelope,
+    sign_envelope,
+)
+from p2p._mesh import _message_id_of
+from p2p.testing import open_meshes, seed_for, start_mesh, wait_until
+
+CONNECT_S = 30
+GOSSIP_S = 20
+
+
+async def receive_one(
+    channel: trio.MemoryReceiveChannel[GossipMessage], what: str
+) -> GossipMessage:
+    with trio.move_on_after(GOSSIP_S):
+        return await channel.receive()
+    raise AssertionError(f"no gossip within {GOSSIP_S} s: {what}")
+
+
+async def test_five_node_bootstrap_chain_connects_and_gossip_reaches_all() -> None:
+    async with open_meshes(5) as meshes:
+        subs = [m.subscribe("blocks") for m in meshes]
+        await wait_until(
+            lambda: all(m.peer_count() == 4 for m in meshes),
+            CONNECT_S,
+            "every node of a 5-node bootstrap chain is connected to the other 4",
+        )
+        for origin in (0, 4):
+            await wait_until(
+                lambda o=origin: (
+                    len(meshes[o]._gossipsub.mesh.get(meshes[o].topic("blocks"), ()))  # type: ignore[misc]
+                    > 0
+                ),
+                CONNECT_S,
+                f"node {origin} has a gossip mesh for the topic",
+            )
+            await meshes[origin].publish("blocks", "block", f"from {origin}".encode())
+            for index, sub in enumerate(subs):
+                if index == origin:
+                    continue
+                got = await receive_one(sub, f"node {index} hearing node {origin}")
+                assert got.payload == f"from {origin}".encode(), f"node {index} got {got.payload!r}"
+                assert got.sender_peer_id == meshes[origin].peer_id, "sender peer id is the origin"
+                assert got.sender_public_key == meshes[origin].public_key, "sender key is origin's"
+                assert got.type_tag == "block", "type tag carried through"
+        stats = meshes[1].statistics()
+        topic = meshes[1].topic("blocks")
+        assert stats["topics"][topic]["in_total"] == 2, f"node 1 counted 2 messages: {stats}"
+        assert meshes[0].statistics()["topics"][topic]["out_total"] == 1, "node 0 counted 1 out"
+        sources = {p.source for p in meshes[4].peers()}
+        assert PeerSource.BOOTSTRAP in sources, f"node 4 records its bootstrap peer: {sources}"
+
+
+async def test_one_bootstrap_peer_discovers_ten_node_network_through_dht() -> None:
+    # Nodes 1-8 know only node 0 (a star), node 9 knows only node 1. No node 9 <-> others
+    # link exists in any bootstrap list, so only the DHT can introduce them.
+    def bootstrap_of(i: int) -> list[int]:
+        if i == 0:
+            return []
+        return [1] if i == 9 else [0]
+
+    async with open_meshes(10, bootstrap_of=bootstrap_of) as meshes:
+        newcomer = meshes[9]
+        await wait_until(
+            lambda: newcomer.peer_count() == 9,
+            CONNECT_S,
+            f"node 9 (bootstrap: node 1 only) connected to all 9 others "
+            f"(has {newcomer.peer_count()}: {newcomer.statistics()['peers_by_source']})",
+        )
+        by_source = newcomer.statistics()["peers_by_source"]
+        assert by_source["bootstrap"] == 1, f"exactly one bootstrap peer: {by_source}"
+        assert by_source["dht"] + by_source["inbound"] == 8, f"the rest via the DHT: {by_source}"
+        assert by_source["dht"] >= 1, f"node 9 dialed DHT-found peers itself: {by_source}"
+
+
+@contextlib.asynccontextmanager
+async def rogue_gossip_peer(victim: Mesh, topic: str) -> AsyncIterator[Pubsub]:
+    """A raw py-libp2p node that publishes whatever bytes it is given, unvalidated."""
+    key_pair = create_new_key_pair(seed_for(99, "rogue"))
+    from libp2p.crypto.x25519 import create_new_key_pair as x25519
+    from libp2p.security.noise.transport import PROTOCOL_ID, Transport
+
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(PROTOCOL_ID): Transport(key_pair, x25519().private_key)},
+    )
+    router = GossipSub(
+        protocols=[TProtocol(p) for p in victim.config.gossip_protocols],
+        degree=2,
+        degree_low=1,
+        degree_high=4,
+        heartbeat_interval=0.2,  # type: ignore[arg-type]
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, router, strict_signing=False, msg_id_constructor=_message_id_of)
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(victim.listen_addrs()[0])))
+            await pubsub.subscribe(topic)
+            await wait_until(
+                lambda: len(router.mesh.get(topic, ())) > 0,
+                CONNECT_S,
+                "the rogue has the victim in its gossip mesh",
+            )
+            yield pubsub
+
+
+async def test_invalid_gossip_is_rejected_counted_and_not_delivered() -> None:
+    config = P2PConfig.for_tests(gossip_message_bytes_max=4096)
+    async with open_meshes(2, config=config) as (victim, honest):
+        sub = victim.subscribe("blocks")
+        honest.subscribe("blocks")
+        topic = victim.topic("blocks")
+        other = Ed25519PrivateKey.from_private_bytes(seed_for(5, "other"))
+        good = sign_envelope(other, victim.chain_id, "t", b"ok", victim_now_ms())
+        unsigned = dataclasses.replace(good, signature=b"")
+        wrong_sig = dataclasses.replace(good, payload=b"changed")
+        wrong_chain = sign_envelope(other, "otherchain", "t", b"x", victim_now_ms())
+        cases = {
+            "malformed": b"\x93garbage that is not an envelope",
+            "oversized": encode_envelope(sign_envelope(other, "testchain", "t", b"x" * 8000, 1)),
+            "bad_signature": encode_envelope(wrong_sig),
+            "wrong_chain": encode_envelope(wrong_chain),
+            # Validly signed, but by a key that is not the publishing libp2p peer's.
+            "author_mismatch": encode_envelope(good),
+        }
+        async with rogue_gossip_peer(victim, topic) as rogue:
+            rogue_id = rogue.my_id.to_base58()
+            for reason, data in cases.items():
+                await rogue.publish(topic, data)
+                await wait_until(
+                    lambda r=reason: victim.rejected_by(rogue_id).get(r, 0) >= 1,  # type: ignore[misc]
+                    GOSSIP_S,
+                    f"a {reason} message is counted against the rogue: "
+                    f"{victim.rejected_by(rogue_id)}",
+                )
+            await rogue.publish(topic, encode_envelope(unsigned))
+            await wait_until(
+                lambda: victim.rejected_by(rogue_id).get("bad_signature", 0) >= 2,
+                GOSSIP_S,
+                f"an unsigned message is rejected too: {victim.rejected_by(rogue_id)}",
+            )
+        stats = victim.statistics()
+        assert stats["rejected"]["by_peer"][rogue_id]["malformed"] == 1, f"per-peer count: {stats}"
+        assert stats["topics"][topic]["in_total"] == 0, "nothing invalid reached the subscriber"
+        # The node keeps serving: an honest message still arrives.
+        await wait_until(
+            lambda: len(honest._gossipsub.mesh.get(topic, ())) > 0, CONNECT_S, "honest mesh"
+        )
+        await honest.publish("blocks", "t", b"still alive")
+        got = await receive_one(sub, "an honest message after the garbage")
+        assert got.payload == b"still alive", f"unexpected payload {got.payload!r}"
+        assert honest.rejected_by(victim.peer_id) == {}, "the victim forwarded nothing invalid"
+
+
+def victim_now_ms() -> int:
+    import time
+
+    return time.time_ns() // 1_000_000
+
+
+async def test_subscriber_validator_rejects_and_raising_validator_does_not_crash() -> None:
+    async with open_meshes(2) as (a, b):
+
+        def only_even(message: GossipMessage) -> bool:
+            if message.payload == b"boom":
+                raise RuntimeError("validator bug")
+            return int(message.payload) % 2 == 0
+
+        sub = b.subscribe("jobs", validator=only_even)
+        a.subscribe("jobs")
+        topic = a.topic("jobs")
+        await wait_until(lambda: len(a._gossipsub.mesh.get(topic, ())) > 0, CONNECT_S, "mesh")
+        for payload in (b"1", b"boom", b"2"):
+            await a.publish("jobs", "n", payload)
+        got = await receive_one(sub, "the even number")
+        assert got.payload == b"2", f"only the even payload passes, got {got.payload!r}"
+        rejected = b.rejected_by(a.peer_id)
+        assert rejected == {"validator_rejected": 1, "validator_error": 1}, f"{rejected}"
+
+
+async def test_plaintext_dialer_is_refused() -> None:
+    async with open_meshes(1) as (node,):
+        key_pair = create_new_key_pair(seed_for(7, "plain"))
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={TProtocol(PLAINTEXT_PROTOCOL_ID): InsecureTransport(key_pair)},
+        )
+        async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            info = info_from_p2p_addr(multiaddr.Multiaddr(node.listen_addrs()[0]))
+            with pytest.raises((BaseLibp2pError, OSError, trio.TooSlowError)):
+                with trio.fail_after(10):
+                    await host.connect(info)
+        assert node.peer_count() == 0, "a plaintext peer must never be admitted"
+
+
+async def test_request_response_and_typed_errors() -> None:
+    config = P2PConfig.for_tests(request_bytes_max=1024)
+    async with open_meshes(2, config=config) as (client, server):
+        never = trio.Event()
+
+        async def echo(peer: str, request: bytes) -> bytes:
+            assert peer == client.peer_id, "the handler sees the requesting peer"
+            return b"echo:" + request
+
+        async def fail(peer: str, request: bytes) -> bytes:
+            raise ValueError("no such job")
+
+        async def hang(peer: str, request: bytes) -> bytes:
+            await never.wait()
+            return b""
+
+        server.set_handler("/gpumesh/testchain/echo/1", echo)
+        server.set_handler("/gpumesh/testchain/fail/1", fail)
+        server.set_handler("/gpumesh/testchain/hang/1", hang)
+        await wait_until(lambda: client.peer_count() == 1, CONNECT_S, "client connected")
+        got = await client.request(server.peer_id, "/gpumesh/testchain/echo/1", b"hi", 10)
+        assert got == b"echo:hi", f"echo answered {got!r}"
+        big = await client.request(server.peer_id, "/gpumesh/testchain/echo/1", b"x" * 1000, 10)
+        assert big == b"echo:" + b"x" * 1000, "a request near the size limit round-trips"
+        with pytest.raises(RemoteError, match="no such job"):
+            await client.request(server.peer_id, "/gpumesh/testchain/fail/1", b"", 10)
+        with pytest.raises(FrameTooLarge):
+            await client.request(server.peer_id, "/gpumesh/testchain/echo/1", b"x" * 2000, 10)
+        with pytest.raises(ProtocolUnsupported):
+            await client.request(server.peer_id, "/gpumesh/testchain/nope/1", b"", 10)
+        with pytest.raises(RequestTimeout):
+            await client.request(server.peer_id, "/gpumesh/testchain/hang/1", b"", 0.5)
+        again = await client.request(server.peer_id, "/gpumesh/testchain/echo/1", b"ok", 10)
+        assert again == b"echo:ok", "the server keeps serving after failures"
+
+
+async def test_peer_events_and_restart_with_same_seed_and_port_rejoins() -> None:
+    base = P2PConfig.for_tests()
+    async with trio.open_nursery() as nursery:
+        anchor, _ = await start_mesh(nursery, seed_for(0), "testchain", base)
+        events = anchor.peer_events()
+        leaver_config = dataclasses.replace(base, bootstrap=tuple(anchor.listen_addrs()))
+        leaver, scope = await start_mesh(nursery, seed_for(1), "testchain", leaver_config)
+        port = int(leaver.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+        with trio.fail_after(CONNECT_S):
+            event = await events.receive()
+        assert (event.kind, event.peer_id) == (PeerEventKind.CONNECTED, leaver.peer_id), f"{event}"
+        scope.cancel()
+        with trio.fail_after(CONNECT_S):
+            event = await events.receive()
+        assert event.kind == PeerEventKind.DISCONNECTED, f"expected a disconnect, got {event}"
+        # The anchor redials its inbound peer? No: the restarted node redials its bootstrap.
+        again_config = dataclasses.replace(leaver_config, listen_port=port)
+        again, _ = await start_mesh(nursery, seed_for(1), "testchain", again_config)
+        assert again.peer_id == leaver.peer_id, "same seed gives the same peer id"
+        with trio.fail_after(CONNECT_S):
+            event = await events.receive()
+        assert (event.kind, event.peer_id) == (PeerEventKind.CONNECTED, leaver.peer_id), f"{event}"
+        nursery.cancel_scope.cancel()
