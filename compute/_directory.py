@@ -59,6 +59,12 @@ def _version(text: str, name: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
 
 
+def _required(value: int | None) -> int:
+    if value is None:
+        raise QueryError("a required integer is null")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class OfferQuery:
     """A local search over the directory.
@@ -136,8 +142,8 @@ class OfferQuery:
         cuda = text("min_cuda_version")
         cc = text("min_compute_capability")
         return cls(
-            gpu_count=integer("gpu_count", 0) or 0,
-            min_vram_bytes=integer("min_vram_bytes", 0) or 0,
+            gpu_count=_required(integer("gpu_count", 0)),
+            min_vram_bytes=_required(integer("min_vram_bytes", 0)),
             model=text("model"),
             min_cuda_version=_version(cuda, "min_cuda_version") if cuda else None,
             min_compute_capability=_version(cc, "min_compute_capability") if cc else None,
@@ -145,7 +151,7 @@ class OfferQuery:
             tags=tuple(tags),
             sandbox=text("sandbox"),
             cpu_only=cpu_only,
-            limit=integer("limit", 100) or 100,
+            limit=_required(integer("limit", 100)),
         )
 
 

@@ -663,6 +663,10 @@ class Executor:
             sig = -returncode
         elif returncode is not None and self.sandbox == "bwrap" and 128 < returncode <= 128 + 64:
             sig = returncode - 128  # bwrap reports a signalled child as 128 + signal
+        elif returncode is not None and returncode - 128 in (signal.SIGXCPU, signal.SIGXFSZ):
+            # A shell reports a child killed by a limit signal as 128 + signal; a job that
+            # exits 152 or 153 on purpose is misread as hitting a limit, which is the safe side.
+            sig = returncode - 128
         else:
             code = returncode
         if state.failure is not None:

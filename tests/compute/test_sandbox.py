@@ -1,0 +1,222 @@
+"""The executor with real subprocesses, under bwrap (when it works here) and plain processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+import compute
+
+BWRAP_ERROR = compute.probe_bwrap(sandbox_uid=compute.default_sandbox_uid())
+PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+KINDS = [
+    pytest.param(
+        "bwrap", marks=pytest.mark.skipif(BWRAP_ERROR is not None, reason=f"{BWRAP_ERROR}")
+    ),
+    "process",
+]
+
+
+@pytest.fixture
+def work_root() -> Iterator[Path]:
+    # Not tmp_path: pytest's base dir is mode 0700, which the unprivileged job uid cannot cross.
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-compute-", dir="/tmp"))
+    os.chmod(root, 0o711)
+    yield root / "jobs"
+    shutil.rmtree(root)
+
+
+@pytest.fixture(params=KINDS)
+def executor(request: pytest.FixtureRequest, work_root: Path) -> compute.Executor:
+    return compute.Executor(work_root, sandbox=request.param, memory_poll_ms=50)
+
+
+def marker() -> str:
+    """A unique ``sleep`` argument, so the test can find the job's processes in /proc."""
+    return f"{random.randrange(10**5, 10**6)}.{random.randrange(10**6):06d}"
+
+
+def live_processes_with(text: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            state = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text.encode() in cmdline and state != b"Z":
+            found.append(int(name))
+    return found
+
+
+def spec(script: str, **limits: int) -> compute.JobSpec:
+    return compute.JobSpec(("/bin/sh", "-c", script), limits=compute.JobLimits(**limits))
+
+
+async def test_job_runs_with_inputs_and_hashed_outputs(executor: compute.Executor) -> None:
+    job = compute.JobSpec(
+        ("/bin/sh", "-c", 'cat data/in.txt; printf abc > "$GPUMESH_OUTPUT_DIR/a.txt"; '
+         "mkdir out/sub; printf xyz > out/sub/b.bin; ln -s /etc/passwd out/link; echo err >&2"),
+        inputs=(("data/in.txt", b"hello input\n"),),
+    )  # fmt: skip
+    result = await executor.run(compute.JobId("ok-1"), job)
+    assert result.outcome is compute.JobOutcome.SUCCEEDED, result.reason
+    assert result.stdout == b"hello input\n", "inputs land in the working directory"
+    assert result.stderr == b"err\n"
+    assert [o.path for o in result.outputs] == ["a.txt", "sub/b.bin"], "links are not outputs"
+    assert result.outputs[0].sha256 == hashlib.sha256(b"abc").digest()
+    # The digest definition from the docs, computed independently of the implementation.
+    expected = hashlib.sha256(
+        msgpack.packb([[o.path, o.size_bytes, o.sha256] for o in result.outputs])
+    ).digest()
+    assert result.outputs_digest == expected, "outputs digest differs from its definition"
+    assert result.usage_gpu_ms == result.wall_ms, "a CPU job counts as one slot"
+    assert result.sandbox == executor.sandbox
+
+
+async def test_timeout_kills_the_job_and_its_grandchildren(executor: compute.Executor) -> None:
+    tag = marker()
+    script = f"sleep {tag} & (sleep {tag} &) ; sleep {tag}; wait"
+    result = await executor.run(compute.JobId("timeout-1"), spec(script, wall_time_ms=1500))
+    assert result.outcome is compute.JobOutcome.TIMED_OUT, result.reason
+    assert live_processes_with(tag) == [], "a child or grandchild of the job survived the kill"
+
+
+async def test_bwrap_kills_even_a_setsid_escapee(work_root: Path) -> None:
+    if BWRAP_ERROR is not None:
+        pytest.skip(BWRAP_ERROR)
+    executor = compute.Executor(work_root, sandbox="bwrap")
+    tag = marker()
+    result = await executor.run(
+        compute.JobId("escape-1"), spec(f"setsid sleep {tag} & sleep 0.2; exit 0")
+    )
+    assert result.outcome is compute.JobOutcome.SUCCEEDED, result.reason
+    assert live_processes_with(tag) == [], "a setsid grandchild outlived the bwrap sandbox"
+
+
+async def test_cancelled_job_stops_within_a_second(executor: compute.Executor) -> None:
+    tag = marker()
+    job = compute.JobId("cancel-1")
+    started_file = executor.job_dir(job) / "work" / "out" / "started"
+    done = trio.Event()
+
+    async def run_job() -> None:
+        try:
+            await executor.run(job, spec(f"touch out/started; sleep {tag} & sleep {tag}"))
+        finally:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_job)
+        # Poll a condition the job sets, bounded in count and time (no event crosses processes).
+        with trio.fail_after(20):
+            for _ in range(1000):
+                if started_file.exists():
+                    break
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+        cancelled_at = trio.current_time()
+        await done.wait()
+    assert trio.current_time() - cancelled_at < 1.0, "cancellation took more than a second"
+    assert live_processes_with(tag) == [], "the job survived cancellation"
+
+
+@pytest.mark.skipif(PYTHON is None, reason="no python3 under /usr/bin for the job")
+async def test_memory_cap_fails_with_a_clear_reason(executor: compute.Executor) -> None:
+    assert PYTHON is not None
+    job = compute.JobSpec(
+        (PYTHON, "-c", "import time; a = b'x' * (160 << 20); time.sleep(30)"),
+        limits=compute.JobLimits(memory_bytes=64 << 20, wall_time_ms=30_000),
+    )
+    result = await executor.run(compute.JobId("mem-1"), job)
+    assert result.outcome is compute.JobOutcome.MEMORY_LIMIT, (result.outcome, result.reason)
+    assert "memory" in result.reason
+
+
+async def test_stdout_cap_fails_the_job(executor: compute.Executor) -> None:
+    result = await executor.run(compute.JobId("spam-1"), spec("yes", stdout_bytes_max=10_000))
+    assert result.outcome is compute.JobOutcome.STDOUT_LIMIT, result.reason
+    assert len(result.stdout) == 10_000, "captured output is cut at the cap"
+
+
+async def test_output_cap_fails_the_job(executor: compute.Executor) -> None:
+    script = "head -c 300000 /dev/zero > out/a; head -c 300000 /dev/zero > out/b"
+    result = await executor.run(compute.JobId("out-1"), spec(script, output_bytes_max=500_000))
+    assert result.outcome is compute.JobOutcome.OUTPUT_LIMIT, result.reason
+    assert result.outputs == (), "no partial output set is reported"
+
+
+async def test_file_size_and_cpu_time_limits(executor: compute.Executor) -> None:
+    result = await executor.run(
+        compute.JobId("fsize-1"),
+        spec("head -c 3000000 /dev/zero > out/big", file_size_bytes=1_000_000),
+    )
+    assert result.outcome is compute.JobOutcome.FILE_SIZE_LIMIT, result.reason
+    result = await executor.run(
+        compute.JobId("cpu-1"), spec("while :; do :; done", cpu_time_s=1, wall_time_ms=60_000)
+    )
+    assert result.outcome is compute.JobOutcome.CPU_TIME_LIMIT, result.reason
+
+
+async def test_job_sees_only_its_gpus_and_a_scrubbed_environment(
+    executor: compute.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUMESH_TEST_SECRET", "do-not-leak")
+    allocator = compute.SlotAllocator(compute.simulated_devices("RTX4090:3"))
+    allocator.allocate(compute.JobId("other"), 1)  # GPU 0 belongs to someone else
+    mine = allocator.allocate(compute.JobId("gpu-1"), 2)
+    job = compute.JobSpec(("/usr/bin/env",), env=(("MY_SETTING", "1"),))
+    result = await executor.run(compute.JobId("gpu-1"), job, mine)
+    assert result.outcome is compute.JobOutcome.SUCCEEDED, result.reason
+    env = dict(line.split("=", 1) for line in result.stdout.decode().splitlines())
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(mine.gpu_uuids), "only the allocated GPUs"
+    assert allocator.gpus[0].uuid not in env["CUDA_VISIBLE_DEVICES"]
+    assert "GPUMESH_TEST_SECRET" not in env, "the daemon's environment leaked into the job"
+    assert env["MY_SETTING"] == "1", "the job's own environment is passed"
+    assert result.usage_gpu_ms == result.wall_ms * 2, "usage is wall time x GPUs"
+
+    cpu = await executor.run(compute.JobId("gpu-2"), compute.JobSpec(("/usr/bin/env",)))
+    cpu_env = dict(line.split("=", 1) for line in cpu.stdout.decode().splitlines())
+    assert cpu_env["CUDA_VISIBLE_DEVICES"] == "", "a CPU job sees no GPU at all"
+
+
+async def test_bwrap_isolates_network_and_filesystem(work_root: Path) -> None:
+    if BWRAP_ERROR is not None:
+        pytest.skip(BWRAP_ERROR)
+    executor = compute.Executor(work_root, sandbox="bwrap")
+    result = await executor.run(
+        compute.JobId("iso-1"),
+        spec("cat /proc/net/dev; test -e /work && echo HOST-VISIBLE; touch /usr/x || echo RO"),
+    )
+    assert result.outcome is compute.JobOutcome.SUCCEEDED, result.reason
+    interfaces = [ln.split(b":")[0].strip() for ln in result.stdout.splitlines()[2:] if b":" in ln]
+    assert interfaces == [b"lo"], f"the job saw network interfaces {interfaces}"
+    assert b"HOST-VISIBLE" not in result.stdout, "the host's /work is visible in the sandbox"
+    assert b"RO" in result.stdout, "/usr must be read-only"
+
+
+def test_job_dirs_are_private_and_bad_specs_refused(work_root: Path) -> None:
+    executor = compute.Executor(work_root, sandbox="process")
+    assert stat.S_IMODE(executor.work_root.stat().st_mode) & 0o077 in (0, 0o011)
+    for bad in (
+        compute.JobSpec(()),
+        compute.JobSpec(("/bin/true",), inputs=(("../escape", b""),)),
+        compute.JobSpec(("/bin/true",), inputs=(("/abs", b""),)),
+        compute.JobSpec(("/bin/true",), env=(("CUDA_VISIBLE_DEVICES", "0,1,2,3"),)),
+    ):
+        with pytest.raises(compute.JobSpecError):
+            bad.validate()
+    with pytest.raises(compute.JobSpecError):
+        compute.JobLimits(wall_time_ms=0)
