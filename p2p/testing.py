@@ -5,10 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from typing import TYPE_CHECKING
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time as _time
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2p._identity import peer_id_of, private_key_from_seed
 from p2p._mesh import Mesh
 from p2p.config import P2PConfig
 
@@ -19,6 +28,7 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 poll_interval_s = 0.05
+node_lines_max = 100_000
 
 
 def seed_for(index: int, namespace: str = "gpumesh-test") -> bytes:
@@ -79,3 +89,97 @@ async def open_meshes(
             yield meshes
         finally:
             nursery.cancel_scope.cancel()
+
+
+class NodeProcess:
+    """A ``p2p._benchnode`` subprocess, read line by line on a thread (sync API, for scripts
+    and process-level tests)."""
+
+    def __init__(self, args: Sequence[str], *, prefix: Sequence[str] = ()) -> None:
+        self.args = [*prefix, sys.executable, "-m", "p2p._benchnode", *args]
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=node_lines_max)
+        self.ready: dict[str, Any] = {}
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=_repo_root(),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            try:
+                self.lines.put(event, timeout=60)
+            except queue.Full:
+                return
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
+    ) -> dict[str, Any]:
+        """Consume lines until one satisfies ``predicate``; fail with ``what`` on timeout."""
+        deadline = _time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - _time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout_s} s waiting until {what}")
+            try:
+                event = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if event.get("event") == "ready":
+                self.ready = event
+            if predicate(event):
+                return event
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye: what a crash looks like to the other nodes."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` currently free TCP ports (closed again, so a small race is possible)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def multiaddr_of(host: str, port: int, seed: bytes) -> str:
+    """The dialable address of the node with ``seed`` listening on ``host:port``."""
+    public = private_key_from_seed(seed).public_key().public_bytes_raw()
+    return f"/ip4/{host}/tcp/{port}/p2p/{peer_id_of(public)}"
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

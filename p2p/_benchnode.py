@@ -1,0 +1,213 @@
+"""A p2p-only node process for benchmarks, process-level tests and network-namespace runs.
+
+``python -m p2p._benchnode --seed-hex ... --port ...`` runs one Mesh and speaks JSON lines on
+stdout: ``ready`` (peer id, addresses), ``peers`` (on every change), ``recv`` (with
+``--print-recv``), and at the end ``result`` (counts, latencies, CPU, RSS). On stdin it takes
+``start <duration_s>`` (publish at ``--rate`` for that long, then report and exit) and
+``stop``. ``--autostart`` publishes from the start without waiting for a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import msgpack
+import trio
+
+from p2p._mesh import Mesh
+from p2p.config import P2PConfig
+
+purpose = "bench"
+stdin_line_bytes_max = 4096
+latencies_kept_max = 200_000
+
+
+def _emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclasses.dataclass
+class _State:
+    index: int
+    rate: float
+    size: int
+    print_recv: bool
+    sent: int = 0
+    received: dict[int, int] = dataclasses.field(default_factory=dict)
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    measuring: bool = False
+    publish_done: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+
+async def _receive(mesh: Mesh, state: _State, channel: trio.MemoryReceiveChannel[Any]) -> None:
+    async for message in channel:
+        origin, pid, seq, sent_ns, measured = msgpack.unpackb(message.payload)[:5]
+        latency_ms = (time.time_ns() - sent_ns) / 1e6
+        if measured:
+            state.received[origin] = state.received.get(origin, 0) + 1
+            if len(state.latencies_ms) < latencies_kept_max:
+                state.latencies_ms.append(latency_ms)
+        if state.print_recv:
+            _emit("recv", origin=origin, pid=pid, seq=seq, latency_ms=round(latency_ms, 2))
+
+
+async def _publish(mesh: Mesh, state: _State, duration_s: float) -> None:
+    interval = 1.0 / state.rate
+    deadline = trio.current_time() + duration_s if duration_s > 0 else float("inf")
+    next_at = trio.current_time()
+    seq = 0
+    pid = os.getpid()
+    while trio.current_time() < deadline:
+        header = [state.index, pid, seq, time.time_ns(), state.measuring]
+        padding = b"\0" * max(0, state.size - 40)
+        await mesh.publish(purpose, "bench", msgpack.packb([*header, padding]))
+        state.sent += 1
+        seq += 1
+        next_at += interval
+        await trio.sleep_until(next_at)
+    state.publish_done.set()
+
+
+async def _watch_peers(mesh: Mesh, started: float) -> None:
+    last = -1
+    events = mesh.peer_events()
+    while True:
+        count = mesh.peer_count()
+        if count != last:
+            _emit("peers", count=count, t=round(time.monotonic() - started, 3))
+            last = count
+        with trio.move_on_after(1):
+            await events.receive()
+
+
+async def _commands(nursery: trio.Nursery, mesh: Mesh, state: _State, linger_s: float) -> None:
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = b""
+    while True:
+        chunk = await stream.receive_some(stdin_line_bytes_max)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            words = line.decode().split()
+            if not words:
+                continue
+            if words[0] == "start":
+                nursery.start_soon(_measure, nursery, mesh, state, float(words[1]), linger_s)
+            elif words[0] == "stop":
+                nursery.cancel_scope.cancel()
+        if len(buffer) > stdin_line_bytes_max:
+            buffer = b""
+
+
+async def _measure(
+    nursery: trio.Nursery, mesh: Mesh, state: _State, duration_s: float, linger_s: float
+) -> None:
+    cpu0, t0 = _cpu_s(), time.monotonic()
+    state.measuring = True
+    await _publish(mesh, state, duration_s)
+    state.measuring = False
+    await trio.sleep(linger_s)
+    elapsed = time.monotonic() - t0
+    _emit(
+        "result",
+        index=state.index,
+        peer_id=mesh.peer_id,
+        sent=state.sent,
+        received=state.received,
+        latencies_ms=[round(x, 2) for x in state.latencies_ms],
+        cpu_percent=round(100 * (_cpu_s() - cpu0) / elapsed, 2),
+        rss_mb=round(_rss_mb(), 1),
+        peers=mesh.peer_count(),
+        rejected=mesh.statistics()["rejected"]["by_reason"],
+        dropped=sum(t["dropped_queue_full"] for t in mesh.statistics()["topics"].values()),
+    )
+    nursery.cancel_scope.cancel()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--seed-hex", required=True)
+    parser.add_argument("--chain", default="benchchain")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--bootstrap", action="append", default=[])
+    parser.add_argument("--mdns", action="store_true")
+    parser.add_argument("--no-dht", action="store_true")
+    parser.add_argument("--rate", type=float, default=1.0, help="messages/s this node sends")
+    parser.add_argument("--size", type=int, default=256, help="payload bytes")
+    parser.add_argument("--autostart", type=float, default=None, help="publish for N s (0=ever)")
+    parser.add_argument("--linger", type=float, default=5.0)
+    parser.add_argument("--print-recv", action="store_true")
+    parser.add_argument("--heartbeat-ms", type=int, default=1000)
+    parser.add_argument("--degree", type=int, nargs=3, default=[6, 4, 12])
+    parser.add_argument("--protocols", default="/meshsub/1.1.0,/meshsub/1.0.0")
+    parser.add_argument("--strict-signing", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    config = dataclasses.replace(
+        P2PConfig.default(),
+        listen_host=args.host,
+        listen_port=args.port,
+        bootstrap=tuple(args.bootstrap),
+        mdns=args.mdns,
+        dht=not args.no_dht,
+        gossip_heartbeat_ms=args.heartbeat_ms,
+        gossip_degree=args.degree[0],
+        gossip_degree_low=args.degree[1],
+        gossip_degree_high=args.degree[2],
+        gossip_protocols=tuple(args.protocols.split(",")),
+        gossip_strict_signing=args.strict_signing,
+        dial_interval_ms=500,
+        backoff_initial_ms=500,
+        backoff_max_ms=5_000,
+        dht_walk_fast_interval_ms=500,
+        dht_walk_fast_count=20,
+        dht_walk_interval_ms=5_000,
+    )
+    mesh = Mesh(bytes.fromhex(args.seed_hex), args.chain, config)
+    state = _State(args.index, args.rate, args.size, args.print_recv)
+    channel = mesh.subscribe(purpose)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mesh.run)
+        _emit("ready", peer_id=mesh.peer_id, addrs=mesh.listen_addrs(), pid=os.getpid())
+        nursery.start_soon(_receive, mesh, state, channel)
+        nursery.start_soon(_watch_peers, mesh, started)
+        nursery.start_soon(_commands, nursery, mesh, state, args.linger)
+        if args.autostart is not None:
+            nursery.start_soon(_publish, mesh, state, args.autostart)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    trio.run(_main, args)
+
+
+if __name__ == "__main__":
+    main()
