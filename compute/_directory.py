@@ -237,6 +237,7 @@ class OfferDirectory:
         self._offers_max = offers_max
         self._silence_ms_max = silence_ms_max
         self._entries: dict[bytes, _Entry] = {}
+        self._providers_by_hash: dict[bytes, bytes] = {}
         self._counts: dict[str, int] = {outcome.value: 0 for outcome in AddOutcome}
         self._counts["rejected"] = 0
         self._counts["dropped"] = 0
@@ -246,37 +247,60 @@ class OfferDirectory:
 
     def add(self, offer: Offer | bytes, now_ms: int) -> AddOutcome:
         """Validate and store ``offer``; raises ``OfferRejected`` (penalise the sender)."""
+        if isinstance(offer, bytes | bytearray | memoryview):
+            data = bytes(offer)
+            offer_hash = ledger.digest(data)
+            # Gossip delivers most offers more than once: the exact bytes of a stored offer
+            # were validated when first seen, so a repeat costs one SHA-256, no decode/verify.
+            if offer_hash in self._providers_by_hash:
+                self._counts[AddOutcome.DUPLICATE.value] += 1
+                return AddOutcome.DUPLICATE
+        else:
+            data = None
+            offer_hash = ledger.hash_of(offer)
         try:
-            if isinstance(offer, bytes | bytearray | memoryview):
-                offer = decode_offer(bytes(offer))
+            if data is not None:
+                offer = decode_offer(data)
+            assert isinstance(offer, Offer)
             validate_offer(offer, chain_id=self._chain_id, now_ms=now_ms)
         except ComputeError:
             self._counts["rejected"] += 1
             raise
-        outcome = self._store(offer, now_ms)
+        outcome = self._store(offer, offer_hash, now_ms)
         self._counts[outcome.value] += 1
         return outcome
 
-    def _store(self, offer: Offer, now_ms: int) -> AddOutcome:
+    def _put(self, offer: Offer, offer_hash: bytes, now_ms: int) -> None:
+        provider = bytes(offer.signer)
+        old = self._entries.get(provider)
+        if old is not None:
+            del self._providers_by_hash[old.offer_hash]
+        self._entries[provider] = _Entry(offer, offer_hash, now_ms)
+        self._providers_by_hash[offer_hash] = provider
+
+    def _remove(self, provider: bytes) -> None:
+        entry = self._entries.pop(provider)
+        del self._providers_by_hash[entry.offer_hash]
+
+    def _store(self, offer: Offer, offer_hash: bytes, now_ms: int) -> AddOutcome:
         if offer.expiry_ms <= now_ms:
             return AddOutcome.EXPIRED
-        provider = bytes(offer.signer)
-        current = self._entries.get(provider)
+        current = self._entries.get(bytes(offer.signer))
         if current is not None:
             if offer.sequence < current.offer.sequence:
                 return AddOutcome.STALE
             if offer.sequence == current.offer.sequence:
                 # Same sequence and different bytes is a provider contradicting itself; the
                 # first one seen stands, so every node converges on it, not on arrival order.
-                same = ledger.hash_of(offer) == current.offer_hash
+                same = offer_hash == current.offer_hash
                 return AddOutcome.DUPLICATE if same else AddOutcome.STALE
-            self._entries[provider] = _Entry(offer, ledger.hash_of(offer), now_ms)
+            self._put(offer, offer_hash, now_ms)
             return AddOutcome.REPLACED
         if len(self._entries) >= self._offers_max:
             self.prune(now_ms)
         if len(self._entries) >= self._offers_max and not self._evict_for(offer):
             return AddOutcome.FULL
-        self._entries[provider] = _Entry(offer, ledger.hash_of(offer), now_ms)
+        self._put(offer, offer_hash, now_ms)
         return AddOutcome.ADDED
 
     def _evict_for(self, offer: Offer) -> bool:
@@ -285,7 +309,7 @@ class OfferDirectory:
         victim = min(self._entries.values(), key=lambda e: (e.offer.expiry_ms, e.last_heard_ms))
         if victim.offer.expiry_ms >= offer.expiry_ms:
             return False
-        del self._entries[bytes(victim.offer.signer)]
+        self._remove(bytes(victim.offer.signer))
         self._counts["dropped"] += 1
         return True
 
@@ -298,7 +322,7 @@ class OfferDirectory:
         """Drop expired offers and silent providers; returns how many were dropped."""
         dead = [p for p, e in self._entries.items() if not self._live(e, now_ms)]
         for provider in dead:
-            del self._entries[provider]
+            self._remove(provider)
         self._counts["dropped"] += len(dead)
         return len(dead)
 
