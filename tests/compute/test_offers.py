@@ -8,7 +8,7 @@ import json
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compute
@@ -242,3 +242,52 @@ async def test_publisher_heartbeats_and_republishes_on_change(
         nursery.cancel_scope.cancel()
 
     assert publisher.statistics()["published"] == 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 3),  # provider
+            st.integers(1, 6),  # sequence
+            st.integers(0, 4000),  # time step, ms
+            st.sampled_from([2000, 5000, 20_000]),  # ttl, ms
+        ),
+        max_size=25,
+    )
+)
+def test_directory_matches_a_simple_model(ops: list[tuple[int, int, int, int]]) -> None:
+    offers_max = 3
+    d = compute.OfferDirectory(CHAIN, offers_max=offers_max, silence_ms_max=8000)
+    model: dict[int, tuple[int, int, int]] = {}  # provider -> (sequence, expiry, heard)
+    now = NOW
+    for provider, seq, step, ttl in ops:
+        now += step
+        cfg = compute.OfferConfig(heartbeat_ms=1000, ttl_ms=ttl)
+        o = offer(provider, sequence=seq, config=cfg, now_ms=now)
+        outcome = d.add(ledger.encode(o), now)
+        live = {p: v for p, v in model.items() if v[1] > now and now - v[2] <= 8000}
+        if outcome.is_new:
+            assert provider not in live or live[provider][0] < seq, "older offer replaced newer"
+            model[provider] = (seq, now + ttl, now)
+        elif outcome in (compute.AddOutcome.STALE, compute.AddOutcome.DUPLICATE):
+            assert provider in model, f"{outcome} for a provider never accepted"
+            assert model[provider][0] >= seq, f"wrongly {outcome}"
+        stored = {
+            next(i for i, k in enumerate(KEYS) if k.address == x.provider): x.sequence
+            for x in d.offers(now)
+        }
+        assert len(d) <= offers_max, "the directory outgrew its bound"
+        for p, s in stored.items():
+            assert model[p][0] == s, f"provider {p}: stored sequence {s}, model {model[p][0]}"
+            assert model[p][1] > now, "an expired offer is still listed"
+        if outcome.is_new:
+            assert stored.get(provider) == seq, "a newly accepted offer is not listed"
+        # Eviction (the only way a live offer may vanish) happens only when the directory is full.
+        evicted = [
+            p for p, v in model.items() if v[1] > now and now - v[2] <= 8000 and p not in stored
+        ]
+        if evicted:
+            assert len(stored) == offers_max, f"providers {evicted} vanished below the bound"
+        for p in evicted:
+            del model[p]
