@@ -8,6 +8,8 @@ Where things live:
 - ``_offers``: ``OfferConfig``, building/validating signed offers, the ``OfferPublisher`` service.
 - ``_directory``: ``OfferDirectory`` of live offers and ``OfferQuery`` over it.
 - ``_sandbox``: ``Executor`` runs a ``JobSpec`` under bwrap or a plain process group.
+- ``_runner``: ``run_job`` = allocate, run in the sandbox, release.
+- ``testing``: ``FakeNvml`` and offer factories for tests of this and other packages.
 - ``exceptions``: ``ComputeError`` and its subclasses.
 
 ``compute`` imports ``ledger`` (codec and signing) and nothing else of gpumesh.
@@ -35,6 +37,7 @@ from compute._offers import (
     validate_offer,
     wall_clock_ms,
 )
+from compute._runner import run_job
 from compute._sandbox import (
     Executor,
     JobLimits,
@@ -139,6 +142,7 @@ __all__ = [
     "probe_bwrap",
     "read_inventory",
     "resources_snapshot",
+    "run_job",
     "simulated_devices",
     "usage_cost",
     "validate_offer",

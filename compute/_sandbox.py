@@ -23,6 +23,7 @@ empty array.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import logging
@@ -64,6 +65,7 @@ kill_wait_s = 2.0
 drain_grace_s = 1.0
 """After the job exits, how long its pipes may stay open (a lingering grandchild) before we stop."""
 memory_poll_ms = 100
+jobs_listed_max = 10_000
 address_space_slack_bytes = 256 * MIB
 probe_timeout_s = 10.0
 NOBODY_UID = 65534
@@ -302,6 +304,10 @@ def probe_bwrap(*, sandbox_uid: int | None = None) -> str | None:
     return None
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
 def _drop_privileges_fn(sandbox_uid: int | None) -> Callable[[], None]:
     def apply() -> None:  # in the child between fork and exec
         if sandbox_uid is not None:
@@ -432,6 +438,12 @@ class Executor:
     def job_dir(self, job_id: JobId) -> Path:
         return self._work_root / job_id
 
+    def leftover_jobs(self) -> list[JobId]:
+        """Job directories present under ``work_root`` (after a restart: jobs that did not
+        finish under this process; the node decides whether to fail or retry them)."""
+        found = [JobId(p.name) for p in self._work_root.iterdir() if _JOB_ID.match(p.name)]
+        return sorted(found)[:jobs_listed_max]
+
     def remove_job_dir(self, job_id: JobId) -> None:
         """Delete a finished job's directory (after its outputs have been shipped)."""
         if not _JOB_ID.match(job_id):
@@ -509,6 +521,9 @@ class Executor:
             if nproc:
                 resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
             drop()
+            # After the uid change (which clears it): if the daemon dies, the job's leader
+            # dies too instead of running on unsupervised.
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
         drop = _drop_privileges_fn(uid)
         return apply

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import msgpack
@@ -220,3 +224,74 @@ def test_job_dirs_are_private_and_bad_specs_refused(work_root: Path) -> None:
             bad.validate()
     with pytest.raises(compute.JobSpecError):
         compute.JobLimits(wall_time_ms=0)
+
+
+async def test_run_job_releases_slots_however_it_ends(executor: compute.Executor) -> None:
+    allocator = compute.SlotAllocator(compute.simulated_devices("RTX4090:1"))
+    result = await compute.run_job(
+        executor, allocator, compute.JobId("rj-1"), spec("exit 3"), gpu_count=1
+    )
+    assert result.outcome is compute.JobOutcome.EXIT_NONZERO, result.reason
+    assert result.exit_code == 3
+    assert allocator.free_slots_per_gpu() == (1,), "a failed job must give its GPU back"
+    with trio.move_on_after(0.5):
+        await compute.run_job(
+            executor, allocator, compute.JobId("rj-2"), spec("sleep 30"), gpu_count=1
+        )
+    assert allocator.free_slots_per_gpu() == (1,), "a cancelled job must give its GPU back"
+    assert sorted(executor.leftover_jobs()) == ["rj-1", "rj-2"]
+    executor.remove_job_dir(compute.JobId("rj-1"))
+    assert executor.leftover_jobs() == ["rj-2"]
+
+
+async def test_resources_snapshot_is_json(executor: compute.Executor) -> None:
+    inventory = compute.read_inventory(simulate_gpus="A100-80GB:2")
+    allocator = compute.SlotAllocator(inventory.gpus)
+    allocator.allocate(compute.JobId("snap"), 1)
+    snapshot = compute.resources_snapshot(
+        inventory=inventory, allocator=allocator, sandbox=executor.sandbox, executor=executor
+    )
+    decoded = json.loads(json.dumps(snapshot))
+    assert decoded["inventory"]["gpu_count"] == 2
+    assert decoded["slots"]["gpu_slots_free"] == 1, "the allocation shows in the snapshot"
+    assert decoded["sandbox"]["sandbox"] == executor.sandbox
+
+
+DAEMON = """
+import sys, trio, compute
+async def main():
+    ex = compute.Executor(sys.argv[1], sandbox=sys.argv[2])
+    async with trio.open_nursery() as n:
+        n.start_soon(ex.run, compute.JobId("orphan"), compute.JobSpec(("sleep", sys.argv[3])))
+        print("running", flush=True)
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_job_dies_with_a_killed_daemon(work_root: Path, kind: str) -> None:
+    tag = marker()
+    async with trio.open_nursery() as nursery:
+        daemon = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", DAEMON, str(work_root), kind, tag],
+                stdout=subprocess.PIPE,
+                check=False,
+                cwd=str(Path(compute.__file__).parents[1]),
+            )
+        )
+        with trio.fail_after(20):
+            assert await daemon.stdout.receive_some(100), "the daemon did not start"
+            for _ in range(1000):  # the job is exec'd just after the daemon says it runs
+                if live_processes_with(f"sleep\0{tag}"):
+                    break
+                await trio.sleep(0.02)
+        assert live_processes_with(f"sleep\0{tag}"), "the job never started"
+        daemon.kill()
+    with trio.fail_after(10):
+        for _ in range(500):
+            if not live_processes_with(tag):
+                break
+            await trio.sleep(0.02)
+    assert live_processes_with(tag) == [], "the job outlived its killed daemon"
