@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -11,9 +12,12 @@ import trio
 
 import node as node_pkg
 from p2p import Mesh, P2PConfig
-from rpc import MethodRegistry, RpcServer
+from rpc import TOPIC_PEERS, MethodRegistry, Result, RpcServer
 
 if TYPE_CHECKING:
+    # trio-typing (a py-libp2p dependency) shadows trio's own annotations for mypy.
+    from trio_typing import TaskStatus
+
     from ledger import SigningKey
     from node._config import NodeConfig
     from node._home import Home
@@ -44,7 +48,8 @@ class Node:
 
     def _p2p_config(self) -> P2PConfig:
         c = self.config.p2p
-        return P2PConfig.default().replace(
+        return dataclasses.replace(
+            P2PConfig.default(),
             listen_host=c.listen_host,
             listen_port=c.listen_port,
             bootstrap=c.bootstrap,
@@ -53,7 +58,7 @@ class Node:
             peers_max=c.peers_max,
         )
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Two nurseries so shutdown runs in order: the RPC and application services stop first,
         # then the mesh leaves its peers (py-libp2p misbehaves if pubsub stops under traffic).
         async with trio.open_nursery() as mesh_nursery:
@@ -70,16 +75,38 @@ class Node:
                         "rpc_port": self.rpc.port,
                     },
                 )
+                app_nursery.start_soon(self._forward_peer_events)
                 task_status.started()
-                await trio.sleep_forever()
+
+    async def _forward_peer_events(self) -> None:
+        async for event in self.mesh.peer_events():
+            self.rpc.publish(
+                TOPIC_PEERS,
+                {"peer_id": event.peer_id, "kind": str(event.kind), "source": event.source},
+            )
 
     # -- RPC methods ---------------------------------------------------------------------------
 
     def _register_methods(self) -> None:
         r = self.registry
-        r.register("node_info", self.rpc_node_info, description="This node's identity and state.")
-        r.register("net_peers", self.rpc_net_peers, description="Connected peers.")
-        r.register("net_peerCount", self.rpc_net_peer_count, description="Number of peers.")
+        r.register(
+            "node_info",
+            self.rpc_node_info,
+            description="Peer id, address, version, chain id, listen addresses, uptime.",
+            result=Result("object", "Node identity and state."),
+        )
+        r.register(
+            "net_peers",
+            self.rpc_net_peers,
+            description="Connected peers: peer id, addresses, how found, connected since.",
+            result=Result("array", "One object per connected peer."),
+        )
+        r.register(
+            "net_peerCount",
+            self.rpc_net_peer_count,
+            description="How many peers this node is connected to.",
+            result=Result("integer", "The number of connected peers."),
+        )
 
     async def rpc_node_info(self) -> dict[str, Any]:
         return {

@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
 
 class PlainFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s.%(msecs)03d %(levelname)-5s %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
         self.converter = time.gmtime
         self.default_time_format = "%Y-%m-%dT%H:%M:%S"
         self.default_msec_format = "%s.%03d"

@@ -30,9 +30,9 @@ stop_timeout_s = 10.0
 
 def peer_id_of(key: SigningKey) -> str:
     """The libp2p peer id of a node key (identity multihash of the protobuf public key)."""
-    from p2p import peer_id_from_seed
+    from p2p import peer_id_of
 
-    return peer_id_from_seed(key.seed)
+    return peer_id_of(key.address)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +167,10 @@ def read_pid(home: Home) -> int | None:
     return pid
 
 
+_spawned: dict[int, subprocess.Popen[bytes]] = {}
+"""Nodes this process started: kept so they are reaped, not garbage-collected while running."""
+
+
 def start_node(home: Home, extra_args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     if read_pid(home) is not None:
         raise TestnetError(f"a node is already running on {home.root}")
@@ -182,6 +186,7 @@ def start_node(home: Home, extra_args: tuple[str, ...] = ()) -> subprocess.Popen
     finally:
         log.close()
     home.pid_path.write_text(f"{proc.pid}\n")
+    _spawned[proc.pid] = proc
     return proc
 
 
@@ -240,6 +245,12 @@ def down(directory: Path) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    child = _spawned.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _spawned[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

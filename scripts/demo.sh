@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job: set up, start a local multi-node gpumesh testnet, show it working, tear it down.
+#   bash scripts/demo.sh            # 5 nodes, stops them at the end
+#   KEEP=1 bash scripts/demo.sh     # leave the testnet running (stop: gpumesh testnet down --dir ...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+NODES=${NODES:-5}
+DIR=${DIR:-$(mktemp -d /tmp/gpumesh-demo.XXXXXX)}
+export PATH="$PWD/.venv/bin:$PATH"
+cleanup() { [ "${KEEP:-0}" = 1 ] || gpumesh testnet down --dir "$DIR" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+exec .venv/bin/python -m node.demo --dir "$DIR" --nodes "$NODES"
