@@ -228,11 +228,17 @@ def collect_outputs(
     files: list[OutputFile] = []
     skipped = 0
     total = 0
+    visited = 0
+    # Directories, links and junk count too: a job must not make the walk itself unbounded.
+    entries_max = 4 * files_max + 1000
     stack: list[tuple[Path, str, int]] = [(out_dir, "", 0)]
     while stack:
         directory, prefix, depth = stack.pop()
         with os.scandir(directory) as entries:
             for entry in entries:
+                visited += 1
+                if visited > entries_max:
+                    raise _OutputLimitError(f"more than {entries_max} entries under out/")
                 try:
                     name = entry.name.encode("utf-8").decode("utf-8")
                 except UnicodeEncodeError:

@@ -18,8 +18,11 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 import compute
+import ledger
 
 BWRAP_ERROR = compute.probe_bwrap(sandbox_uid=compute.default_sandbox_uid())
 PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
@@ -295,3 +298,26 @@ async def test_job_dies_with_a_killed_daemon(work_root: Path, kind: str) -> None
                 break
             await trio.sleep(0.02)
     assert live_processes_with(tag) == [], "the job outlived its killed daemon"
+
+
+@given(
+    argv=st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=5),
+    inputs=st.dictionaries(
+        st.from_regex(r"[a-z]{1,8}(/[a-z]{1,8}){0,2}", fullmatch=True), st.binary(max_size=64),
+        max_size=4,
+    ),
+    wall=st.integers(1, 10**6),
+)  # fmt: skip
+def test_job_spec_codec_round_trip(argv: list[str], inputs: dict[str, bytes], wall: int) -> None:
+    job = compute.JobSpec(
+        tuple(argv), tuple(sorted(inputs.items())), limits=compute.JobLimits(wall_time_ms=wall)
+    )
+    assert ledger.decode(compute.JobSpec, ledger.encode(job)) == job, "JobSpec must round-trip"
+
+
+def test_job_spec_with_bad_limits_does_not_decode() -> None:
+    bad = ledger.encode(compute.JobSpec(("/bin/true",)))
+    plain = msgpack.unpackb(bad)
+    plain[3][0] = 0  # wall_time_ms = 0
+    with pytest.raises(ledger.DecodeError):
+        ledger.decode(compute.JobSpec, msgpack.packb(plain))
