@@ -95,7 +95,8 @@ async def _watch_peers(mesh: Mesh, started: float) -> None:
     while True:
         count = mesh.peer_count()
         if count != last:
-            _emit("peers", count=count, t=round(time.monotonic() - started, 3))
+            by_source = mesh.statistics()["peers_by_source"]
+            _emit("peers", count=count, by_source=by_source, t=round(time.monotonic() - started, 3))
             last = count
         with trio.move_on_after(1):
             await events.receive()
@@ -200,8 +201,10 @@ async def _main(args: argparse.Namespace) -> None:
         nursery.start_soon(_receive, mesh, state, channel)
         nursery.start_soon(_watch_peers, mesh, started)
         nursery.start_soon(_commands, nursery, mesh, state, args.linger)
-        if args.autostart is not None:
-            nursery.start_soon(_publish, mesh, state, args.autostart)
+        if args.autostart == 0:
+            nursery.start_soon(_publish, mesh, state, 0.0)
+        elif args.autostart is not None:
+            nursery.start_soon(_measure, nursery, mesh, state, args.autostart, args.linger)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -218,6 +218,7 @@ class Mesh(MeshAPI):
             inbound_streams_max=config.inbound_streams_max,
         )
         self._host.get_network().register_notifee(_Notifee(self))
+        _disable_auto_connector(self._host.get_network())
 
         self._running = False
         self._nursery: trio.Nursery | None = None
@@ -261,9 +262,6 @@ class Mesh(MeshAPI):
             peerDiscovery.register_peer_discovered_handler(self._on_mdns_thread)
         try:
             async with self._host.run([listen]), self._services():
-                # Its auto-connector would dial every peerstore entry up to the watermark,
-                # bypassing peers_max and our discovery sources: we do the dialing.
-                await self._host.get_network().auto_connector.stop()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     for topic in self._subscribers:
@@ -369,12 +367,15 @@ class Mesh(MeshAPI):
             if self._nursery is not None:
                 self._nursery.start_soon(self._disconnect_quietly, peer)
             return
-        source = self._dialing_sources.get(peer)
+        source = self._dialing_sources.pop(peer, None)
+        candidate = self._candidates.get(peer)
+        if source is None and outbound and candidate is not None:
+            # Notifications run in their own tasks and may trail (or race) our dial.
+            source = candidate.source
         if source is None:
-            # Dials we did not start ourselves are the DHT's lookups reaching new peers.
+            # Outbound dials we did not start are the DHT's lookups reaching new peers.
             source = PeerSource.DHT if outbound else PeerSource.INBOUND
         self._connected[peer] = _Connected(source, _now_ms())
-        candidate = self._candidates.get(peer)
         if candidate is not None:
             candidate.failures = 0
         self._emit(PeerEvent(PeerEventKind.CONNECTED, PeerId(peer.to_base58()), source, _now_ms()))
@@ -460,7 +461,10 @@ class Mesh(MeshAPI):
         except (BaseLibp2pError, OSError) as exc:
             logger.debug("dial %s (%s) failed: %s", peer, candidate.source, exc)
         finally:
-            self._dialing_sources.pop(peer, None)
+            # The swarm may report the connection after connect() returns: keep the source
+            # for _on_connected to take, unless the dial failed or it was already taken.
+            if not ok or peer in self._connected:
+                self._dialing_sources.pop(peer, None)
             candidate.dialing = False
             in_flight.release_on_behalf_of(candidate.peer_id)
         if ok:
@@ -520,7 +524,8 @@ class Mesh(MeshAPI):
             pass
 
     def _on_mdns_peer(self, info: Libp2pPeerInfo) -> None:
-        if not self._running or info.peer_id == self._id:
+        # Finds arrive from the moment mDNS starts, before run() reports started: keep them.
+        if info.peer_id == self._id:
             return
         self._counters["mdns_discovered"] += 1
         addrs = [a for a in info.addrs if _is_dialable(a)]
@@ -742,6 +747,23 @@ def _is_closed(send: trio.MemorySendChannel[Any]) -> bool:
 def _is_dialable(addr: multiaddr.Multiaddr) -> bool:
     text = str(addr)
     return "/tcp/" in text and "/ip4/0.0.0.0/" not in text
+
+
+def _disable_auto_connector(network: Any) -> None:
+    """Turn off the swarm's auto-connector.
+
+    It dials every peerstore entry (mDNS and DHT fill the peerstore) up to the connection
+    watermark as soon as the swarm starts, bypassing ``peers_max`` and our per-peer discovery
+    sources; our dial loop does that job. ``stop()`` alone races the swarm's own ``start()``,
+    so its entry points are replaced on the instance before the swarm runs.
+    """
+    connector = network.auto_connector
+
+    async def disabled(*args: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    connector.maybe_connect = disabled
+    connector.run_background_task = disabled
 
 
 class _ForwardToOurs(logging.Handler):

@@ -23,7 +23,7 @@ from p2p.config import P2PConfig
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) shadows trio's types; TaskStatus lives there.
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
     from trio_typing import TaskStatus
 
@@ -183,3 +183,59 @@ def multiaddr_of(host: str, port: int, seed: bytes) -> str:
 
 def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+netns_subnet = "10.77.0"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def netns_bridge(count: int, prefix: str | None = None) -> Iterator[list[tuple[str, str]]]:
+    """``count`` network namespaces joined by a bridge that lives in its own hub namespace
+    (the host's interfaces are never touched). Yields ``(namespace, ip)`` pairs; removes
+    everything on exit. Needs root and iproute2."""
+    tag = prefix or f"gm{os.getpid() % 100000}"
+    hub = f"{tag}-hub"
+    created: list[str] = []
+    try:
+        _ip("netns", "add", hub)
+        created.append(hub)
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        nodes = []
+        for index in range(count):
+            name = f"{tag}-{index}"
+            address = f"{netns_subnet}.{index + 1}"
+            _ip("netns", "add", name)
+            created.append(name)
+            outer, inner = f"{tag}v{index}h", f"{tag}v{index}n"
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", outer, "netns", hub)
+            _ip("link", "set", inner, "netns", name)
+            _ip("-n", hub, "link", "set", outer, "master", "br0")
+            _ip("-n", hub, "link", "set", outer, "up")
+            _ip("-n", name, "link", "set", inner, "name", "eth0")
+            _ip("-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+            _ip("-n", name, "link", "set", "eth0", "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+            # mDNS sends to 224.0.0.251: without a route for it the send fails.
+            _ip("-n", name, "route", "add", "224.0.0.0/4", "dev", "eth0")
+            nodes.append((name, address))
+        yield nodes
+    finally:
+        for name in reversed(created):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def netns_available() -> bool:
+    """True when we may create network namespaces (root with iproute2)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        _ip("netns", "list")
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
