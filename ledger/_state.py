@@ -285,7 +285,12 @@ def _transition(
         )
     elif isinstance(tx, Agreement):
         terms = tx.terms
-        _require(view.trade(terms.job_id) is None, f"job {terms.job_id.hex()} already has a trade")
+        existing = view.trade(terms.job_id)
+        _require(
+            existing is None
+            or (existing.status is not TradeStatus.OPEN and existing.terms.deadline_ms < time_ms),
+            f"job {terms.job_id.hex()} already has a trade",
+        )
         _require(time_ms < terms.deadline_ms, "the deadline has already passed")
         _require(
             terms.deadline_ms - time_ms <= deadline_horizon_ms_max,
@@ -382,6 +387,17 @@ def _apply(
     view = _Overlay(state)
     time_ms = block.time_ms
     height = block.height
+    # Closed trades stay in the state until a block's time is past their deadline, so their
+    # job ids (and the provider's signed terms) cannot be replayed before then; after it an
+    # agreement over those terms is invalid anyway. The rule depends only on the trades and
+    # block times, so the store rebuilds the same set from its trade table (see _store).
+    removed = frozenset(
+        job_id
+        for job_id, trade in state.trades.items()
+        if trade.status is not TradeStatus.OPEN and trade.terms.deadline_ms < time_ms
+    )
+    for job_id in removed:
+        view.trades[job_id] = None
     results: list[TxResult] = []
     hashes: list[TxHash] = []
     fees = 0
@@ -405,23 +421,12 @@ def _apply(
             proposer, balance=proposer.balance + fees
         )
     changed_trades = {k: v for k, v in view.trades.items() if v is not None}
-    # Closed trades stay in the state until their deadline passes, so their job ids (and the
-    # provider's signed terms) cannot be replayed; after the deadline an agreement over them
-    # is invalid anyway, and they can go. The rule is a function of the state and the block
-    # time alone, so the store can rebuild the state from its trade table (see _store).
-    removed = frozenset(
-        job_id
-        for job_id, trade in (*state.trades.items(), *changed_trades.items())
-        if trade.status is not TradeStatus.OPEN and trade.terms.deadline_ms < time_ms
-    )
-    for job_id in removed:
-        view.trades[job_id] = None
     new_state = state._with_changes(
         height=height,
         block_hash=block.hash(),
         time_ms=time_ms,
         accounts=view.accounts,
-        trades={k: v for k, v in view.trades.items() if v is not None or k in state.trades},
+        trades=view.trades,
     )
     block_results = BlockResults(
         tx_results=tuple(results),

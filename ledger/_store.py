@@ -206,9 +206,13 @@ class Store(StoreAPI):
         trades: dict[JobId, Trade] = {}
         for key, value in self._kv.iterate_prefix(schema.TRADE_PREFIX):
             trade = decode(Trade, value)
-            # The state keeps open trades, and closed ones until their deadline passes (see
-            # ledger._state): the same rule, applied at the head's time, rebuilds it.
-            if trade.status is TradeStatus.OPEN or trade.terms.deadline_ms >= head.time_ms:
+            # The state keeps open trades, and closed ones until a block's time is past their
+            # deadline (see ledger._state); a trade closed by the head block is still there.
+            if (
+                trade.status is TradeStatus.OPEN
+                or trade.terms.deadline_ms >= head.time_ms
+                or trade.closed_height == head.height
+            ):
                 trades[JobId(key[1:])] = trade
         state = LedgerState(
             chain_id=genesis.chain_id,
