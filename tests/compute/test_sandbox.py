@@ -321,3 +321,17 @@ def test_job_spec_with_bad_limits_does_not_decode() -> None:
     plain[3][0] = 0  # wall_time_ms = 0
     with pytest.raises(ledger.DecodeError):
         ledger.decode(compute.JobSpec, msgpack.packb(plain))
+
+
+async def test_process_count_is_capped(executor: compute.Executor) -> None:
+    if executor.sandbox_uid is None:
+        pytest.skip("RLIMIT_NPROC is only set when jobs run under a dedicated uid (root daemon)")
+    tag = marker()
+    script = f"for i in $(seq 40); do sleep {tag} & done; wait"
+    result = await executor.run(
+        compute.JobId("nproc-1"), spec(script, processes_max=12, wall_time_ms=3000)
+    )
+    assert b"fork" in result.stderr.lower() or b"resource" in result.stderr.lower(), (
+        f"40 forks under a 12-process cap did not fail: {result.stderr[:300]!r}"
+    )
+    assert live_processes_with(tag) == [], "the job's processes survived"
