@@ -1,0 +1,55 @@
+"""Genesis JSON: round trip, the initial state, and clear errors naming the bad key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import ledger
+from ledger import testing as factory
+
+KEYS = [factory.key_for(i, "genesis") for i in range(3)]
+
+
+def test_write_load_round_trip_and_initial_state(tmp_path: Path) -> None:
+    genesis = factory.funded_genesis(KEYS, 123)
+    path = tmp_path / "genesis.json"
+    genesis.write(path)
+    loaded = ledger.Genesis.load(path)
+    assert loaded == genesis, "genesis changed through JSON"
+    raw = json.loads(path.read_text())
+    assert raw["accounts"][0]["address"] == KEYS[0].address.hex(), "addresses are hex in JSON"
+    state = loaded.initial_state()
+    assert state.height == 0 and state.block_hash == genesis.hash(), "block 1's parent"
+    assert state.total_supply() == 369 == state.supply, "supply is the sum of allocations"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda g: g.update(chain_id=""), "chain_id"),
+        (lambda g: g.update(genesis_time_ms="now"), "genesis_time_ms"),
+        (lambda g: g["accounts"][0].update(balance=-1), r"accounts\[0\].balance"),
+        (lambda g: g["accounts"][0].update(balance=2**63), r"accounts\[0\].balance"),
+        (lambda g: g["accounts"][1].update(address="zz"), r"accounts\[1\].address"),
+        (lambda g: g["accounts"].append(dict(g["accounts"][0])), "appears twice"),
+        (lambda g: g["accounts"][0].update(balance=True), r"accounts\[0\].balance"),
+        (lambda g: g.update(validators=[]), "validators"),
+        (lambda g: g["validators"][0].update(power=0), r"validators\[0\].power"),
+        (lambda g: [g["accounts"][i].update(balance=2**62) for i in range(3)], "total supply"),
+    ],
+)
+def test_bad_genesis_names_the_key(mutate: object, message: str) -> None:
+    raw = json.loads(factory.funded_genesis(KEYS, 1).to_json())
+    mutate(raw)  # type: ignore[operator]
+    with pytest.raises(ledger.InvalidGenesis, match=message):
+        ledger.Genesis.from_json(json.dumps(raw))
+
+
+def test_garbage_is_not_a_genesis() -> None:
+    with pytest.raises(ledger.InvalidGenesis, match="not valid JSON"):
+        ledger.Genesis.from_json(b"\xff{")
+    with pytest.raises(ledger.InvalidGenesis, match="genesis must be a dict"):
+        ledger.Genesis.from_json("[]")
