@@ -1,0 +1,615 @@
+"""A deterministic network simulation for consensus, and a small in-memory application.
+
+Everything runs in one trio run under ``trio.testing.MockClock(autojump_threshold=0)``: a seeded
+simulated network drops, delays (so reorders), partitions and crash-restarts real
+``ConsensusDriver``s with real WAL files; one validator may equivocate. Every commit is checked
+against every other node's commit at that height, and against the validator set. A seed fully
+determines a run (trio's scheduler is seeded too), so a failing seed replays with::
+
+    .venv/bin/python -m consensus.testing --seed 1234
+
+``SimApp`` is a real (if small) application: blocks of opaque transactions chained by hash,
+kept on a ``SimDisk`` that outlives a simulated crash, like a LevelDB directory would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+import trio.testing
+
+from consensus._clock import TrioClock
+from consensus._commit import verify_commit
+from consensus._driver import ConsensusDriver
+from consensus._signing import sign_message
+from consensus._validators import ValidatorSet
+from consensus.abc import ApplicationAPI, TransportAPI
+from consensus.config import ConsensusConfig
+from consensus.exceptions import ConsensusError, InvalidBlock, TransportError
+from consensus.types import (
+    NIL,
+    Commit,
+    Envelope,
+    Genesis,
+    MessageKind,
+    PeerId,
+    Proposal,
+    Validator,
+    Vote,
+)
+from ledger import DecodeError, SigningKey, decode, digest, encode
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from trio_typing import TaskStatus
+
+block_txs_max = 100
+inbox_messages_max = 4096
+request_timeout_ms = 2000
+genesis_time_ms = 1_700_000_000_000
+
+
+# --- the application ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SimBlock:
+    height: int
+    prev_hash: bytes
+    time_ms: int
+    proposer: bytes
+    txs: tuple[bytes, ...]
+
+
+class SafetyViolation(AssertionError):
+    """Raised when two nodes commit different blocks at one height (the one thing BFT forbids)."""
+
+
+class Oracle:
+    """Sees every commit of every node: checks agreement and keeps a trace for replay checks."""
+
+    def __init__(self) -> None:
+        self.committed: dict[int, bytes] = {}
+        self._trace = hashlib.sha256()
+        self.commits = 0
+
+    def record(self, node: str, height: int, block_hash: bytes) -> None:
+        first = self.committed.setdefault(height, block_hash)
+        if first != block_hash:
+            raise SafetyViolation(
+                f"{node} committed {block_hash.hex()[:16]} at height {height}, "
+                f"another node committed {first.hex()[:16]}"
+            )
+        self.commits += 1
+        self._trace.update(f"{node}:{height}:{trio.current_time():.6f};".encode())
+
+    def trace_digest(self) -> str:
+        return self._trace.hexdigest()
+
+
+@dataclasses.dataclass
+class SimDisk:
+    """What survives a simulated crash: the committed chain."""
+
+    blocks: list[tuple[bytes, Commit]] = dataclasses.field(default_factory=list)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+
+
+class SimApp(ApplicationAPI):
+    """Blocks of opaque transactions, each linked to its parent by hash; checks every commit."""
+
+    def __init__(
+        self,
+        name: str,
+        disk: SimDisk,
+        validators: ValidatorSet,
+        chain_id: str,
+        oracle: Oracle | None = None,
+    ) -> None:
+        self.name = name
+        self.disk = disk
+        self.validators = validators
+        self.chain_id = chain_id
+        self.oracle = oracle
+        self.mempool: dict[bytes, None] = {}
+
+    def add_transaction(self, tx: bytes) -> None:
+        if not any(tx in decode(SimBlock, b).txs for b, _ in self.disk.blocks[-8:]):
+            self.mempool[tx] = None
+
+    @property
+    def height(self) -> int:
+        return len(self.disk.blocks)
+
+    async def head(self) -> tuple[int, bytes]:
+        return (self.height, self.disk.hashes[-1] if self.disk.hashes else b"")
+
+    async def propose(self, height: int, time_ms: int, proposer: bytes) -> tuple[bytes, bytes]:
+        assert height == self.height + 1, f"{self.name}: asked to propose {height} at {self.height}"
+        _, prev = await self.head()
+        block = encode(
+            SimBlock(height, prev, time_ms, proposer, tuple(list(self.mempool)[:block_txs_max]))
+        )
+        return block, digest(block)
+
+    async def validate(self, height: int, block: bytes) -> bytes:
+        try:
+            decoded = decode(SimBlock, block)
+        except DecodeError as exc:
+            raise InvalidBlock(f"undecodable block: {exc}") from exc
+        _, prev = await self.head()
+        if decoded.height != height or height != self.height + 1:
+            raise InvalidBlock(f"block for height {decoded.height}, expected {self.height + 1}")
+        if decoded.prev_hash != prev:
+            raise InvalidBlock("block does not extend the head")
+        if decoded.proposer not in self.validators or len(decoded.txs) > block_txs_max:
+            raise InvalidBlock("bad proposer or too many transactions")
+        return digest(block)
+
+    async def commit(self, height: int, block: bytes, commit: Commit) -> None:
+        assert height == self.height + 1, f"{self.name}: commit {height} on top of {self.height}"
+        block_hash = digest(block)
+        assert commit.block_hash == block_hash, f"{self.name}: commit is for another block"
+        verify_commit(commit, self.validators, self.chain_id)
+        if self.oracle is not None:
+            self.oracle.record(self.name, height, block_hash)
+        self.disk.blocks.append((block, commit))
+        self.disk.hashes.append(block_hash)
+        for tx in decode(SimBlock, block).txs:
+            self.mempool.pop(tx, None)
+
+    async def load_block(self, height: int) -> tuple[bytes, Commit] | None:
+        if 1 <= height <= self.height:
+            return self.disk.blocks[height - 1]
+        return None
+
+    def has_transactions(self) -> bool:
+        return bool(self.mempool)
+
+
+# --- the network ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class NetworkStatistics:
+    sent: int = 0
+    delivered: int = 0
+    dropped: int = 0
+
+
+class SimNetwork:
+    """Seeded message delivery: random loss and delay (hence reordering), partitions, crashes."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.drop_rate = 0.0
+        self.delay_ms = (1, 20)
+        self.groups: list[frozenset[PeerId]] | None = None
+        self.inboxes: dict[PeerId, trio.MemorySendChannel[tuple[PeerId, bytes]]] = {}
+        self.drivers: dict[PeerId, ConsensusDriver] = {}
+        self.peer_ids: list[PeerId] = []
+        self.stats = NetworkStatistics()
+        self._heap: list[tuple[float, int, PeerId, PeerId, bytes]] = []
+        self._seq = 0
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+
+    def connected(self, a: PeerId, b: PeerId) -> bool:
+        if a not in self.inboxes or b not in self.inboxes:
+            return False
+        if self.groups is None:
+            return True
+        return any(a in g and b in g for g in self.groups)
+
+    def _delay_s(self) -> float:
+        return self.rng.randint(*self.delay_ms) / 1000
+
+    def send(self, src: PeerId, dst: PeerId, data: bytes) -> None:
+        self.stats.sent += 1
+        if not self.connected(src, dst) or self.rng.random() < self.drop_rate:
+            self.stats.dropped += 1
+            return
+        self._seq += 1
+        deadline = trio.current_time() + self._delay_s()
+        heapq.heappush(self._heap, (deadline, self._seq, src, dst, data))
+        self._wake.set()
+        if self._scope is not None and deadline < self._scope.deadline:
+            self._scope.deadline = deadline
+
+    async def run(self) -> None:
+        while True:
+            if not self._heap:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            deadline, _, src, dst, data = self._heap[0]
+            if trio.current_time() < deadline:
+                with trio.CancelScope(deadline=deadline) as self._scope:
+                    await trio.sleep_forever()
+                self._scope = None
+                continue
+            heapq.heappop(self._heap)
+            inbox = self.inboxes.get(dst)
+            if inbox is None:
+                self.stats.dropped += 1
+                continue
+            try:
+                inbox.send_nowait((src, data))
+                self.stats.delivered += 1
+            except trio.WouldBlock:
+                self.stats.dropped += 1
+
+    async def request(self, src: PeerId, dst: PeerId, data: bytes) -> bytes:
+        with trio.move_on_after(request_timeout_ms / 1000):
+            await trio.sleep(self._delay_s())
+            driver = self.drivers.get(dst)
+            if driver is None or not self.connected(src, dst) or self.rng.random() < self.drop_rate:
+                await trio.sleep_forever()  # a lost request looks like a timeout
+            assert driver is not None
+            try:
+                reply = await driver.handle_request(src, data)
+            except ConsensusError as exc:
+                raise TransportError(f"{dst} refused: {exc}") from exc
+            await trio.sleep(self._delay_s())
+            if not self.connected(src, dst):
+                await trio.sleep_forever()
+            return reply
+        raise TransportError(f"request to {dst} timed out")
+
+
+class SimTransport(TransportAPI):
+    def __init__(self, network: SimNetwork, peer_id: PeerId) -> None:
+        self.network = network
+        self.peer_id = peer_id
+        send, self._recv = trio.open_memory_channel[tuple[PeerId, bytes]](inbox_messages_max)
+        network.inboxes[peer_id] = send
+
+    async def broadcast(self, data: bytes) -> None:
+        for peer in self.network.peer_ids:
+            if peer != self.peer_id:
+                self.network.send(self.peer_id, peer, data)
+
+    def incoming(self) -> trio.MemoryReceiveChannel[tuple[PeerId, bytes]]:
+        return self._recv
+
+    async def request(self, peer: PeerId, data: bytes) -> bytes:
+        return await self.network.request(self.peer_id, peer, data)
+
+    def peers(self) -> list[PeerId]:
+        return [p for p in self.network.peer_ids if p != self.peer_id]
+
+
+class EquivocatingTransport(SimTransport):
+    """A Byzantine validator's transport: every vote and proposal it sends goes out in two
+    conflicting, validly signed versions, one to each half of its peers."""
+
+    def __init__(
+        self, network: SimNetwork, peer_id: PeerId, key: SigningKey, chain_id: str
+    ) -> None:
+        super().__init__(network, peer_id)
+        self.key = key
+        self.chain_id = chain_id
+
+    def _conflicting(self, data: bytes) -> bytes:
+        envelope = decode(Envelope, data)
+        if envelope.kind == MessageKind.VOTE:
+            vote = decode(Vote, envelope.body)
+            other = digest(b"equivocate" + vote.block_hash) if vote.is_nil else NIL
+            twin_vote = sign_message(
+                dataclasses.replace(vote, block_hash=other, signature=b""), self.key, self.chain_id
+            )
+            return encode(Envelope(MessageKind.VOTE, encode(twin_vote)))
+        proposal = decode(Proposal, envelope.body)
+        block = decode(SimBlock, proposal.block)
+        twin_block = encode(dataclasses.replace(block, time_ms=block.time_ms + 1))
+        twin_proposal = sign_message(
+            dataclasses.replace(
+                proposal, block=twin_block, block_hash=digest(twin_block), signature=b""
+            ),
+            self.key,
+            self.chain_id,
+        )
+        return encode(Envelope(MessageKind.PROPOSAL, encode(twin_proposal)))
+
+    async def broadcast(self, data: bytes) -> None:
+        twin = self._conflicting(data)
+        peers = self.peers()
+        for i, peer in enumerate(peers):
+            self.network.send(self.peer_id, peer, data if i % 2 == 0 else twin)
+
+
+# --- nodes and the scenario -----------------------------------------------------------------
+
+
+class SimNode:
+    """One simulated machine: a key, a disk and WAL that survive crashes, a driver that doesn't."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        key: SigningKey | None,
+        genesis: Genesis,
+        config: ConsensusConfig,
+        network: SimNetwork,
+        oracle: Oracle,
+        wal_dir: Path,
+        byzantine: bool = False,
+    ) -> None:
+        self.peer_id = PeerId(name)
+        self.key = key
+        self.genesis = genesis
+        self.config = config
+        self.network = network
+        self.byzantine = byzantine
+        self.disk = SimDisk()
+        self.validators = ValidatorSet(genesis.validators)
+        self.app = SimApp(name, self.disk, self.validators, genesis.chain_id, oracle)
+        self.wal_path = wal_dir / f"{name}.wal"
+        self.driver: ConsensusDriver | None = None
+        self._scope: trio.CancelScope | None = None
+        self.restarts = 0
+
+    @property
+    def up(self) -> bool:
+        return self._scope is not None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        assert self._scope is None, f"{self.peer_id} is already running"
+        transport: SimTransport
+        if self.byzantine:
+            assert self.key is not None
+            transport = EquivocatingTransport(
+                self.network, self.peer_id, self.key, self.genesis.chain_id
+            )
+        else:
+            transport = SimTransport(self.network, self.peer_id)
+        driver = ConsensusDriver(
+            genesis=self.genesis,
+            config=self.config,
+            app=self.app,
+            transport=transport,
+            clock=TrioClock(wall_offset_ms=genesis_time_ms),
+            key=self.key,
+            wal_path=self.wal_path if self.key is not None else None,
+        )
+        self.driver = driver
+        self.network.drivers[self.peer_id] = driver
+        scope = trio.CancelScope()
+        self._scope = scope
+
+        async def serve(task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await driver.run(task_status=task_status)
+
+        await nursery.start(serve)
+
+    def crash(self) -> None:
+        """Stop abruptly: in-memory state gone, in-flight messages to it lost, disk kept."""
+        assert self._scope is not None
+        self._scope.cancel()
+        self._scope = None
+        self.driver = None
+        self.network.inboxes.pop(self.peer_id, None)
+        self.network.drivers.pop(self.peer_id, None)
+        self.restarts += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    seed: int
+    validators: int
+    byzantine: bool
+    heights: tuple[int, ...]
+    heal_height: int
+    network: NetworkStatistics
+    evidence: int
+    trace: str
+    sim_seconds: float
+
+
+def _brief(driver: ConsensusDriver) -> str:
+    s = driver.status()
+    return f"h{s.height}/r{s.round}/{s.step.name}"
+
+
+def seeded_key(seed: int, index: int) -> SigningKey:
+    return SigningKey(hashlib.sha256(f"gpumesh-sim/{seed}/{index}".encode()).digest())
+
+
+async def simulate(
+    seed: int,
+    wal_dir: Path,
+    *,
+    validators: int | None = None,
+    chaos_ms: int | None = None,
+    heal_blocks: int = 2,
+    heal_deadline_ms: int = 120_000,
+) -> SimResult:
+    """One seeded scenario: chaos (loss, delay, partitions, crashes, maybe an equivocator), then
+    heal and require every correct node to commit ``heal_blocks`` more blocks."""
+    rng = random.Random(seed)
+    n = validators if validators is not None else rng.choice((4, 7))
+    keys = [seeded_key(seed, i) for i in range(n)]
+    weighted = rng.random() < 0.3
+    powers = [rng.randint(1, 3) if weighted else 1 for _ in range(n)]
+    byz_index = min(range(n), key=lambda i: (powers[i], i))
+    byzantine = rng.random() < 0.5 and 3 * powers[byz_index] < sum(powers)
+    genesis = Genesis(
+        f"sim-{seed}",
+        tuple(Validator(k.address, p) for k, p in zip(keys, powers, strict=True)),
+    )
+    config = dataclasses.replace(ConsensusConfig.for_tests(), wal_fsync=False)
+    network = SimNetwork(rng)
+    oracle = Oracle()
+    nodes = [
+        SimNode(
+            name=f"v{i}",
+            key=keys[i],
+            genesis=genesis,
+            config=config,
+            network=network,
+            oracle=oracle,
+            wal_dir=wal_dir,
+            byzantine=byzantine and i == byz_index,
+        )
+        for i in range(n)
+    ]
+    if rng.random() < 0.5:
+        nodes.append(
+            SimNode(
+                name="follower",
+                key=None,
+                genesis=genesis,
+                config=config,
+                network=network,
+                oracle=oracle,
+                wal_dir=wal_dir,
+            )
+        )
+    network.peer_ids = [node.peer_id for node in nodes]
+    correct = [node for node in nodes if not node.byzantine]
+    chaos = chaos_ms if chaos_ms is not None else rng.randint(2_000, 12_000)
+    network.drop_rate = rng.choice((0.0, 0.05, 0.2, 0.4))
+    network.delay_ms = (1, rng.choice((10, 50, 300)))
+    tx_counter = 0
+
+    def add_tx() -> None:
+        nonlocal tx_counter
+        tx_counter += 1
+        tx = tx_counter.to_bytes(8, "big")
+        for node in nodes:
+            node.app.add_transaction(tx)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(network.run)
+        for node in nodes:
+            await node.start(nursery)
+        start = trio.current_time()
+        # Chaos: a fault event every few hundred ms until the heal.
+        for _ in range(1000):
+            now_ms = (trio.current_time() - start) * 1000
+            if now_ms >= chaos:
+                break
+            await trio.sleep(rng.randint(100, 800) / 1000)
+            roll = rng.random()
+            if roll < 0.5:
+                add_tx()
+            elif roll < 0.65:
+                members = list(network.peer_ids)
+                rng.shuffle(members)
+                cut = rng.randint(1, len(members) - 1)
+                network.groups = [frozenset(members[:cut]), frozenset(members[cut:])]
+            elif roll < 0.8:
+                network.groups = None
+            elif roll < 0.9:
+                down = [node for node in correct if not node.up]
+                if down:
+                    await rng.choice(down).start(nursery)
+                else:
+                    victim = rng.choice(correct)
+                    victim.crash()
+            else:
+                for node in correct:
+                    if not node.up:
+                        await node.start(nursery)
+        # Heal: everything up, no partitions, no loss, short delays.
+        network.groups = None
+        network.drop_rate = 0.0
+        network.delay_ms = (1, 20)
+        for node in correct:
+            if not node.up:
+                await node.start(nursery)
+        heal_height = max(node.app.height for node in correct)
+        target = heal_height + heal_blocks
+        healed_at = trio.current_time()
+        with trio.move_on_after(heal_deadline_ms / 1000):
+            for _ in range(100_000):
+                if all(node.app.height >= target for node in correct):
+                    break
+                add_tx()
+                await trio.sleep(0.2)
+        heights = tuple(node.app.height for node in nodes)
+        failure = None
+        if not all(node.app.height >= target for node in correct):
+            stuck = {
+                str(node.peer_id): _brief(node.driver) for node in nodes if node.driver is not None
+            }
+            failure = (
+                f"no progress after the heal: heights {heights}, needed {target} within "
+                f"{heal_deadline_ms} ms (healed at {healed_at - start:.1f} s, byzantine "
+                f"{byzantine}); nodes: {stuck}"
+            )
+        evidence = sum(
+            len(node.driver.pending_evidence()) for node in correct if node.driver is not None
+        )
+        sim_seconds = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise AssertionError(failure)
+    return SimResult(
+        seed=seed,
+        validators=n,
+        byzantine=byzantine,
+        heights=heights,
+        heal_height=heal_height,
+        network=network.stats,
+        evidence=evidence,
+        trace=oracle.trace_digest(),
+        sim_seconds=sim_seconds,
+    )
+
+
+def run_seed(seed: int, **kwargs: int) -> SimResult:
+    """Run one seed in a fresh trio run with a seeded scheduler and a mock clock."""
+    # trio shuffles runnable tasks with this module-level RNG; seeding it makes a seed replayable.
+    trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
+    with tempfile.TemporaryDirectory(prefix="gpumesh-sim-") as tmp:
+        result: SimResult = trio.run(
+            lambda: simulate(seed, Path(tmp), **kwargs),
+            clock=trio.testing.MockClock(autojump_threshold=0),
+        )
+    return result
+
+
+def replay_command(seed: int) -> str:
+    return f".venv/bin/python -m consensus.testing --seed {seed}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run consensus simulation seeds.")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--count", type=int, default=1, help="how many seeds from --seed")
+    parser.add_argument("--validators", type=int, default=None, help="force 4 or 7")
+    args = parser.parse_args(argv)
+    kwargs = {} if args.validators is None else {"validators": args.validators}
+    failures = 0
+    for seed in range(args.seed, args.seed + args.count):
+        started = time.perf_counter()
+        try:
+            result = run_seed(seed, **kwargs)
+        except AssertionError as exc:
+            failures += 1
+            print(json.dumps({"seed": seed, "ok": False, "error": str(exc)}), flush=True)
+            print(f"replay: {replay_command(seed)}", file=sys.stderr)
+            continue
+        record = dataclasses.asdict(result)
+        record.update(ok=True, wall_s=round(time.perf_counter() - started, 3))
+        print(json.dumps(record), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Consensus wire and certificate types: proposals, votes, commits, evidence, sync messages.
+
+Every type is a frozen dataclass encoded with the ledger's one canonical codec. ``Proposal`` and
+``Vote`` are signed with ``ledger.sign_object`` under their own type tags. A precommit carries no
+field beyond (height, round, block_hash, validator), so its signature can be checked again from a
+``Commit`` that keeps only ``CommitSig(validator, signature)``.
+
+``CommitSig``, ``Commit`` and ``Validator`` mirror the ledger engineer's types field for field
+(same names, order and types, so the same canonical bytes); they live here until ``ledger.types``
+is committed, then these become re-exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import ClassVar, NewType
+
+from ledger import Address  # noqa: TC001 (the codec resolves field hints at runtime)
+
+Height = NewType("Height", int)
+Round = NewType("Round", int)
+BlockHash = NewType("BlockHash", bytes)
+PeerId = NewType("PeerId", str)
+"""A transport-level peer identity (the libp2p peer id string in production)."""
+
+NIL: BlockHash = BlockHash(b"")
+"""The block hash of a vote for nothing ("nil" in the Tendermint paper)."""
+
+hash_bytes = 32
+signature_bytes = 64
+address_bytes = 32
+
+
+class VoteType(enum.IntEnum):
+    PREVOTE = 1
+    PRECOMMIT = 2
+
+
+class Step(enum.IntEnum):
+    """Where a validator is within a height; ordered, so ``step >= PREVOTE`` reads as the paper."""
+
+    NEW_HEIGHT = 0
+    PROPOSE = 1
+    PREVOTE = 2
+    PRECOMMIT = 3
+    COMMIT = 4
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Validator:
+    address: Address
+    power: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommitSig:
+    validator: bytes
+    signature: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Commit:
+    """>2/3 of the power's precommits for ``block_hash`` at (height, round)."""
+
+    height: int
+    round: int
+    block_hash: bytes
+    signatures: tuple[CommitSig, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Proposal:
+    """The round's proposer offers ``block``; ``pol_round`` is the paper's validRound (-1: none)."""
+
+    TYPE_TAG: ClassVar[str] = "consensus/proposal/1"
+
+    height: int
+    round: int
+    pol_round: int
+    block_hash: bytes
+    block: bytes
+    signer: bytes = b""
+    signature: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Vote:
+    """A prevote or precommit; ``block_hash`` is empty for a nil vote."""
+
+    TYPE_TAG: ClassVar[str] = "consensus/vote/1"
+
+    vote_type: VoteType
+    height: int
+    round: int
+    block_hash: bytes
+    signer: bytes = b""
+    signature: bytes = b""
+
+    @property
+    def is_nil(self) -> bool:
+        return self.block_hash == NIL
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Evidence:
+    """Two votes one validator signed for one height/round/type with different block hashes.
+
+    ``vote_a`` sorts before ``vote_b`` by canonical bytes, so one offence has one encoding.
+    """
+
+    vote_a: Vote
+    vote_b: Vote
+
+
+class MessageKind(enum.IntEnum):
+    PROPOSAL = 1
+    VOTE = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Envelope:
+    """What goes on the consensus gossip topic: a kind and the canonical bytes of the message."""
+
+    kind: MessageKind
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """Ask a peer for up to ``count`` committed blocks starting at ``from_height``."""
+
+    from_height: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncBlock:
+    height: int
+    block: bytes
+    commit: Commit
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncResponse:
+    """Blocks in height order and the responder's head height (how far there is to go)."""
+
+    head_height: int
+    blocks: tuple[SyncBlock, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Genesis:
+    """The chain-wide consensus parameters: chain id and the validator set (fixed for now)."""
+
+    chain_id: str
+    validators: tuple[Validator, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConsensusStatus:
+    """A snapshot for the ``consensus_status`` RPC method."""
+
+    height: int
+    """The height being decided (last committed + 1)."""
+    round: int
+    step: Step
+    last_committed_height: int
+    validators: tuple[Validator, ...]
+    is_validator: bool
+    catching_up: bool
+    best_known_height: int
+    pending_evidence: int
