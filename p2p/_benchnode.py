@@ -167,6 +167,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--degree", type=int, nargs=3, default=[6, 4, 12])
     parser.add_argument("--protocols", default="/meshsub/1.1.0,/meshsub/1.0.0")
     parser.add_argument("--strict-signing", action="store_true")
+    parser.add_argument("--no-caches", action="store_true", help="leave libp2p hot paths as is")
+    parser.add_argument("--dial-backoff-ms", type=int, nargs=2, default=[250, 5_000])
     return parser.parse_args(argv)
 
 
@@ -185,9 +187,10 @@ async def _main(args: argparse.Namespace) -> None:
         gossip_degree_high=args.degree[2],
         gossip_protocols=tuple(args.protocols.split(",")),
         gossip_strict_signing=args.strict_signing,
-        dial_interval_ms=500,
-        backoff_initial_ms=500,
-        backoff_max_ms=5_000,
+        libp2p_hot_path_caches=not args.no_caches,
+        dial_interval_ms=250,
+        backoff_initial_ms=args.dial_backoff_ms[0],
+        backoff_max_ms=args.dial_backoff_ms[1],
         dht_walk_fast_interval_ms=500,
         dht_walk_fast_count=20,
         dht_walk_interval_ms=5_000,

@@ -36,6 +36,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from p2p import _tuning
 from p2p._envelope import (
     Envelope,
     decode_envelope,
@@ -152,6 +153,8 @@ class Mesh(MeshAPI):
         self.chain_id = chain_id
         self.config = config
         _configure_libp2p_logging()
+        if config.libp2p_hot_path_caches:
+            _tuning.apply()
         self._key_pair = key_pair_from_seed(seed)
         self._signer = private_key_from_seed(seed)
         self.public_key: bytes = self._signer.public_key().public_bytes_raw()

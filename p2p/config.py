@@ -48,6 +48,8 @@ class P2PConfig:
     """meshsub 1.2 (IDONTWANT) is left out by default: measured to cost throughput here."""
     gossip_strict_signing: bool = False
     """libp2p's own message signing; redundant with our envelope signature (see docs/p2p.md)."""
+    libp2p_hot_path_caches: bool = True
+    """Cache py-libp2p's per-RPC signed-peer-record work (see ``p2p/_tuning.py``)."""
     gossip_message_bytes_max: int = 1024 * 1024
     gossip_clock_skew_ms: int = 30_000
     gossip_message_age_max_ms: int = 10 * 60 * 1_000
