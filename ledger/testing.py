@@ -4,6 +4,7 @@ transactions and a chain driver. Real objects only; nothing here fakes a ledger 
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import TYPE_CHECKING
 
 from ledger._genesis import Genesis, GenesisAccount
@@ -17,6 +18,7 @@ from ledger.types import (
     JobId,
     Receipt,
     Refund,
+    TradeStatus,
     Transfer,
     Validator,
 )
@@ -150,3 +152,61 @@ def commit_next(
     if store is not None:
         store.commit_block(block, None, new_state, results)
     return new_state, block, results
+
+
+def scripted_transactions(
+    keys: Sequence[SigningKey], state: LedgerState, seed: int, count: int
+) -> list[Transfer | Agreement | Receipt | Refund | Cancel]:
+    """``count`` transactions for the block after ``state``, a pure function of the seed and
+    the state: transfers, agreements, receipts, refunds and cancels, a few of them invalid.
+    Two processes that replay the same seed build the same chain."""
+    rng = random.Random(f"{seed}/{state.height}")
+    nonces = {k.address: state.account(k.address).nonce for k in keys}
+    open_jobs = sorted(j for j, t in state.trades.items() if t.status is TradeStatus.OPEN)
+    by_address = {k.address: k for k in keys}
+    txs: list[Transfer | Agreement | Receipt | Refund | Cancel] = []
+    for i in range(count):
+        roll = rng.random()
+        if roll < 0.1 and open_jobs:
+            job_id = open_jobs.pop(rng.randrange(len(open_jobs)))
+            terms = state.trades[job_id].terms
+            provider, requester = by_address[terms.provider], by_address[terms.requester]
+            choice = rng.random()
+            if choice < 0.6:
+                tx: Transfer | Agreement | Receipt | Refund | Cancel = receipt(
+                    provider, nonces[provider.address], job_id, wall_ms=rng.randrange(100_000)
+                )
+                nonces[provider.address] += 1
+            elif choice < 0.8:
+                tx = cancel(requester, nonces[requester.address], job_id, fee=1)
+                nonces[requester.address] += 1
+            else:
+                tx = refund(provider, nonces[provider.address], job_id)
+                nonces[provider.address] += 1
+        elif roll < 0.2:
+            requester, provider = rng.sample(list(keys), 2)
+            tx = agreement(
+                requester,
+                provider,
+                nonces[requester.address],
+                job_id_for(f"{seed}/{state.height}/{i}"),
+                price_per_gpu_second=rng.randrange(50),
+                gpus=rng.randrange(4),
+                max_cost=rng.randrange(5_000),
+                deadline_ms=state.time_ms + rng.randrange(1_000, 20_000),
+            )
+            nonces[requester.address] += 1
+        else:
+            sender, recipient = rng.sample(list(keys), 2)
+            # One in twenty reuses a nonce: a replay the ledger must record as failed.
+            nonce = nonces[sender.address] - (rng.random() < 0.05)
+            tx = transfer(
+                sender,
+                max(nonce, 0),
+                recipient.address,
+                rng.randrange(2_000),
+                fee=rng.randrange(3),
+            )
+            nonces[sender.address] = max(nonces[sender.address], nonce + 1)
+        txs.append(tx)
+    return txs
