@@ -83,11 +83,12 @@ class ComputeSection:
 @dataclasses.dataclass(frozen=True)
 class ConsensusSection:
     create_empty_blocks: bool = False
-    timeout_propose_ms: int = 1000
-    timeout_vote_ms: int = 500
+    timeout_propose_ms: int = 3000
+    timeout_commit_ms: int = 200
+    """Pause after a commit before the next height: lets votes of slow validators land."""
 
     def __post_init__(self) -> None:
-        if self.timeout_propose_ms <= 0 or self.timeout_vote_ms <= 0:
+        if self.timeout_propose_ms <= 0 or self.timeout_commit_ms < 0:
             raise ConfigError("[consensus] timeouts must be > 0 ms")
 
 

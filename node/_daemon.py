@@ -10,9 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+import consensus
 import node as node_pkg
+from ledger import Genesis, InvalidGenesis
+from node._chain import ChainService
+from node._chain_rpc import block_json, register_chain_methods
+from node._compute import ComputeService
+from node.exceptions import ConfigError
 from p2p import Mesh, P2PConfig
-from rpc import TOPIC_PEERS, MethodRegistry, Result, RpcServer
+from rpc import TOPIC_NEW_HEADS, TOPIC_PEERS, MethodRegistry, Result, RpcServer
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) shadows trio's own annotations for mypy.
@@ -21,6 +27,7 @@ if TYPE_CHECKING:
     from ledger import SigningKey
     from node._config import NodeConfig
     from node._home import Home
+from node._json import to_json
 
 log = logging.getLogger("node")
 shutdown_grace_s = 5.0
@@ -35,7 +42,25 @@ class Node:
         self.key = key
         self.chain_id = config.node.chain_id
         self.started_at = time.time()
+        try:
+            self.genesis = Genesis.load(home.genesis_path)
+        except (OSError, InvalidGenesis) as exc:
+            raise ConfigError(f"cannot load {home.genesis_path}: {exc}") from None
+        if self.genesis.chain_id != self.chain_id:
+            raise ConfigError(
+                f"[node] chain_id {self.chain_id!r} differs from genesis {self.genesis.chain_id!r}"
+            )
         self.mesh = Mesh(key.seed, self.chain_id, self._p2p_config())
+        self.chain = ChainService(
+            genesis=self.genesis,
+            data_dir=home.data_dir,
+            key=key,
+            mesh=self.mesh,
+            config=self._consensus_config(),
+        )
+        self.compute = ComputeService(
+            key=key, chain_id=self.chain_id, mesh=self.mesh, config=config.compute
+        )
         self.registry = MethodRegistry()
         self.rpc = RpcServer(
             self.registry,
@@ -45,6 +70,8 @@ class Node:
             port_path=home.port_path,
         )
         self._register_methods()
+        register_chain_methods(self.registry, self.chain)
+        self.compute.register_methods(self.registry)
 
     def _p2p_config(self) -> P2PConfig:
         c = self.config.p2p
@@ -58,6 +85,15 @@ class Node:
             peers_max=c.peers_max,
         )
 
+    def _consensus_config(self) -> consensus.ConsensusConfig:
+        c = self.config.consensus
+        return dataclasses.replace(
+            consensus.ConsensusConfig.default(),
+            create_empty_blocks=c.create_empty_blocks,
+            timeout_propose_ms=c.timeout_propose_ms,
+            timeout_commit_ms=c.timeout_commit_ms,
+        )
+
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Two nurseries so shutdown runs in order: the RPC and application services stop first,
         # then the mesh leaves its peers (py-libp2p misbehaves if pubsub stops under traffic).
@@ -65,6 +101,10 @@ class Node:
             await mesh_nursery.start(self.mesh.run)
             async with trio.open_nursery() as app_nursery:
                 await app_nursery.start(self.rpc.run)
+                await app_nursery.start(self.chain.run)
+                assert self.chain.app is not None
+                self.chain.app.commit_listeners.append(self._on_block)
+                await app_nursery.start(self.compute.run)
                 log.info(
                     "node ready",
                     extra={
@@ -77,6 +117,9 @@ class Node:
                 )
                 app_nursery.start_soon(self._forward_peer_events)
                 task_status.started()
+
+    def _on_block(self, block: Any, results: Any) -> None:
+        self.rpc.publish(TOPIC_NEW_HEADS, block_json(block, full=False))
 
     async def _forward_peer_events(self) -> None:
         async for event in self.mesh.peer_events():
@@ -102,11 +145,27 @@ class Node:
             result=Result("array", "One object per connected peer."),
         )
         r.register(
+            "net_statistics",
+            self.rpc_net_statistics,
+            description="Gossip counters per topic (messages and rates in and out), rejections "
+            "by reason and by peer, peers by discovery source, compute and chain counters.",
+            result=Result("object"),
+        )
+        r.register(
             "net_peerCount",
             self.rpc_net_peer_count,
             description="How many peers this node is connected to.",
             result=Result("integer", "The number of connected peers."),
         )
+
+    async def rpc_net_statistics(self) -> dict[str, Any]:
+        stats: dict[str, Any] = to_json(self.mesh.statistics())
+        stats["compute"] = self.compute.statistics()
+        stats["chain"] = {
+            "tx_gossip_rejected": self.chain.gossip_rejected,
+            "consensus_queue_dropped": self.chain.transport.dropped,
+        }
+        return stats
 
     async def rpc_node_info(self) -> dict[str, Any]:
         return {

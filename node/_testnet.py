@@ -116,7 +116,9 @@ def init_testnet(
             node=NodeSection(chain_id=chain_id),
             p2p=P2PSection(listen_host=host, listen_port=p2p_port, bootstrap=bootstrap, mdns=mdns),
             rpc=RpcSection(port=rpc_port),
-            compute=ComputeSection(simulate_gpus=gpus),
+            # With --providers K only the first K nodes sell compute; without it every node
+            # offers what it has (its CPU on a machine with no GPU).
+            compute=ComputeSection(simulate_gpus=gpus, provider=providers == 0 or i < providers),
         )
         home = Home(directory / f"node{i}")
         home.init(config, key)

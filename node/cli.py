@@ -57,6 +57,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method")
     p.add_argument("params", nargs="?", default=None, help="JSON array or object")
 
+    p = sub.add_parser("gpus", help="this node's GPUs, slots and sandbox")
+    _home_arg(p)
+    _json_arg(p)
+
+    p = sub.add_parser("offers", help="live offers from every provider (the market directory)")
+    _home_arg(p)
+    _json_arg(p)
+    p.add_argument("--gpus", type=int, dest="gpu_count", default=None, help="min GPU count")
+    p.add_argument("--min-vram", default=None, help="per-GPU VRAM, e.g. 24GB")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-price", type=int, default=None, help="max price per GPU-second")
+    p.add_argument("--tag", action="append", dest="tags", default=None)
+
+    p = sub.add_parser("chain", help="read the ledger: head, block, tx, account")
+    csub = p.add_subparsers(dest="chain_command", required=True, metavar="WHAT")
+    c = csub.add_parser("head", help="the last committed block")
+    _home_arg(c)
+    _json_arg(c)
+    c = csub.add_parser("block", help="a block by height or hash")
+    _home_arg(c)
+    _json_arg(c)
+    c.add_argument("id", help="height or block hash")
+    c = csub.add_parser("tx", help="a transaction by hash")
+    _home_arg(c)
+    _json_arg(c)
+    c.add_argument("hash")
+    c = csub.add_parser("account", help="an account (default: this node's)")
+    _home_arg(c)
+    _json_arg(c)
+    c.add_argument("address", nargs="?", default=None)
+    c = csub.add_parser("status", help="consensus status")
+    _home_arg(c)
+    _json_arg(c)
+
+    p = sub.add_parser("send", help="transfer AMOUNT from this node's account to TO")
+    _home_arg(p)
+    _json_arg(p)
+    p.add_argument("to", help="recipient address (hex)")
+    p.add_argument("amount", type=int)
+    p.add_argument("--fee", type=int, default=0)
+    p.add_argument("--wait", action="store_true", help="wait until the transfer is committed")
+
     p = sub.add_parser("testnet", help="local multi-node testnets")
     tsub = p.add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
     t = tsub.add_parser("init", help="write N node homes into DIR")
@@ -89,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gpumesh ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:
@@ -214,7 +259,153 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(render_table(["PEER", "FOUND BY", "CONNECTED", "ADDRESSES"], rows))
         print(f"{len(peers)} peers")
         return 0
+    if command == "gpus":
+        return cmd_gpus(args)
+    if command == "offers":
+        return cmd_offers(args)
+    if command == "chain":
+        return cmd_chain(args)
+    if command == "send":
+        return cmd_send(args)
     raise AssertionError(f"unhandled command {command}")
+
+
+def _emit(args: argparse.Namespace, document: Any, text: str) -> int:
+    print(json.dumps(document, indent=2) if args.json else text)
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """``24GB`` / ``24G`` / ``512MiB`` / plain bytes -> bytes (GB taken as GiB, as GPUs are)."""
+    units = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number = t.rstrip("KMGT")
+    unit = t[len(number) :]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise NodeError(f"cannot read size {text!r} (try 24GB)") from None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.0f} GB"
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    res = _call(args.home, "compute_resources")
+    inv = res["inventory"]
+    rows = [
+        (
+            g["index"],
+            g["model"],
+            _gib(g["vram_total_bytes"]),
+            g["compute_capability"],
+            g["cuda_version"],
+            g["uuid"],
+        )
+        for g in inv["gpus"]
+    ]
+    text = render_table(["#", "MODEL", "VRAM", "CC", "CUDA", "UUID"], rows)
+    text += f"\nsource: {inv['source']}, {inv['cpu_cores']} CPU cores, sandbox: "
+    text += f"{res['sandbox'].get('sandbox', '?')}"
+    if not inv["gpus"]:
+        text = f"no GPUs (a CPU-only node): {inv.get('nvml_error') or inv['source']}\n" + text
+    return _emit(args, res, text)
+
+
+def cmd_offers(args: argparse.Namespace) -> int:
+    query: dict[str, Any] = {}
+    if args.gpu_count is not None:
+        query["gpu_count"] = args.gpu_count
+    if args.min_vram is not None:
+        query["min_vram_bytes"] = parse_size(args.min_vram)
+    if args.model is not None:
+        query["model"] = args.model
+    if args.max_price is not None:
+        query["max_price"] = args.max_price
+    if args.tags:
+        query["tags"] = args.tags
+    offers = _call(args.home, "market_offers", query)
+    rows = []
+    for o in offers:
+        models: dict[str, int] = {}
+        for g in o["gpus"]:
+            models[g["model"]] = models.get(g["model"], 0) + 1
+        gpus = ", ".join(f"{m} x{n}" for m, n in models.items()) or "CPU only"
+        prices = ", ".join(f"{m}={p}" for m, p in o["prices"].items())
+        free = f"{o['free_gpus']} GPU" if o["gpus"] else f"{o['free_cpu_slots']} CPU"
+        rows.append((short(o["provider"], 8), gpus, free, prices, o["sandbox"]))
+    text = render_table(["PROVIDER", "GPUS", "FREE", "PRICE/s", "SANDBOX"], rows)
+    return _emit(args, offers, text + f"\n{len(offers)} offers")
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    what: str = args.chain_command
+    if what == "head":
+        head = _call(args.home, "chain_head")
+        return _emit(args, head, render_pairs(list(head.items())))
+    if what == "status":
+        status = _call(args.home, "consensus_status")
+        pairs = [
+            (k, status[k])
+            for k in (
+                "height",
+                "round",
+                "step",
+                "last_committed_height",
+                "is_validator",
+                "catching_up",
+            )
+        ]
+        pairs.append(("validators", len(status["validators"])))
+        return _emit(args, status, render_pairs(pairs))
+    if what == "block":
+        params = {"height": int(args.id)} if args.id.isdigit() else {"hash": args.id}
+        block = _call(args.home, "chain_block", params)
+        pairs = [(k, v) for k, v in block.items() if k not in ("tx_hashes", "commit")]
+        pairs += [("tx", h) for h in block["tx_hashes"]]
+        return _emit(args, block, render_pairs(pairs))
+    if what == "tx":
+        tx = _call(args.home, "chain_tx", {"hash": args.hash})
+        return _emit(args, tx, json.dumps(tx, indent=2))
+    if what == "account":
+        address = args.address or _call(args.home, "node_info")["address"]
+        account = _call(args.home, "chain_account", {"address": address})
+        return _emit(args, account, render_pairs(list(account.items())))
+    raise AssertionError(f"unhandled chain command {what}")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import ledger
+    from node._json import hex_bytes
+
+    try:
+        recipient = ledger.Address(hex_bytes(args.to, "TO", 32))
+    except ValueError as exc:
+        raise NodeError(str(exc)) from None
+    home = Home(args.home)
+    key = home.load_key()
+    info = _call(args.home, "node_info")
+    account = _call(args.home, "chain_account", {"address": key.address.hex()})
+    tx = ledger.sign_object(
+        ledger.Transfer(
+            nonce=account["next_nonce"], fee=args.fee, recipient=recipient, amount=args.amount
+        ),
+        key,
+        info["chain_id"],
+    )
+    sent = _call(args.home, "chain_sendTx", {"tx": ledger.encode(tx).hex()})
+    if args.wait:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                sent = _call(args.home, "chain_tx", {"hash": sent["tx_hash"]})
+                break
+            except NodeError as exc:
+                if "pending" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    return _emit(args, sent, json.dumps(sent, indent=2))
 
 
 def cmd_testnet(args: argparse.Namespace) -> int:

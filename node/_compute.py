@@ -1,0 +1,159 @@
+"""The node's compute side: inventory, slots, sandbox, offer gossip and the offer directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+import compute
+from node._json import to_json
+from p2p import P2PError
+from rpc import INVALID_PARAMS, Param, Result, RpcError
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+    from ledger import SigningKey
+    from node._config import ComputeSection
+    from p2p import GossipMessage, Mesh
+    from rpc import MethodRegistry
+
+log = logging.getLogger("node.compute")
+
+OFFERS_PURPOSE = "offers"
+OFFER_TYPE_TAG = "gpumesh/offer/1"
+offer_prune_interval_s = 1.0
+
+
+def jobs_root(address: bytes) -> Path:
+    # Jobs run as an unprivileged uid: their directory must not sit under a 0700 home.
+    return Path("/var/tmp") / f"gpumesh-jobs-{address.hex()[:16]}"
+
+
+class ComputeService:
+    def __init__(self, *, key: SigningKey, chain_id: str, mesh: Mesh, config: ComputeSection):
+        self.key = key
+        self.chain_id = chain_id
+        self.mesh = mesh
+        self.config = config
+        self.inventory = compute.read_inventory(
+            simulate_gpus=config.simulate_gpus, simulate_seed=key.address.hex()
+        )
+        self.allocator = compute.SlotAllocator(self.inventory.gpus)
+        self.executor = compute.Executor(jobs_root(key.address))
+        self.directory = compute.OfferDirectory(chain_id)
+        self.publisher: compute.OfferPublisher | None = None
+        if config.provider:
+            self.publisher = compute.OfferPublisher(
+                key=key,
+                chain_id=chain_id,
+                inventory=self.inventory,
+                allocator=self.allocator,
+                config=compute.OfferConfig(
+                    price_per_gpu_second=config.price_per_gpu_second, tags=config.tags
+                ),
+                sandbox=self.executor.sandbox,
+                publish=self._publish_offer,
+            )
+
+    async def _publish_offer(self, data: bytes) -> None:
+        # The mesh runs our own messages through the topic validator too, which files the
+        # offer in our directory; adding it first would make the validator see a duplicate
+        # and refuse to send it. The add afterwards covers a publish that failed.
+        try:
+            await self.mesh.publish(OFFERS_PURPOSE, OFFER_TYPE_TAG, data)
+        except P2PError as exc:
+            log.warning("offer gossip failed", extra={"err": str(exc)})
+        self.directory.add(data, compute.wall_clock_ms())
+
+    def _validate_offer(self, message: GossipMessage) -> bool:
+        try:
+            offer = compute.decode_offer(message.payload)
+            if bytes(offer.provider) != message.sender_public_key:
+                # Offers are gossiped by their provider only; a relayed copy keeps its envelope.
+                raise compute.OfferInvalidError("offer provider is not the gossip sender")
+            outcome = self.directory.add(offer, compute.wall_clock_ms())
+        except compute.OfferRejected as exc:
+            log.info("offer rejected", extra={"peer": message.sender_peer_id, "err": str(exc)})
+            return False
+        return outcome.is_new
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        offers = self.mesh.subscribe(OFFERS_PURPOSE, validator=self._validate_offer)
+        log.info(
+            "compute ready",
+            extra={
+                "inventory": self.inventory.source,
+                "gpus": len(self.inventory.gpus),
+                "sandbox": self.executor.sandbox,
+            },
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain, offers)
+            nursery.start_soon(self._prune)
+            if self.publisher is not None:
+                await nursery.start(self.publisher.run)  # type: ignore[arg-type]
+            task_status.started()
+
+    async def _drain(self, channel: trio.MemoryReceiveChannel[GossipMessage]) -> None:
+        # The validator already stored each offer; the channel only has to be emptied.
+        async for _ in channel:
+            pass
+
+    async def _prune(self) -> None:
+        while True:
+            await trio.sleep(offer_prune_interval_s)
+            self.directory.prune(compute.wall_clock_ms())
+
+    # -- RPC ------------------------------------------------------------------------------------
+
+    def register_methods(self, registry: MethodRegistry) -> None:
+        async def compute_resources() -> dict[str, Any]:
+            return dict(
+                compute.resources_snapshot(
+                    inventory=self.inventory,
+                    allocator=self.allocator,
+                    sandbox=self.executor.sandbox,
+                    executor=self.executor,
+                    offer=None if self.publisher is None else self.publisher.current_offer(),
+                )
+            )
+
+        async def market_offers(**query: Any) -> list[dict[str, Any]]:
+            given = {k: v for k, v in query.items() if v is not None}
+            try:
+                parsed = compute.OfferQuery.from_json(given)
+            except compute.QueryError as exc:
+                raise RpcError(INVALID_PARAMS, str(exc)) from None
+            return [dict(r) for r in self.directory.rows(parsed, compute.wall_clock_ms())]
+
+        registry.register(
+            "compute_resources",
+            compute_resources,
+            description="This node's devices, slots, sandbox and current offer.",
+            result=Result("object"),
+        )
+        registry.register(
+            "market_offers",
+            market_offers,
+            description="Live offers from every provider, filtered, cheapest first.",
+            params=(
+                Param("gpu_count", "integer", False, "At least this many GPUs free."),
+                Param("min_vram_bytes", "integer", False, "Per-GPU VRAM at least this."),
+                Param("model", "string", False, "GPU model, e.g. A100-80GB."),
+                Param("min_cuda_version", "string", False, 'e.g. "12.1".'),
+                Param("min_compute_capability", "string", False, 'e.g. "8.0".'),
+                Param("max_price", "integer", False, "Max price per GPU-second."),
+                Param("tags", "array", False, "Required tags."),
+                Param("sandbox", "string", False, '"bwrap" or "process".'),
+                Param("cpu_only", "boolean", False, "CPU-only offers."),
+                Param("limit", "integer", False, "At most this many rows."),
+            ),
+            result=Result("array"),
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        return {"directory": to_json(self.directory.statistics())}
