@@ -1,0 +1,106 @@
+"""compute.market: the job market, both sides of it, with no coordinator anywhere.
+
+Where things live:
+- ``_service``: ``MarketService`` (the one service the node composes), ``ProviderSide``, the
+  stream protocol names and ``attempt_job_id``.
+- ``types``: wire messages (``JobRequest``, ``Bid``, ``Award``, ``CancelNotice``, ...), the
+  stored ``JobRecord`` with its ``JobState``, ``JobSubmission``, ``MarketConfig``.
+- ``_store``: ``JobStore``, every job in LevelDB (one schema), and ``ProviderStats``.
+- ``_matching``: pure decisions: does a node fit a job, why nothing fits, bid ranking.
+- ``abc``: ``MarketNetAPI`` and ``ChainAPI``, the seams the node implements; ``Incoming``.
+- ``exceptions``: ``MarketError`` and its subclasses.
+- ``testing``: ``LocalChain``, a real single-sequencer chain over the real ledger for tests.
+
+compute.market imports ``ledger`` and ``compute`` only; the node adapts p2p and the chain.
+"""
+
+from compute.market._matching import explain_unsatisfiable, fit_on_node, rank_bids
+from compute.market._service import (
+    JOBS_PURPOSE,
+    PROTOCOL_AWARD,
+    PROTOCOL_BID,
+    PROTOCOL_CANCEL,
+    PROTOCOL_INPUT,
+    PROTOCOL_LOGS,
+    PROTOCOL_MANIFEST,
+    PROTOCOL_OUTPUT,
+    PROTOCOL_OUTPUTS,
+    PROTOCOL_STATUS,
+    MarketService,
+    ProviderSide,
+    attempt_job_id,
+)
+from compute.market._store import JobStore, ProviderStats
+from compute.market.abc import ChainAPI, Incoming, MarketNetAPI
+from compute.market.exceptions import (
+    ChainRejected,
+    InvalidSubmission,
+    JobNotReady,
+    MarketError,
+    NetError,
+    StoreCorrupt,
+    UnknownJob,
+    Unsatisfiable,
+)
+from compute.market.types import (
+    STRATEGIES,
+    Award,
+    Bid,
+    CancelNotice,
+    JobManifest,
+    JobRecord,
+    JobRequest,
+    JobResultView,
+    JobState,
+    JobSubmission,
+    LogsInfo,
+    MarketConfig,
+    Requirements,
+    Role,
+)
+
+__all__ = [
+    "JOBS_PURPOSE",
+    "PROTOCOL_AWARD",
+    "PROTOCOL_BID",
+    "PROTOCOL_CANCEL",
+    "PROTOCOL_INPUT",
+    "PROTOCOL_LOGS",
+    "PROTOCOL_MANIFEST",
+    "PROTOCOL_OUTPUT",
+    "PROTOCOL_OUTPUTS",
+    "PROTOCOL_STATUS",
+    "STRATEGIES",
+    "Award",
+    "Bid",
+    "CancelNotice",
+    "ChainAPI",
+    "ChainRejected",
+    "Incoming",
+    "InvalidSubmission",
+    "JobManifest",
+    "JobNotReady",
+    "JobRecord",
+    "JobRequest",
+    "JobResultView",
+    "JobState",
+    "JobStore",
+    "JobSubmission",
+    "LogsInfo",
+    "MarketConfig",
+    "MarketError",
+    "MarketNetAPI",
+    "MarketService",
+    "NetError",
+    "ProviderSide",
+    "ProviderStats",
+    "Requirements",
+    "Role",
+    "StoreCorrupt",
+    "UnknownJob",
+    "Unsatisfiable",
+    "attempt_job_id",
+    "explain_unsatisfiable",
+    "fit_on_node",
+    "rank_bids",
+]

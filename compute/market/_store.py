@@ -1,0 +1,142 @@
+"""The job store: every job this node requests or provides, its inputs and fetched outputs,
+and what it has seen of each provider, in one LevelDB directory (plyvel).
+
+The schema (this module owns every key):
+- ``j`` + role (1 byte) + id -> ``JobRecord``. A requester's id is the job id; a provider's is
+  the attempt's job id (every attempt is a separate trade, hence a separate provider job).
+- ``m`` + job id -> ``JobManifest`` (requester: what providers fetch).
+- ``b`` + sha256 -> blob bytes (requester: input files, and verified output files).
+- ``p`` + provider address -> ``ProviderStats`` (requester: reputation input).
+
+Every write is one synced batch, made before the change is acknowledged to anyone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+import plyvel
+
+import ledger
+from compute.market.exceptions import StoreCorrupt
+from compute.market.types import JobManifest, JobRecord, Role, message_bytes_max
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+_JOB = b"j"
+_MANIFEST = b"m"
+_BLOB = b"b"
+_PROVIDER = b"p"
+record_bytes_max = 8 * 1024 * 1024
+"""A record holds up to two capped logs (1 MiB each) plus bids and metadata."""
+jobs_listed_max = 100_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProviderStats:
+    """What this node saw of one provider's trades with it (the reputation strategy's input)."""
+
+    settled: int = 0
+    refunded: int = 0
+    mismatched: int = 0
+
+    def score(self) -> float:
+        """Laplace-smoothed success rate; a mismatch counts as three failures."""
+        bad = self.refunded + 3 * self.mismatched
+        return (self.settled + 1) / (self.settled + bad + 2)
+
+
+def _job_key(role: Role, key: bytes) -> bytes:
+    return _JOB + bytes([int(role)]) + key
+
+
+class JobStore:
+    """Jobs, manifests, blobs and provider stats in LevelDB at ``path`` (created if missing)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._db = plyvel.DB(self.path, create_if_missing=True)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, puts: Iterable[tuple[bytes, bytes]]) -> None:
+        with self._db.write_batch(sync=True, transaction=True) as batch:
+            for key, value in puts:
+                batch.put(key, value)
+
+    @staticmethod
+    def record_key(record: JobRecord) -> bytes:
+        return record.job_id if record.role is Role.REQUESTER else record.attempt_job_id
+
+    def put(
+        self,
+        record: JobRecord,
+        *,
+        manifest: JobManifest | None = None,
+        blobs: Iterable[bytes] = (),
+    ) -> None:
+        """Persist ``record`` (and its manifest and blobs) in one synced batch."""
+        puts = [(_job_key(record.role, self.record_key(record)), ledger.encode(record))]
+        if manifest is not None:
+            puts.append((_MANIFEST + record.job_id, ledger.encode(manifest)))
+        puts += [(_BLOB + ledger.digest(blob), blob) for blob in blobs]
+        self._write(puts)
+
+    def get(self, role: Role, key: bytes) -> JobRecord | None:
+        data = self._db.get(_job_key(role, key))
+        if data is None:
+            return None
+        return self._decode(data)
+
+    @staticmethod
+    def _decode(data: bytes) -> JobRecord:
+        try:
+            return ledger.decode(JobRecord, data, max_bytes=record_bytes_max)
+        except ledger.DecodeError as exc:
+            raise StoreCorrupt(f"a job record does not decode: {exc}") from exc
+
+    def records(self, role: Role | None = None) -> Iterator[JobRecord]:
+        prefix = _JOB if role is None else _JOB + bytes([int(role)])
+        with self._db.iterator(prefix=prefix) as iterator:
+            for count, (_, value) in enumerate(iterator):
+                if count >= jobs_listed_max:
+                    return
+                yield self._decode(value)
+
+    def manifest(self, job_id: bytes) -> JobManifest | None:
+        data = self._db.get(_MANIFEST + job_id)
+        if data is None:
+            return None
+        try:
+            return ledger.decode(JobManifest, data, max_bytes=message_bytes_max)
+        except ledger.DecodeError as exc:
+            raise StoreCorrupt(f"manifest of {job_id.hex()} does not decode: {exc}") from exc
+
+    def blob(self, sha256: bytes) -> bytes | None:
+        data: bytes | None = self._db.get(_BLOB + sha256)
+        return data
+
+    def put_blobs(self, blobs: Iterable[bytes]) -> None:
+        self._write((_BLOB + ledger.digest(blob), blob) for blob in blobs)
+
+    def provider_stats(self, provider: bytes) -> ProviderStats:
+        data = self._db.get(_PROVIDER + provider)
+        if data is None:
+            return ProviderStats()
+        try:
+            return ledger.decode(ProviderStats, data)
+        except ledger.DecodeError as exc:
+            raise StoreCorrupt(f"provider stats do not decode: {exc}") from exc
+
+    def put_with_stats(self, record: JobRecord, provider: bytes, stats: ProviderStats) -> None:
+        """Persist a record and the provider stats its outcome changed, atomically."""
+        self._write(
+            [
+                (_job_key(record.role, self.record_key(record)), ledger.encode(record)),
+                (_PROVIDER + provider, ledger.encode(stats)),
+            ]
+        )
