@@ -73,7 +73,8 @@ class Method:
         """Map by-position or by-name params onto keyword arguments, checking every type.
 
         Raises ``RpcError(-32602)`` naming the offending param. An explicit null for an optional
-        param counts as leaving it out, as many JSON-RPC clients send it that way.
+        param counts as leaving it out (many JSON-RPC clients send it that way), except for types
+        ``null`` and ``any``, where null is a value.
         """
         names = [p.name for p in self.params]
         given: dict[str, Any]
@@ -94,7 +95,8 @@ class Method:
         kwargs: dict[str, Any] = {}
         for p in self.params:
             value = given.get(p.name)
-            if p.name not in given or (value is None and not p.required and p.type != "null"):
+            absent = value is None and not p.required and p.type not in ("null", "any")
+            if p.name not in given or absent:
                 if p.required:
                     raise RpcError(INVALID_PARAMS, f"missing required param {p.name!r}")
                 continue

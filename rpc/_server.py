@@ -189,21 +189,28 @@ class RpcServer:
             target=http.thread_main, args=(report,), name="rpc-http", daemon=True
         )
         port_text: str | None = None
+        startup_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._calls = nursery
                 thread.start()
                 await ready.wait()
                 if isinstance(reported[0], BaseException):
-                    raise reported[0]
-                self._port = reported[0]
-                self._http = http
-                if self._port_path is not None:
-                    port_text = f"{self._port}\n"
-                    write_file_atomic(self._port_path, port_text, port_file_mode)
-                log.info("rpc listening on %s", self.url)
-                task_status.started(self._port)
-                await trio.sleep_forever()
+                    # Raised below, outside the nursery, so the caller sees a bare OSError
+                    # rather than an exception group.
+                    startup_error = reported[0]
+                    nursery.cancel_scope.cancel()
+                else:
+                    self._port = reported[0]
+                    self._http = http
+                    if self._port_path is not None:
+                        port_text = f"{self._port}\n"
+                        write_file_atomic(self._port_path, port_text, port_file_mode)
+                    log.info("rpc listening on %s", self.url)
+                    task_status.started(self._port)
+                    await trio.sleep_forever()
+            if startup_error is not None:
+                raise startup_error
         finally:
             self._calls = None
             self._http = None
