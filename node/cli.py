@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         _home_arg(p)
         _json_arg(p)
 
+    p = sub.add_parser("dev", help="a one-node development chain (creates its home if missing)")
+    p.add_argument("--home", type=Path, default=Path("~/.gpumesh-dev"))
+    p.add_argument("--simulate-gpus", default="A100-80GB:1", help="simulated GPUs of this node")
+    p.add_argument("--rpc-port", type=int, default=7800)
+    p.add_argument("--log-format", choices=["plain", "json"], default=None)
+    p.add_argument("--log-level", default=None)
+
     p = sub.add_parser("rpc", help="call any JSON-RPC method and print the result")
     _home_arg(p)
     p.add_argument("method")
@@ -144,6 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return cmd_run(args)
     if command == "testnet":
         return cmd_testnet(args)
+    if command == "dev":
+        return cmd_dev(args)
     return cmd_client(args)
 
 
@@ -169,6 +178,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"initialised {home.root}")
     print(f"address  {key.address.hex()}")
     return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from node._config import ComputeSection, P2PSection, RpcSection
+    from node._testnet import genesis_document
+
+    home = Home(args.home)
+    if not home.key_path.exists():
+        config = NodeConfig(
+            node=NodeSection(chain_id="gpumesh-dev"),
+            p2p=P2PSection(listen_port=0, mdns=False, dht=False),
+            rpc=RpcSection(port=args.rpc_port),
+            compute=ComputeSection(simulate_gpus=args.simulate_gpus),
+        )
+        key = home.init(config)
+        home.genesis_path.write_text(json.dumps(genesis_document("gpumesh-dev", [key], 1)))
+        print(f"created a one-validator dev chain in {home.root}", file=sys.stderr)
+    args.home = home.root
+    return cmd_run(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
