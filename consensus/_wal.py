@@ -96,6 +96,12 @@ class Wal:
     def close(self) -> None:
         self._file.close()
 
+    def __enter__(self) -> Wal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def _read(path: Path) -> tuple[list[WalRecord], int, int]:
     try:

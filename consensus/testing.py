@@ -201,10 +201,34 @@ class SimNetwork:
         self.drivers: dict[PeerId, ConsensusDriver] = {}
         self.peer_ids: list[PeerId] = []
         self.stats = NetworkStatistics()
+        self.sent_by_slot: dict[tuple[bytes, int, int, int], bytes] = {}
+        self.log: list[Proposal | Vote] | None = None
+        """Set to a list to record every honest broadcast (tests)."""
         self._heap: list[tuple[float, int, PeerId, PeerId, bytes]] = []
         self._seq = 0
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+
+    def check_single_signing(self, data: bytes) -> None:
+        """An honest node never sends two different messages for one height/round/step, across
+        crashes too (its WAL must prevent it): check every broadcast."""
+        envelope = decode(Envelope, data)
+        message: Proposal | Vote
+        if envelope.kind == MessageKind.PROPOSAL:
+            message = decode(Proposal, envelope.body)
+            step = 0
+        else:
+            message = decode(Vote, envelope.body)
+            step = int(message.vote_type)
+        slot = (message.signer, message.height, message.round, step)
+        first = self.sent_by_slot.setdefault(slot, data)
+        if first != data:
+            raise SafetyViolation(
+                f"validator {message.signer.hex()[:16]} signed two different messages for "
+                f"height {message.height} round {message.round} step {step}"
+            )
+        if self.log is not None:
+            self.log.append(message)
 
     def connected(self, a: PeerId, b: PeerId) -> bool:
         if a not in self.inboxes or b not in self.inboxes:
@@ -277,6 +301,7 @@ class SimTransport(TransportAPI):
         network.inboxes[peer_id] = send
 
     async def broadcast(self, data: bytes) -> None:
+        self.network.check_single_signing(data)
         for peer in self.network.peer_ids:
             if peer != self.peer_id:
                 self.network.send(self.peer_id, peer, data)
@@ -577,11 +602,28 @@ def run_seed(seed: int, **kwargs: int) -> SimResult:
     # trio shuffles runnable tasks with this module-level RNG; seeding it makes a seed replayable.
     trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory(prefix="gpumesh-sim-") as tmp:
-        result: SimResult = trio.run(
-            lambda: simulate(seed, Path(tmp), **kwargs),
-            clock=trio.testing.MockClock(autojump_threshold=0),
-        )
+        try:
+            result: SimResult = trio.run(
+                lambda: simulate(seed, Path(tmp), **kwargs),
+                clock=trio.testing.MockClock(autojump_threshold=0),
+            )
+        except BaseExceptionGroup as group:
+            failure = _first_assertion(group)
+            if failure is None:
+                raise
+            raise failure from group
     return result
+
+
+def _first_assertion(error: BaseException) -> AssertionError | None:
+    if isinstance(error, AssertionError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_assertion(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def replay_command(seed: int) -> str:
@@ -609,6 +651,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         record.update(ok=True, wall_s=round(time.perf_counter() - started, 3))
         print(json.dumps(record), flush=True)
     return 1 if failures else 0
+
+
+def make_genesis(
+    n: int, *, seed: int = 0, powers: Sequence[int] | None = None, chain_id: str = "test-chain"
+) -> tuple[list[SigningKey], Genesis]:
+    """``n`` seeded validator keys and a genesis over them (power 1 each unless given)."""
+    keys = [seeded_key(seed, i) for i in range(n)]
+    weights = list(powers) if powers is not None else [1] * n
+    validators = tuple(Validator(k.address, w) for k, w in zip(keys, weights, strict=True))
+    return keys, Genesis(chain_id, validators)
 
 
 if __name__ == "__main__":
