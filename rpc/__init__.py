@@ -13,13 +13,20 @@ Where things live:
 - ``abc``: ``EventPublisherAPI``. ``exceptions``: ``RpcException`` and its subclasses.
 
 rpc imports nothing else of gpumesh: the node hands it handlers, and publishes events to it.
+``RpcServer`` (and with it aiohttp and trio) is imported lazily, on first use: importing
+``RpcClient`` stays cheap for the CLI.
 """
 
-from rpc._app import CLOSE_SLOW_SUBSCRIBER
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from rpc._client import RpcClient
 from rpc._config import RpcConfig
+from rpc._files import COOKIE_FILE_NAME, PORT_FILE_NAME
 from rpc._protocol import (
     CALL_TIMEOUT,
+    CLOSE_SLOW_SUBSCRIBER,
     FORBIDDEN,
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -45,7 +52,6 @@ from rpc._registry import (
     Param,
     Result,
 )
-from rpc._server import COOKIE_FILE_NAME, PORT_FILE_NAME, RpcServer, RpcStatistics
 from rpc.abc import EventPublisherAPI
 from rpc.exceptions import (
     ConfigError,
@@ -56,6 +62,20 @@ from rpc.exceptions import (
     RpcTransportError,
     UnknownTopic,
 )
+
+if TYPE_CHECKING:
+    from rpc._server import RpcServer, RpcStatistics
+
+
+def __getattr__(name: str) -> Any:
+    # The server pulls in aiohttp and trio (about 0.3 s of imports); a CLI that only needs
+    # RpcClient should not pay for them, so the server is imported on first use.
+    if name in ("RpcServer", "RpcStatistics"):
+        from rpc import _server
+
+        return getattr(_server, name)
+    raise AttributeError(f"module 'rpc' has no attribute {name!r}")
+
 
 __all__ = [
     "CALL_TIMEOUT",

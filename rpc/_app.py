@@ -20,6 +20,7 @@ import trio
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from rpc._protocol import (
+    CLOSE_SLOW_SUBSCRIBER,
     FORBIDDEN,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rpc")
 
-CLOSE_SLOW_SUBSCRIBER: Final = 4008
-"""WebSocket close code for a subscriber dropped because its queue overflowed."""
 subscription_method: Final = "subscription"
 _loopback_names: Final = frozenset({"127.0.0.1", "localhost", "[::1]"})
 _port_re: Final = re.compile(r"^(:[0-9]{1,5})?$")
@@ -345,6 +344,7 @@ class HttpSide:
         ws = web.WebSocketResponse(
             max_msg_size=self._config.request_body_bytes_max,
             timeout=self._config.shutdown_timeout_s,
+            heartbeat=self._config.websocket_heartbeat_s,
         )
         await ws.prepare(request)
         conn = _Connection(ws, self._config.subscriber_queue_messages_max)

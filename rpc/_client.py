@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from rpc._server import COOKIE_FILE_NAME, PORT_FILE_NAME
+from rpc._files import COOKIE_FILE_NAME, PORT_FILE_NAME
 from rpc.exceptions import RpcCallError, RpcTransportError
 
 if TYPE_CHECKING:

@@ -34,6 +34,9 @@ class RpcConfig:
     publish_backlog_max: int = 4096
     """Published events waiting to cross from trio to the HTTP thread; beyond it they are
     dropped and counted, so ``publish`` never blocks the daemon."""
+    websocket_heartbeat_s: float = 30.0
+    """Ping period on WebSocket connections; a peer that does not answer within half of it is
+    closed, so a dead or wedged client does not hold a connection slot forever."""
     shutdown_timeout_s: float = 0.5
     """Grace for in-flight HTTP requests and WebSocket close handshakes at shutdown."""
     slow_close_timeout_s: float = 2.0

@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pathlib import Path
+from typing import Final
 
+COOKIE_FILE_NAME: Final = "rpc.cookie"
+PORT_FILE_NAME: Final = "rpc.port"
 cookie_mode = 0o600
 port_file_mode = 0o644
 

@@ -25,6 +25,10 @@ SHUTTING_DOWN: Final = -32004
 NOT_SUPPORTED: Final = -32005
 SUBSCRIPTION_LIMIT: Final = -32006
 
+CLOSE_SLOW_SUBSCRIBER: Final = 4008
+"""WebSocket close code for a subscriber dropped because its queue overflowed (4000-4999 is
+the range RFC 6455 leaves to applications)."""
+
 method_name_echo_chars_max: Final = 64
 """Error messages quote at most this much of a caller's method name."""
 

@@ -14,7 +14,14 @@ import trio
 
 from rpc._app import Counters, Deliver, HttpSide
 from rpc._config import RpcConfig
-from rpc._files import cookie_mode, port_file_mode, remove_if_holds, write_file_atomic
+from rpc._files import (
+    COOKIE_FILE_NAME,
+    PORT_FILE_NAME,
+    cookie_mode,
+    port_file_mode,
+    remove_if_holds,
+    write_file_atomic,
+)
 from rpc._protocol import CALL_TIMEOUT, INTERNAL_ERROR, SHUTTING_DOWN, Outcome, dumps
 from rpc.exceptions import RpcError, UnknownTopic
 
@@ -29,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rpc")
 
-COOKIE_FILE_NAME: Final = "rpc.cookie"
-PORT_FILE_NAME: Final = "rpc.port"
 thread_join_grace_s: Final = 2.0
 """Added to the configured shutdown timeout before we give up joining the HTTP thread."""
 

@@ -291,3 +291,19 @@ async def test_slow_subscriber_is_dropped_and_never_blocks(rpc: Harness) -> None
         assert len(seen) < published, "the slow subscriber cannot have had everything"
         print(f"slow subscriber dropped after {published} events; it had read {len(seen)}")
     assert rpc.server.statistics().subscribers_dropped == 1, rpc.server.statistics()
+
+
+async def test_oversized_websocket_message_closes_with_1009(rpc: Harness) -> None:
+    cap = rpc.server.config.request_body_bytes_max
+    async with connect(rpc) as ws:
+        await ws.send_message(
+            json.dumps({"jsonrpc": "2.0", "method": "node_echo", "params": ["x" * cap], "id": 1})
+        )
+        with pytest.raises(ConnectionClosed) as info:
+            await read_with_deadline(ws)
+        assert info.value.reason.code == 1009, f"close: {info.value.reason}"
+
+
+async def read_with_deadline(ws: WebSocketConnection) -> str | bytes:
+    with trio.fail_after(10):
+        return await ws.get_message()
