@@ -14,7 +14,7 @@ import dataclasses
 import enum
 from typing import TYPE_CHECKING, ClassVar, NewType
 
-from ledger._codec import encode, hash_of
+from ledger._codec import encode_with, hash_of
 from ledger._keys import Address, verify
 from ledger.exceptions import InvalidTransaction
 
@@ -118,7 +118,7 @@ class AgreementTerms:
 
 
 def _signed_body(obj: object) -> bytes:
-    return encode(dataclasses.replace(obj, signature=b""))  # type: ignore[type-var]
+    return encode_with(obj, signature=b"")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -170,3 +170,16 @@ def test_state_root_is_recomputable_from_scratch() -> None:
     )
     assert ledger.state_root(rebuilt) == ledger.state_root(state), "incremental root drifted"
     assert ledger.state_root(state) != ledger.state_root(GENESIS.initial_state()), "root stuck"
+
+
+def test_transactions_the_mempool_verified_skip_the_signature_check() -> None:
+    state = GENESIS.initial_state()
+    pool = ledger.Mempool(state)
+    good = factory.transfer(REQUESTER, 0, THIRD.address, 5)
+    pool.add(good)
+    forged = dataclasses.replace(factory.transfer(THIRD, 0, REQUESTER.address, 5), amount=6)
+    block = factory.next_block(state, [good, forged], PROPOSER.address)
+    _, results = ledger.apply_block(state, block, verified=pool)
+    ok = [r.ok for r in results.tx_results]
+    assert ok == [True, False], f"the pool's tx applies, the forged one still fails: {ok}"
+    assert "signature" in results.tx_results[1].error, results.tx_results[1].error

@@ -13,9 +13,18 @@ from hypothesis import strategies as st
 
 import ledger
 from ledger import testing as factory
+from ledger._codec import to_plain
 from ledger.types import amount_max
 
 KEY = factory.key_for(1)
+
+
+def slow_encode(value: Any) -> bytes:
+    """The reference encoding: the dataclass tree as plain lists, then msgpack."""
+    packed: bytes = msgpack.packb(to_plain(value), use_bin_type=True)
+    return packed
+
+
 OTHER = factory.key_for(2)
 CHAIN = factory.test_chain_id
 
@@ -93,6 +102,7 @@ others = st.one_of(
 @given(transactions)
 def test_every_transaction_kind_round_trips_through_the_union(tx: ledger.Transaction) -> None:
     data = ledger.encode(tx)
+    assert data == slow_encode(tx), "the fast encoder disagrees with the plain one"
     decoded = ledger.decode(ledger.Transaction, data)  # type: ignore[arg-type]
     assert decoded == tx, f"{type(tx).__name__} did not survive a round trip"
     assert type(decoded) is type(tx), "the union decoded to the wrong kind"
@@ -109,6 +119,7 @@ def test_blocks_round_trip_and_hash_their_header(block: ledger.Block) -> None:
 @given(others)
 def test_other_types_round_trip(value: Any) -> None:
     assert ledger.decode(type(value), ledger.encode(value)) == value, f"{type(value).__name__}"
+    assert ledger.encode(value) == slow_encode(value), "the fast encoder disagrees"
 
 
 def test_unknown_transaction_kind_is_a_clear_error() -> None:
