@@ -479,8 +479,13 @@ class MarketService:
         request = record.request
         job_id = record.job_id
         self._bid_inbox.setdefault(job_id, [])
-        await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, ledger.encode(request))
-        await trio.sleep(request.bid_window_ms / 1000)
+        payload = ledger.encode(request)
+        await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+        # Gossip is best effort (a mesh still forming drops messages): send the request once
+        # more half way through the window. Providers ignore a request they have seen.
+        await trio.sleep(request.bid_window_ms / 2000)
+        await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+        await trio.sleep(request.bid_window_ms / 2000)
         received = self._bid_inbox.pop(job_id, [])
         if not received:
             self._finish(
