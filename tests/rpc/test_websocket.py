@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 import os
+import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +24,11 @@ from rpc import (
     TOPIC_PEERS,
     UnknownTopic,
 )
+from tests.rpc.conftest import start_harness
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
 
     from tests.rpc.conftest import Harness
 
@@ -307,3 +310,17 @@ async def test_oversized_websocket_message_closes_with_1009(rpc: Harness) -> Non
 async def read_with_deadline(ws: WebSocketConnection) -> str | bytes:
     with trio.fail_after(10):
         return await ws.get_message()
+
+
+async def test_shutdown_closes_websockets_with_1001(tmp_path: Path) -> None:
+    async with trio.open_nursery() as server_nursery:
+        h = await start_harness(server_nursery, tmp_path)
+        async with connect(h) as ws:
+            caller = Caller(ws)
+            await caller.result("rpc_subscribe", [TOPIC_PEERS])
+            server_nursery.cancel_scope.cancel()
+            with pytest.raises(ConnectionClosed) as info:
+                await read_with_deadline(ws)
+            assert info.value.reason.code == 1001, f"close on shutdown: {info.value.reason}"
+    threads = [t for t in threading.enumerate() if t.name == "rpc-http"]
+    assert threads == [], "the HTTP thread must be joined after shutdown"
