@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import threading
 import types
 import typing
 from typing import Any, TypeVar
@@ -72,6 +73,9 @@ def to_plain(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__} canonically")
 
 
+_thread_packers = threading.local()
+
+
 def _pack_default(value: Any) -> Any:
     """msgpack's hook for what it does not pack itself (with ``strict_types``): dataclasses
     become arrays of their fields, tuples arrays, int enums ints. msgpack recurses in C."""
@@ -92,12 +96,20 @@ def encode(value: Any) -> bytes:
     The same bytes as ``msgpack.packb(to_plain(value))``, several times faster. Types are
     checked on the way in (``decode``), not here: encode what the type hints promise.
     """
+    packer = getattr(_thread_packers, "packer", None)
+    if packer is None:
+        # One reusable Packer per thread: msgpack.packb builds a new one per call, which cost
+        # as much as the packing itself; a Packer is not safe to share between threads.
+        packer = msgpack.Packer(use_bin_type=True, strict_types=True, default=_pack_default)
+        _thread_packers.packer = packer
     try:
-        packed: bytes = msgpack.packb(
-            value, use_bin_type=True, strict_types=True, default=_pack_default
-        )
+        packed: bytes = packer.pack(value)
     except OverflowError as exc:
+        packer.reset()
         raise OverflowError(f"an integer does not fit in 64 bits: {exc}") from exc
+    except TypeError:
+        packer.reset()  # leave no half-packed bytes for the next call on this thread
+        raise
     return packed
 
 

@@ -235,3 +235,12 @@ def test_cost_formula_counts_cpu_jobs_as_one_slot_and_caps_at_max_cost() -> None
     assert cpu_only.cost(1_500) == 15, "a CPU-only job counts as one slot"
     assert two_gpus.cost(999) == 19, "rounding is down to the smallest unit"
     assert two_gpus.cost(10**9) == 1_000, "cost is capped at max_cost"
+
+
+def test_a_failed_encode_leaves_no_bytes_behind() -> None:
+    tx = factory.transfer(KEY, 0, OTHER.address, 5)
+    with pytest.raises(TypeError, match="cannot encode"):
+        ledger.encode([b"half", {1, 2}])  # a set has no canonical encoding
+    with pytest.raises(OverflowError, match="64 bits"):
+        ledger.encode([b"half", 2**64])
+    assert ledger.encode(tx) == slow_encode(tx), "bytes of a failed encode leaked into the next"
