@@ -124,6 +124,11 @@ class SimApp(ApplicationAPI):
         self.chain_id = chain_id
         self.oracle = oracle
         self.mempool: dict[bytes, None] = {}
+        self._committed = trio.Event()
+
+    async def wait_height(self, height: int) -> None:
+        while self.height < height:
+            await self._committed.wait()
 
     def add_transaction(self, tx: bytes) -> None:
         if not any(tx in decode(SimBlock, b).txs for b, _ in self.disk.blocks[-8:]):
@@ -169,6 +174,8 @@ class SimApp(ApplicationAPI):
         self.disk.hashes.append(block_hash)
         for tx in decode(SimBlock, block).txs:
             self.mempool.pop(tx, None)
+        self._committed.set()
+        self._committed = trio.Event()
 
     async def load_block(self, height: int) -> tuple[bytes, Commit] | None:
         if 1 <= height <= self.height:
@@ -661,6 +668,78 @@ def make_genesis(
     weights = list(powers) if powers is not None else [1] * n
     validators = tuple(Validator(k.address, w) for k, w in zip(keys, weights, strict=True))
     return keys, Genesis(chain_id, validators)
+
+
+class SimCluster:
+    """A few ``SimNode``s on one ``SimNetwork`` inside a caller's nursery (tests, benchmarks)."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        wal_dir: Path,
+        *,
+        validators: int = 4,
+        followers: int = 0,
+        config: ConsensusConfig | None = None,
+        powers: Sequence[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.nursery = nursery
+        self.keys, self.genesis = make_genesis(validators, seed=seed, powers=powers)
+        self.config = config if config is not None else ConsensusConfig.for_tests()
+        self.network = SimNetwork(random.Random(seed))
+        self.oracle = Oracle()
+        self.nodes = [
+            SimNode(
+                name=f"v{i}",
+                key=key,
+                genesis=self.genesis,
+                config=self.config,
+                network=self.network,
+                oracle=self.oracle,
+                wal_dir=wal_dir,
+            )
+            for i, key in enumerate(self.keys)
+        ] + [
+            SimNode(
+                name=f"f{i}",
+                key=None,
+                genesis=self.genesis,
+                config=self.config,
+                network=self.network,
+                oracle=self.oracle,
+                wal_dir=wal_dir,
+            )
+            for i in range(followers)
+        ]
+        self.network.peer_ids = [node.peer_id for node in self.nodes]
+        self._txs = 0
+        nursery.start_soon(self.network.run)
+
+    def node(self, name: str) -> SimNode:
+        return next(n for n in self.nodes if n.peer_id == name)
+
+    async def start(self, nodes: Sequence[SimNode] | None = None) -> None:
+        for node in nodes if nodes is not None else self.nodes:
+            await node.start(self.nursery)
+
+    def add_tx(self) -> bytes:
+        self._txs += 1
+        tx = self._txs.to_bytes(8, "big")
+        for node in self.nodes:
+            node.app.add_transaction(tx)
+            if node.driver is not None:
+                node.driver.notify_transactions()
+        return tx
+
+    async def wait_height(
+        self, height: int, nodes: Sequence[SimNode] | None = None, *, timeout_s: float = 120
+    ) -> None:
+        """Wait (in simulated time) until ``nodes`` committed ``height``; fail after timeout."""
+        waiting = list(nodes if nodes is not None else self.nodes)
+        with trio.fail_after(timeout_s):
+            for node in waiting:
+                await node.app.wait_height(height)
 
 
 if __name__ == "__main__":

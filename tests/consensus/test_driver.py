@@ -1,0 +1,192 @@
+"""The trio driver on a simulated network under MockClock: input checks, pacing, sync, restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import trio
+
+from consensus import (
+    ConsensusConfig,
+    Envelope,
+    MessageKind,
+    PeerId,
+    Proposal,
+    Step,
+    Vote,
+    VoteType,
+    Wal,
+    WalRecord,
+    sign_message,
+)
+from consensus.testing import SimCluster, seeded_key
+from ledger import digest, encode
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from trio.testing import MockClock
+
+CHAIN = "test-chain"
+
+
+def envelope(message: Proposal | Vote) -> bytes:
+    kind = MessageKind.PROPOSAL if isinstance(message, Proposal) else MessageKind.VOTE
+    return encode(Envelope(kind, encode(message)))
+
+
+async def test_bad_input_is_dropped_and_counted_per_sender(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path)
+        await cluster.start()
+        keys = cluster.keys
+        target = cluster.nodes[0]
+        assert target.driver is not None
+        vset = target.driver.validators
+        good = sign_message(Vote(VoteType.PREVOTE, 1, 0, digest(b"x")), keys[1], CHAIN)
+        non_proposer = next(k for k in keys if k.address != vset.proposer(1, 0))
+        bad = {
+            "garbage": b"\x93not msgpack at all",
+            "garbage body": encode(Envelope(MessageKind.VOTE, b"\xc1")),
+            "unknown validator": envelope(
+                sign_message(Vote(VoteType.PREVOTE, 1, 0, b""), seeded_key(7, 7), CHAIN)
+            ),
+            "bad signature": envelope(dataclasses.replace(good, signature=b"\1" * 64)),
+            "other chain": envelope(
+                sign_message(Vote(VoteType.PREVOTE, 1, 0, b""), keys[1], "other-chain")
+            ),
+            "height 0": envelope(sign_message(Vote(VoteType.PREVOTE, 0, 0, b""), keys[1], CHAIN)),
+            "short hash": envelope(
+                sign_message(Vote(VoteType.PREVOTE, 1, 0, b"abc"), keys[1], CHAIN)
+            ),
+            "not the proposer": envelope(
+                sign_message(Proposal(1, 0, -1, digest(b"b"), b"b"), non_proposer, CHAIN)
+            ),
+            "non-canonical": envelope(good) + b"\x00",
+        }
+        inbox = cluster.network.inboxes[target.peer_id]
+        for data in bad.values():
+            inbox.send_nowait((PeerId("mallory"), data))
+        inbox.send_nowait((PeerId("carol"), envelope(good)))
+        with trio.fail_after(10):
+            # Polling a counter under the mock clock, with a deadline.
+            while target.driver.stats.messages_received < len(bad) + 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        stats = target.driver.stats
+        assert stats.bad_by_peer == {PeerId("mallory"): len(bad)}, (
+            f"each of {list(bad)} must be dropped and counted against mallory, "
+            f"and carol's good vote against no one: {stats.bad_by_peer}"
+        )
+        # The node is unharmed: the cluster still commits.
+        cluster.add_tx()
+        await cluster.wait_height(1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_network_makes_no_blocks_and_sends_nothing(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path)
+        await cluster.start()
+        await trio.sleep(30)  # simulated: 30 s with nothing to do
+        assert [n.app.height for n in cluster.nodes] == [0, 0, 0, 0], "no empty blocks"
+        assert cluster.network.stats.sent == 0, "an idle network gossips nothing"
+        cluster.add_tx()
+        await cluster.wait_height(1)
+        await trio.sleep(30)
+        heights = [n.app.height for n in cluster.nodes]
+        assert heights == [1, 1, 1, 1], f"one transaction makes one block, got {heights}"
+        statuses = [n.driver.status() for n in cluster.nodes if n.driver is not None]
+        assert all(s.step == Step.NEW_HEIGHT and s.height == 2 for s in statuses), statuses
+        nursery.cancel_scope.cancel()
+
+
+async def test_empty_block_interval_keeps_a_heartbeat(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(ConsensusConfig.for_tests(), empty_block_interval_ms=2000)
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path, config=config)
+        await cluster.start()
+        await trio.sleep(21)
+        heights = {n.app.height for n in cluster.nodes}
+        assert min(heights) >= 5, f"one block per ~2 s expected over 21 s, got {heights}"
+        assert max(heights) <= 11, f"no faster than the interval, got {heights}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_follower_verifies_and_catches_up_by_block_sync(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(ConsensusConfig.for_tests(), sync_blocks_max=2)
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path, followers=1, config=config)
+        validators, follower = cluster.nodes[:4], cluster.nodes[4]
+        await cluster.start(validators)
+        for height in range(1, 7):
+            cluster.add_tx()
+            await cluster.wait_height(height, validators)
+        await cluster.start([follower])
+        assert follower.driver is not None
+        saw_catching_up = False
+        with trio.fail_after(60):
+            while follower.app.height < 6 or follower.driver.status().catching_up:
+                saw_catching_up |= follower.driver.status().catching_up
+                await trio.sleep(0.01)
+        assert saw_catching_up, "a follower 6 blocks behind must report catching_up"
+        assert follower.disk.hashes == validators[0].disk.hashes, "follower chain must match"
+        assert follower.driver.stats.blocks_synced == 6
+        assert not follower.driver.status().is_validator
+        # Live blocks reach the follower too.
+        cluster.add_tx()
+        await cluster.wait_height(7)
+        nursery.cancel_scope.cancel()
+
+
+async def test_restarted_validator_never_signs_a_second_vote_for_a_logged_step(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path)
+        cluster.network.log = []
+        vset = cluster.nodes[0].validators
+        node = next(n for n in cluster.nodes if n.key and n.key.address != vset.proposer(1, 0))
+        assert node.key is not None
+        # The WAL of a validator that prevoted some block X in round 0, then crashed.
+        logged = sign_message(Vote(VoteType.PREVOTE, 1, 0, digest(b"X")), node.key, CHAIN)
+        with Wal.open(node.wal_path)[0] as wal:
+            wal.append(WalRecord(1, envelope(logged), b""))
+        await cluster.start()
+        cluster.add_tx()  # the proposer proposes a real block Y != X in round 0
+        await cluster.wait_height(1)
+        mine = [
+            m
+            for m in cluster.network.log
+            if isinstance(m, Vote)
+            and m.signer == node.key.address
+            and (m.height, m.round, m.vote_type) == (1, 0, VoteType.PREVOTE)
+        ]
+        assert all(m == logged for m in mine), (
+            f"after a restart the validator must stick to its logged prevote, sent {mine}"
+        )
+        assert all(n.disk.hashes[0] != digest(b"X") for n in cluster.nodes)
+        nursery.cancel_scope.cancel()
+
+
+async def test_single_validator_chain(autojump_clock: MockClock, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path, validators=1)
+        await cluster.start()
+        for height in range(1, 4):
+            cluster.add_tx()
+            await cluster.wait_height(height)
+        driver = cluster.nodes[0].driver
+        assert driver is not None
+        status = driver.status()
+        assert (status.last_committed_height, status.is_validator) == (3, True), status
+        assert not status.catching_up
+        nursery.cancel_scope.cancel()
