@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ledger
 from ledger import testing as factory
@@ -53,3 +55,34 @@ def test_garbage_is_not_a_genesis() -> None:
         ledger.Genesis.from_json(b"\xff{")
     with pytest.raises(ledger.InvalidGenesis, match="genesis must be a dict"):
         ledger.Genesis.from_json("[]")
+
+
+@given(
+    st.lists(
+        st.tuples(st.binary(min_size=32, max_size=32), st.integers(0, 2**50)),
+        max_size=8,
+        unique_by=lambda a: a[0],
+    ),
+    st.lists(
+        st.tuples(st.binary(min_size=32, max_size=32), st.integers(1, 2**32)),
+        min_size=1,
+        max_size=4,
+        unique_by=lambda v: v[0],
+    ),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz-0123456789", min_size=1, max_size=64),
+    st.integers(0, 2**62),
+)
+def test_genesis_json_and_codec_round_trip(
+    accounts: list[tuple[bytes, int]],
+    validators: list[tuple[bytes, int]],
+    chain_id: str,
+    time_ms: int,
+) -> None:
+    genesis = ledger.Genesis(
+        chain_id=chain_id,
+        genesis_time_ms=time_ms,
+        accounts=tuple(ledger.GenesisAccount(ledger.Address(a), b) for a, b in accounts),
+        validators=tuple(ledger.Validator(ledger.Address(a), p) for a, p in validators),
+    )
+    assert ledger.Genesis.from_json(genesis.to_json()) == genesis, "JSON round trip"
+    assert ledger.decode(ledger.Genesis, ledger.encode(genesis)) == genesis, "codec round trip"

@@ -144,3 +144,28 @@ def test_corrupt_bytes_in_the_store_are_a_clear_error(tmp_path: Path) -> None:
             reopened.load_state(GENESIS)
     finally:
         reopened.close()
+
+
+def test_invalid_transactions_in_a_committed_block_write_no_account_change(
+    store: ledger.Store,
+) -> None:
+    state = GENESIS.initial_state()
+    negative = ledger.sign_object(
+        ledger.Transfer(nonce=0, fee=0, recipient=PROVIDER.address, amount=-5),
+        REQUESTER,
+        GENESIS.chain_id,
+    )
+    forged = dataclasses.replace(factory.transfer(REQUESTER, 0, PROVIDER.address, 5), amount=50)
+    overspend = factory.transfer(REQUESTER, 0, PROVIDER.address, 50_001)
+    wrong_chain = factory.transfer(REQUESTER, 0, PROVIDER.address, 5, chain_id="elsewhere")
+    bad = [negative, forged, overspend, wrong_chain]
+    state, _, results = commit(store, state, *bad)
+    errors = [r.error for r in results.tx_results]
+    assert not any(r.ok for r in results.tx_results), errors
+    assert "outside" in errors[0] and "signature" in errors[1], errors
+    assert "balance" in errors[2] and "signature" in errors[3], errors
+    for key in (REQUESTER, PROVIDER):
+        assert store.account(key.address) == ledger.Account(50_000), "an invalid tx wrote"
+    for tx, error in zip(bad, errors, strict=True):
+        record = store.transaction(ledger.tx_hash(tx))
+        assert record is not None and record.error == error, "the failure is on record"
