@@ -5,9 +5,8 @@ Every type is a frozen dataclass encoded with the ledger's one canonical codec. 
 field beyond (height, round, block_hash, validator), so its signature can be checked again from a
 ``Commit`` that keeps only ``CommitSig(validator, signature)``.
 
-``CommitSig``, ``Commit`` and ``Validator`` mirror the ledger engineer's types field for field
-(same names, order and types, so the same canonical bytes); they live here until ``ledger.types``
-is committed, then these become re-exports.
+``CommitSig``, ``Commit`` and ``Validator`` are the ledger's own types, re-exported: a commit
+consensus builds is exactly what the ledger stores.
 """
 
 from __future__ import annotations
@@ -16,7 +15,10 @@ import dataclasses
 import enum
 from typing import ClassVar, NewType
 
-from ledger import Address  # noqa: TC001 (the codec resolves field hints at runtime)
+# Re-exported: the ledger owns the certificate and validator types.
+from ledger import Commit as Commit  # noqa: TC001
+from ledger import CommitSig as CommitSig
+from ledger import Validator as Validator  # noqa: TC001
 
 Height = NewType("Height", int)
 Round = NewType("Round", int)
@@ -45,28 +47,6 @@ class Step(enum.IntEnum):
     PREVOTE = 2
     PRECOMMIT = 3
     COMMIT = 4
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Validator:
-    address: Address
-    power: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CommitSig:
-    validator: bytes
-    signature: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Commit:
-    """>2/3 of the power's precommits for ``block_hash`` at (height, round)."""
-
-    height: int
-    round: int
-    block_hash: bytes
-    signatures: tuple[CommitSig, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
