@@ -478,11 +478,14 @@ def build_block(
     time_ms: int,
     proposer: bytes,
     txs: Sequence[Transaction],
+    *,
+    verified: Container[bytes] = (),
 ) -> Block:
     """The block a proposer publishes: ``txs`` in order, with the correct roots filled in.
 
     Transactions that fail are kept and recorded as failed when the block is applied; a
-    proposer should pass what ``Mempool.reap`` gave it, which already passed every check.
+    proposer should pass what ``Mempool.reap`` gave it, which already passed every check,
+    and ``verified=mempool`` so their signatures are not checked a second time.
     """
     draft = Block(
         chain_id=state.chain_id,
@@ -494,7 +497,7 @@ def build_block(
         state_root=b"",
         transactions=tuple(txs),
     )
-    new_state, _, hashes = _apply(state, draft, verify_signatures=True)
+    new_state, _, hashes = _apply(state, draft, verify_signatures=True, verified=verified)
     return dataclasses.replace(draft, tx_root=tx_root(hashes), state_root=new_state.root)
 
 
