@@ -9,6 +9,8 @@ handlers run on the trio side: ``call_into_trio`` posts them there with
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import hmac
 import logging
 import re
@@ -140,6 +142,17 @@ class HttpSide:
         self._connections: set[_Connection] = set()
         self._subscribers: dict[str, dict[str, _Connection]] = {}
         self._closers: set[asyncio.Task[None]] = set()
+        # Calls on their way to trio and outcomes on their way back; see _call_into_trio.
+        # Bounded by the calls in flight (requests_in_flight_max x batch_calls_max, plus the
+        # WebSocket equivalents); deque append/popleft are atomic across threads.
+        self._to_trio: collections.deque[tuple[Deliver, Method, dict[str, Any]]] = (
+            collections.deque()
+        )
+        self._to_trio_scheduled = False
+        self._from_trio: collections.deque[tuple[asyncio.Future[Outcome], Outcome]] = (
+            collections.deque()
+        )
+        self._from_trio_scheduled = False
 
     # -- thread-safe entry points -------------------------------------------------------------
 
@@ -314,23 +327,45 @@ class HttpSide:
 
     async def _call_into_trio(self, method: Method, kwargs: dict[str, Any]) -> Outcome:
         future: asyncio.Future[Outcome] = self._loop.create_future()
-
-        def resolve(outcome: Outcome) -> None:
-            if not future.done():
-                future.set_result(outcome)
-
-        def deliver(outcome: Outcome) -> None:
+        self._to_trio.append((functools.partial(self._deliver, future), method, kwargs))
+        # Each wake-up of the other loop is a socket write and a GIL hand-over, the dominant
+        # cost under load: calls queued while a drain is already scheduled ride along with it.
+        if not self._to_trio_scheduled:
+            self._to_trio_scheduled = True
             try:
-                self._loop.call_soon_threadsafe(resolve, outcome)
+                self._trio_token.run_sync_soon(self._drain_to_trio)
+            except trio.RunFinishedError:
+                self._to_trio_scheduled = False
+                while self._to_trio:
+                    deliver, _, _ = self._to_trio.popleft()
+                    deliver(Outcome.failure(SHUTTING_DOWN, "server is shutting down"))
+        return await future
+
+    def _drain_to_trio(self) -> None:
+        """On the trio thread: start every queued call (``spawn`` never raises)."""
+        # Cleared before draining: a call queued from now on schedules a fresh drain.
+        self._to_trio_scheduled = False
+        while self._to_trio:
+            deliver, method, kwargs = self._to_trio.popleft()
+            self._spawn(deliver, method, kwargs)
+
+    def _deliver(self, future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+        """On the trio thread: hand a call's outcome back, batching wake-ups like above."""
+        self._from_trio.append((future, outcome))
+        if not self._from_trio_scheduled:
+            self._from_trio_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_from_trio)
             except RuntimeError:
-                # The loop is closed: nobody is waiting for this answer any more.
+                # The loop is closed: nobody is waiting for these answers any more.
                 return
 
-        try:
-            self._trio_token.run_sync_soon(self._spawn, deliver, method, kwargs)
-        except trio.RunFinishedError:
-            return Outcome.failure(SHUTTING_DOWN, "server is shutting down")
-        return await future
+    def _drain_from_trio(self) -> None:
+        self._from_trio_scheduled = False
+        while self._from_trio:
+            future, outcome = self._from_trio.popleft()
+            if not future.done():
+                future.set_result(outcome)
 
     # -- WebSocket ----------------------------------------------------------------------------
 
