@@ -90,7 +90,6 @@ class Counters:
         self.subscriptions = 0
         self.notifications_queued = 0
         self.subscribers_dropped = 0
-        self.events_fanned_out = 0
         # trio thread.
         self.calls = 0
         self.call_failures = 0
@@ -153,6 +152,8 @@ class HttpSide:
             collections.deque()
         )
         self._from_trio_scheduled = False
+        self._events: collections.deque[tuple[str, str]] = collections.deque()
+        self._events_scheduled = False
 
     # -- thread-safe entry points -------------------------------------------------------------
 
@@ -181,10 +182,16 @@ class HttpSide:
         return bool(self._subscribers.get(topic))
 
     def publish_threadsafe(self, topic: str, payload_json: str) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(self._fan_out, topic, payload_json)
-        except RuntimeError:
+        """Queue an event for fan-out; False when the backlog is full or the loop is gone."""
+        if len(self._events) >= self._config.publish_backlog_max:
             return False
+        self._events.append((topic, payload_json))
+        if not self._events_scheduled:
+            self._events_scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain_events)
+            except RuntimeError:
+                return False
         return True
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -462,8 +469,12 @@ class HttpSide:
             self._counters.subscriptions -= 1
         conn.subscriptions.clear()
 
+    def _drain_events(self) -> None:
+        self._events_scheduled = False
+        while self._events:
+            self._fan_out(*self._events.popleft())
+
     def _fan_out(self, topic: str, payload_json: str) -> None:
-        self._counters.events_fanned_out += 1
         for subscription, conn in list(self._subscribers.get(topic, {}).items()):
             params = f'{{"subscription":{dumps(subscription)},"result":{payload_json}}}'
             try:

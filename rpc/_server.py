@@ -148,14 +148,10 @@ class RpcServer:
         http = self._http
         if http is None or not http.has_subscribers(topic):
             return False
-        c = self._counters
-        if c.events_published - c.events_fanned_out >= self.config.publish_backlog_max:
-            c.events_dropped += 1
+        if not http.publish_threadsafe(topic, dumps(payload)):
+            self._counters.events_dropped += 1
             return False
-        payload_json = dumps(payload)
-        if not http.publish_threadsafe(topic, payload_json):
-            return False
-        c.events_published += 1
+        self._counters.events_published += 1
         return True
 
     async def run(self, *, task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
