@@ -27,7 +27,7 @@ class TrioClock(ClockAPI):
             return self._wall_offset_ms + self.monotonic_ms()
         return time.time_ns() // 1_000_000
 
-    async def sleep_until_ms(self, deadline_ms: int) -> None:
+    def trio_deadline(self, deadline_ms: int) -> float:
         # Half a millisecond late, so that on waking ``monotonic_ms()`` (which truncates) has
         # reached the deadline; waking a hair early would spin without letting time advance.
-        await trio.sleep_until((deadline_ms + 0.5) / 1000)
+        return (deadline_ms + 0.5) / 1000

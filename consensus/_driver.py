@@ -569,18 +569,8 @@ class ConsensusDriver:
             await self._sleep_or_wake(deadline, self._timer_wake)
 
     async def _sleep_or_wake(self, deadline_ms: int, wake: trio.Event) -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def sleeper() -> None:
-                await self._clock.sleep_until_ms(deadline_ms)
-                nursery.cancel_scope.cancel()
-
-            async def waiter() -> None:
-                await wake.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(sleeper)
-            nursery.start_soon(waiter)
+        with trio.move_on_at(self._clock.trio_deadline(deadline_ms)):
+            await wake.wait()
 
     async def _pacer_loop(self) -> None:
         """Start idle heights when there is work; re-send our messages while a height is stuck."""

@@ -77,4 +77,6 @@ class ClockAPI(ABC):
     def wall_ms(self) -> int: ...
 
     @abstractmethod
-    async def sleep_until_ms(self, deadline_ms: int) -> None: ...
+    def trio_deadline(self, deadline_ms: int) -> float:
+        """The ``trio.current_time()`` at which ``monotonic_ms()`` reaches ``deadline_ms``: the
+        driver waits with trio cancel scopes, so trio's clock (a MockClock in tests) drives it."""
