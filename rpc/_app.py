@@ -230,9 +230,15 @@ class HttpSide:
             await self._stop.wait()
         finally:
             await runner.cleanup()
+            # Slow-subscriber closes still waiting on a full socket: the loop is about to close.
+            for closer in list(self._closers):
+                closer.cancel()
+            await asyncio.gather(*self._closers, return_exceptions=True)
 
     async def _close_websockets(self, _app: web.Application) -> None:
         async def close(conn: _Connection) -> None:
+            if not conn.ws.prepared:
+                return
             try:
                 async with asyncio.timeout(self._config.shutdown_timeout_s):
                     await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
@@ -388,14 +394,15 @@ class HttpSide:
             timeout=self._config.shutdown_timeout_s,
             heartbeat=self._config.websocket_heartbeat_s,
         )
-        await ws.prepare(request)
         conn = _Connection(ws, self._config.subscriber_queue_messages_max)
+        # Counted before the first await, so concurrent upgrades cannot overshoot the cap.
         self._connections.add(conn)
         self._counters.websocket_connections += 1
-        conn.writer = asyncio.create_task(self._write_loop(conn))
         in_flight = asyncio.Semaphore(self._config.websocket_calls_in_flight_max)
         tasks: set[asyncio.Task[None]] = set()
         try:
+            await ws.prepare(request)
+            conn.writer = asyncio.create_task(self._write_loop(conn))
             async for message in ws:
                 if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
@@ -410,7 +417,7 @@ class HttpSide:
             self._connections.discard(conn)
             self._counters.websocket_connections -= 1
             self._unsubscribe_all(conn)
-            pending = [*tasks, conn.writer]
+            pending = [*tasks, *([conn.writer] if conn.writer is not None else [])]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -440,6 +447,8 @@ class HttpSide:
             return Outcome.failure(NOT_SUPPORTED, f"{name} needs a WebSocket connection (/ws)")
         if name == "rpc_subscribe":
             topic = kwargs["topic"]
+            if conn.dropped:
+                return Outcome.failure(SUBSCRIPTION_LIMIT, "this connection is being closed")
             if not self._registry.has_topic(topic):
                 return Outcome.failure(
                     INVALID_PARAMS, f"invalid params: unknown topic {quote_method(topic)}"
