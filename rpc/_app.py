@@ -169,6 +169,10 @@ class HttpSide:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
+    def close_unstarted(self) -> None:
+        """Release the event loop of a thread that never started."""
+        self._loop.close()
+
     def request_stop(self) -> None:
         """Ask the HTTP thread to shut down (thread-safe, returns at once)."""
         try:

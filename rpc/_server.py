@@ -159,7 +159,6 @@ class RpcServer:
             raise RuntimeError("an RpcServer runs once; make a new one to serve again")
         self._started = True
         token = secrets.token_urlsafe(32)
-        write_file_atomic(self._cookie_path, token, cookie_mode)
         ready = trio.Event()
         reported: list[int | BaseException] = []
         trio_token = trio.lowlevel.current_trio_token()
@@ -192,6 +191,7 @@ class RpcServer:
         port_text: str | None = None
         startup_error: BaseException | None = None
         try:
+            write_file_atomic(self._cookie_path, token, cookie_mode)
             async with trio.open_nursery() as nursery:
                 self._calls = nursery
                 thread.start()
@@ -217,7 +217,9 @@ class RpcServer:
             self._http = None
             with trio.CancelScope(shield=True):
                 http.request_stop()
-                if thread.ident is not None:
+                if thread.ident is None:
+                    http.close_unstarted()
+                else:
                     timeout_s = self.config.shutdown_timeout_s * 2 + thread_join_grace_s
                     await trio.to_thread.run_sync(thread.join, timeout_s)
                     if thread.is_alive():

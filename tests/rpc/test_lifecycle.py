@@ -126,3 +126,11 @@ def test_config_validation() -> None:
         RpcConfig(batch_calls_max=0)
     with pytest.raises(ConfigError, match="call_timeout_s"):
         RpcConfig(call_timeout_s=-1.0)
+
+
+async def test_unwritable_cookie_path_fails_start_without_a_thread(tmp_path: Path) -> None:
+    server = RpcServer(MethodRegistry(), port=0, cookie_path=tmp_path / "missing" / "rpc.cookie")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(FileNotFoundError):
+            await nursery.start(server.run)
+    assert rpc_threads() == [], "no HTTP thread may be left after a failed start"
