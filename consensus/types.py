@@ -151,3 +151,17 @@ class ConsensusStatus:
     catching_up: bool
     best_known_height: int
     pending_evidence: int
+
+    def as_json(self) -> dict[str, object]:
+        """The ``consensus_status`` RPC result: plain JSON values, addresses in hex."""
+        return {
+            "height": self.height,
+            "round": self.round,
+            "step": self.step.name.lower(),
+            "last_committed_height": self.last_committed_height,
+            "validators": [{"address": v.address.hex(), "power": v.power} for v in self.validators],
+            "is_validator": self.is_validator,
+            "catching_up": self.catching_up,
+            "best_known_height": self.best_known_height,
+            "pending_evidence": self.pending_evidence,
+        }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import TYPE_CHECKING
 
 import trio
@@ -189,4 +190,8 @@ async def test_single_validator_chain(autojump_clock: MockClock, tmp_path: Path)
         status = driver.status()
         assert (status.last_committed_height, status.is_validator) == (3, True), status
         assert not status.catching_up
+        as_json = status.as_json()
+        assert json.loads(json.dumps(as_json)) == as_json, "status must be plain JSON"
+        assert as_json["height"] == 4
+        assert as_json["validators"] == [{"address": cluster.keys[0].address.hex(), "power": 1}]
         nursery.cancel_scope.cancel()
