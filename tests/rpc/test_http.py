@@ -22,6 +22,7 @@ from rpc import (
     SERVER_BUSY,
     UNAUTHORIZED,
     RpcCallError,
+    RpcClient,
     RpcConfig,
 )
 from tests.rpc.conftest import APP_ERROR_CODE, SECRET_DETAIL, Harness, start_harness
@@ -324,3 +325,24 @@ async def test_requests_in_flight_are_bounded(rpc: Harness) -> None:
 async def test_only_post_slash(rpc: Harness) -> None:
     status, _ = await rpc.post(req("node_add", [1]), path="/other")
     assert status == 404, f"POST /other gave HTTP {status}"
+
+
+async def test_client_batch_and_notify(rpc: Harness) -> None:
+    client = rpc.client()
+    results = await trio.to_thread.run_sync(
+        client.batch, [("node_add", [1, 2]), ("node_nope", None), ("node_echo", {"value": "v"})]
+    )
+    assert results[0] == 3, results
+    assert isinstance(results[1], RpcCallError), f"a failed entry is returned: {results!r}"
+    assert results[1].code == METHOD_NOT_FOUND, results[1]
+    assert results[2] == "v", results
+    await trio.to_thread.run_sync(client.notify, "job_record", ["by-notify"])
+    await rpc.recorder.wait_for(1)
+    assert rpc.recorder.values == ["by-notify"], rpc.recorder.values
+
+
+async def test_client_surfaces_http_refusals_as_call_errors(rpc: Harness) -> None:
+    client = RpcClient(f"http://127.0.0.1:{rpc.port}/", "wrong-token", timeout_s=5)
+    with pytest.raises(RpcCallError) as info:
+        await trio.to_thread.run_sync(client.call, "node_add", [1])
+    assert info.value.code == UNAUTHORIZED, info.value
