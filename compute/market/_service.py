@@ -91,6 +91,8 @@ seen_requests_max = 4096
 event_queue_max = 256
 event_subscribers_max = 16
 bids_in_flight_max = 16
+bid_windows_max = 2
+"""A bid window that closes with no bid at all is extended once before the job fails."""
 tx_submit_attempts_max = 3
 fetch_attempts_max = 5
 fetch_retry_s = 0.5
@@ -480,18 +482,22 @@ class MarketService:
         job_id = record.job_id
         self._bid_inbox.setdefault(job_id, [])
         payload = ledger.encode(request)
-        await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
-        # Gossip is best effort (a mesh still forming drops messages): send the request once
-        # more half way through the window. Providers ignore a request they have seen.
-        await trio.sleep(request.bid_window_ms / 2000)
-        await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
-        await trio.sleep(request.bid_window_ms / 2000)
+        # Gossip is best effort (a mesh still forming, a loaded peer): the request goes out
+        # again half way through the window, and a window with no bid at all is extended
+        # once. Providers bid once per job id, so a repeat costs one gossip message.
+        for _ in range(bid_windows_max):
+            await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+            await trio.sleep(request.bid_window_ms / 2000)
+            await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+            await trio.sleep(request.bid_window_ms / 2000)
+            if self._bid_inbox.get(job_id):
+                break
         received = self._bid_inbox.pop(job_id, [])
         if not received:
             self._finish(
                 record,
                 JobState.FAILED,
-                f"no bids within the {request.bid_window_ms} ms window for "
+                f"no bids within {bid_windows_max} windows of {request.bid_window_ms} ms for "
                 f"{request.requirements.describe()} at <= {request.max_price_per_gpu_second}",
             )
             return
@@ -1093,6 +1099,8 @@ class MarketService:
         if now + record.request.max_wall_ms + restart_rerun_margin_ms >= record.terms.deadline_ms:
             self._finish(record, JobState.FAILED, "interrupted by a restart; no time to re-run")
             return
+        # Stamp the second start explicitly: the state itself stays RUNNING.
+        record = self._update(record, stamps=(*record.stamps, Stamp(JobState.RUNNING, now)))
         job_dir = provider.executor.job_dir(exec_id(record.attempt_job_id))
         if job_dir.exists():
             await trio.to_thread.run_sync(
@@ -1105,7 +1113,8 @@ class MarketService:
         assert provider is not None
         self._ensure_allocation(record)
         spec = await self._fetch_spec(record)
-        record = self._update(record, state=JobState.RUNNING)
+        if record.state is not JobState.RUNNING:
+            record = self._update(record, state=JobState.RUNNING)
         self._nursery_start(self._notify_running, record)
         aid = record.attempt_job_id
         allocation = provider.allocator.allocation(exec_id(aid))

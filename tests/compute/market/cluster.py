@@ -130,6 +130,7 @@ class Node:
     store: JobStore | None = None
     service: MarketService | None = None
     service_scope: trio.CancelScope | None = None
+    service_stopped: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     @property
     def market(self) -> MarketService:
@@ -163,20 +164,43 @@ class Cluster:
         node.service_scope = scope
         service = node.service
 
+        stopped = trio.Event()
+        node.service_stopped = stopped
+
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await service.run(task_status=task_status)
+            try:
+                with scope:
+                    await service.run(task_status=task_status)
+            finally:
+                stopped.set()
 
         await self.nursery.start(run)
 
     async def stop_service(self, node: Node) -> None:
         assert node.service_scope is not None and node.store is not None
         node.service_scope.cancel()
-        # Let the cancelled tasks unwind (the executor kills its job on the way out).
-        await trio.testing.wait_all_tasks_blocked()
+        # The service's nursery unwinds first (the executor kills its job on the way out).
+        await node.service_stopped.wait()
         node.store.close()
         node.service = None
         node.store = None
+
+    def diagnostics(self) -> str:
+        lines = []
+        for n in self.nodes:
+            market = n.service.statistics() if n.service is not None else "stopped"
+            topics = {
+                t.rsplit("/", 2)[-2]: (v["in_total"], v["out_total"], v["dropped_queue_full"])
+                for t, v in n.mesh.statistics()["topics"].items()
+            }
+            lines.append(f"node {n.index}: peers {n.mesh.peer_count()} {market} {topics}")
+        return "\n".join(lines)
+
+    async def stop_node(self, node: Node) -> None:
+        """The node vanishes: its market service, offers and mesh stop, no goodbye."""
+        await self.stop_service(node)
+        for scope in node.scopes:
+            scope.cancel()
 
     async def wait_state(
         self,
@@ -194,7 +218,7 @@ class Cluster:
             if state.terminal and state not in states:
                 raise AssertionError(
                     f"job ended {state.label}, not {sorted(s.label for s in states)}: "
-                    f"{node.market.get(job_id, role).to_json()}"
+                    f"{node.market.get(job_id, role).to_json()}\n{self.diagnostics()}"
                 )
             return state in states
 

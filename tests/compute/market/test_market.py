@@ -10,12 +10,14 @@ import trio
 from compute.market import (
     JobState,
     JobSubmission,
+    MarketConfig,
     Requirements,
     Role,
     Unsatisfiable,
 )
 from ledger import TradeStatus
-from tests.compute.market.cluster import BALANCE, open_cluster
+from p2p.testing import wait_until
+from tests.compute.market.cluster import BALANCE, now_ms, open_cluster
 
 GiB = 1024**3
 COPY_JOB = (
@@ -95,3 +97,116 @@ async def test_unsatisfiable_job_fails_fast_naming_the_requirement(tmp_path: Pat
         with pytest.raises(Unsatisfiable, match="model H100"):
             await market.submit(copy_job(b"x", requirements=Requirements(gpus=1, model="H100")))
         assert market.list() == [], "a refused submission must leave no job behind"
+
+
+async def test_outputs_not_matching_the_receipt_are_caught(tmp_path: Path) -> None:
+    # Provider 1 (the cheapest) serves tampered output bytes over the wire.
+    async with open_cluster(tmp_path, tampering=frozenset({1})) as cluster:
+        requester = cluster.requester
+        cheater = cluster.nodes[1].key.address
+        record = await requester.market.submit(copy_job(b"honest bytes\n"))
+        record = await cluster.wait_state(requester, record.job_id, {JobState.OUTPUT_MISMATCH}, 60)
+        assert record.terms is not None and record.terms.provider == cheater, "cheapest won"
+        assert "SHA-256" in record.error, f"the mismatch reason is not recorded: {record.error}"
+        stats = requester.store.provider_stats(cheater) if requester.store else None
+        assert stats is not None and stats.mismatched == 1, f"reputation not lowered: {stats}"
+        # With the reputation strategy the cheater, still cheapest, is no longer chosen.
+        again = await requester.market.submit(copy_job(b"second\n", strategy="reputation"))
+        again = await cluster.wait_state(requester, again.job_id, {JobState.DONE}, 60)
+        assert again.terms is not None and again.terms.provider != cheater, (
+            "the reputation strategy picked the provider caught with bad outputs"
+        )
+
+
+async def test_cancel_kills_the_running_job_and_refunds_the_escrow(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        requester = cluster.requester
+        provider = cluster.nodes[1]
+        record = await requester.market.submit(
+            copy_job(b"", argv=("sleep", "30"), inputs=(), max_wall_ms=40_000)
+        )
+        await cluster.wait_state(requester, record.job_id, {JobState.RUNNING}, 30)
+        assert provider.provider is not None
+        assert provider.provider.allocator.allocations(), "the provider holds no slot for the job"
+        record = await requester.market.cancel(record.job_id)
+        assert record.state is JobState.CANCELLED, f"cancel ended {record.to_json()}"
+        trade = cluster.chain.trade(record.attempt_job_id)
+        assert trade is not None and trade.status is TradeStatus.CANCELLED, f"trade: {trade}"
+        account = cluster.chain.account(requester.key.address)
+        assert (account.balance, account.locked) == (BALANCE, 0), f"escrow not returned: {account}"
+        side = await cluster.wait_state(
+            provider, record.attempt_job_id, {JobState.CANCELLED}, 10, role=Role.PROVIDER
+        )
+        assert side.result is None, "a cancelled job must not have run to completion"
+        await wait_until(
+            lambda: not provider.provider.allocator.allocations(),  # type: ignore[union-attr]
+            10,
+            "the provider frees the killed job's slots",
+        )
+
+
+async def test_vanished_provider_is_refunded_and_the_job_retried_elsewhere(
+    tmp_path: Path,
+) -> None:
+    config = MarketConfig.for_tests(attempt_slack_ms=2_000)
+    async with open_cluster(tmp_path, config=config) as cluster:
+        requester = cluster.requester
+        gone = cluster.nodes[1]
+        record = await requester.market.submit(
+            copy_job(
+                b"retried\n",
+                argv=("sh", "-c", 'sleep 1; cp in.txt "$GPUMESH_OUTPUT_DIR/out.txt"'),
+                max_wall_ms=3_000,
+                deadline_ms=now_ms() + 60_000,
+            )
+        )
+        await cluster.wait_state(gone, record.job_id, {JobState.RUNNING}, 30, role=Role.PROVIDER)
+        first_attempt = record.attempt_job_id
+        await cluster.stop_node(gone)
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        trade = cluster.chain.trade(first_attempt)
+        assert trade is not None and trade.status is TradeStatus.REFUNDED, f"first trade {trade}"
+        assert record.attempt == 1 and record.terms is not None, f"not retried: {record.to_json()}"
+        assert record.terms.provider != gone.key.address, "retried with the vanished provider"
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"out.txt": b"retried\n"}, f"outputs {result.outputs}"
+        assert requester.store is not None
+        stats = requester.store.provider_stats(gone.key.address)
+        assert stats.refunded == 1, f"the missed deadline is not counted: {stats}"
+        assert cluster.chain.account(requester.key.address).locked == 0, "escrow left locked"
+
+
+async def test_requester_restart_resumes_the_job(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        requester = cluster.requester
+        record = await requester.market.submit(
+            copy_job(b"survives\n", argv=("sh", "-c", 'sleep 1; cp in.txt "$GPUMESH_OUTPUT_DIR/o"'))
+        )
+        await cluster.wait_state(requester, record.job_id, {JobState.RUNNING}, 30)
+        await cluster.stop_service(requester)
+        await cluster.start_service(requester)
+        assert requester.market.get(record.job_id).state is JobState.RUNNING, "state not reloaded"
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"o": b"survives\n"}, f"outputs {result.outputs}"
+
+
+async def test_provider_restart_reruns_the_interrupted_job(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        requester = cluster.requester
+        provider = cluster.nodes[1]
+        record = await requester.market.submit(
+            copy_job(b"rerun\n", argv=("sh", "-c", 'sleep 1; cp in.txt "$GPUMESH_OUTPUT_DIR/o"'))
+        )
+        aid = record.attempt_job_id
+        await cluster.wait_state(provider, aid, {JobState.RUNNING}, 30, role=Role.PROVIDER)
+        await cluster.stop_service(provider)
+        assert provider.provider is not None
+        assert not provider.provider.allocator.allocations(), "the killed job kept its slots"
+        await cluster.start_service(provider)
+        side = await cluster.wait_state(provider, aid, {JobState.DONE}, 60, role=Role.PROVIDER)
+        running = [s for s in side.stamps if s.state is JobState.RUNNING]
+        assert len(running) == 2, f"the job was not re-run after the restart: {side.stamps}"
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"o": b"rerun\n"}, f"outputs {result.outputs}"
