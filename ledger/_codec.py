@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from ledger.exceptions import DecodeError
+from ledger.exceptions import DecodeError, LedgerError
 
 T = TypeVar("T")
 
@@ -164,92 +164,185 @@ def _tagged_variants(tp: Any, args: tuple[Any, ...]) -> dict[int, type] | None:
     return variants
 
 
-def _fail(path: str, expected: str, got: Any) -> typing.NoReturn:
-    raise DecodeError(f"{path}: expected {expected}, got {type(got).__name__}")
+class _Mismatch(Exception):
+    """A compiled decoder's failure; carries the path from the failing value up to the root."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.parts: list[str] = []
 
 
-def from_plain(tp: Any, value: Any, path: str = "$") -> Any:
-    """Rebuild a value of type ``tp`` from msgpack-decoded data, checking every type."""
+Decoder = typing.Callable[[Any], Any]
+_compiled: dict[Any, Decoder] = {}
+
+
+def _decoder(tp: Any) -> Decoder:
+    """A function that checks msgpack-decoded data and rebuilds it as ``tp``. Every type
+    question is answered once per type, when the decoder is built, not once per value."""
+    found = _compiled.get(tp)
+    if found is None:
+        found = _compile(tp)
+        _compiled[tp] = found
+    return found
+
+
+def _type_check(kind: type, label: str) -> Decoder:
+    def check(value: Any) -> Any:
+        if type(value) is not kind:
+            raise _Mismatch(f"expected {label}, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def _compile(tp: Any) -> Decoder:
     supertype = getattr(tp, "__supertype__", None)
     if supertype is not None:  # typing.NewType
-        return from_plain(supertype, value, path)
+        return _decoder(supertype)
     if tp is Any:
-        return value
+        return lambda value: value
     if tp is type(None) or tp is None:
-        if value is not None:
-            _fail(path, "nil", value)
-        return None
+        return _type_check(type(None), "nil")
     if tp is bool:
-        if not isinstance(value, bool):
-            _fail(path, "bool", value)
-        return value
-    if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
-        if not isinstance(value, int) or isinstance(value, bool):
-            _fail(path, tp.__name__, value)
-        try:
-            return tp(value)
-        except ValueError:
-            raise DecodeError(f"{path}: {value} is not a valid {tp.__name__}") from None
+        return _type_check(bool, "bool")
     if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            _fail(path, "int", value)
-        return value
+        return _type_check(int, "int")  # msgpack yields exact ints; bools are not ints here
     if tp is str:
-        if not isinstance(value, str):
-            _fail(path, "str", value)
-        return value
+        return _type_check(str, "str")
     if tp is bytes:
-        if not isinstance(value, bytes):
-            _fail(path, "bytes", value)
-        return value
+        return _type_check(bytes, "bytes")
+    if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
+        members = {int(m): m for m in tp}
+        name = tp.__name__
+
+        def enum_member(value: Any) -> Any:
+            if type(value) is not int:
+                raise _Mismatch(f"expected {name}, got {type(value).__name__}")
+            member = members.get(value)
+            if member is None:
+                raise _Mismatch(f"{value} is not a valid {name}")
+            return member
+
+        return enum_member
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        hints = _field_hints(tp)
-        if not isinstance(value, list) or len(value) != len(hints):
-            raise DecodeError(f"{path}: expected {tp.__name__} with {len(hints)} fields")
-        kwargs = {
-            name: from_plain(hint, item, f"{path}.{name}")
-            for (name, hint), item in zip(hints, value, strict=True)
-        }
-        try:
-            return tp(**kwargs)
-        except (ValueError, TypeError) as exc:  # a __post_init__ check refused the values
-            raise DecodeError(f"{path}: invalid {tp.__name__}: {exc}") from exc
+        return _compile_dataclass(tp)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        tagged = _tagged_variants(tp, args)
-        if tagged is not None:
-            # A union of kinds (transactions): the first field names the variant, so the
-            # decoder dispatches on it instead of trying every variant in turn.
-            if not isinstance(value, list) or not value or not isinstance(value[0], int):
-                raise DecodeError(f"{path}: expected an array that starts with a kind number")
-            variant = tagged.get(value[0])
-            if variant is None:
-                raise DecodeError(f"{path}: unknown kind {value[0]}")
-            return from_plain(variant, value, path)
-        errors = []
-        for arg in args:
-            try:
-                return from_plain(arg, value, path)
-            except DecodeError as exc:
-                errors.append(str(exc))
-        raise DecodeError(f"{path}: no variant matched ({'; '.join(errors)})")
+        return _compile_union(tp, args)
     if origin is tuple:
-        if not isinstance(value, list):
-            _fail(path, "array", value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(from_plain(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise DecodeError(f"{path}: expected {len(args)} items, got {len(value)}")
-        return tuple(
-            from_plain(a, v, f"{path}[{i}]")
-            for i, (a, v) in enumerate(zip(args, value, strict=True))
-        )
+        return _compile_tuple(args)
     if origin is typing.Literal:
-        if value not in args:
-            raise DecodeError(f"{path}: {value!r} is not one of {args}")
-        return value
-    raise TypeError(f"{path}: type {tp!r} is not supported by the canonical codec")
+
+        def literal(value: Any) -> Any:
+            if value not in args:
+                raise _Mismatch(f"{value!r} is not one of {args}")
+            return value
+
+        return literal
+    raise TypeError(f"type {tp!r} is not supported by the canonical codec")
+
+
+def _compile_dataclass(cls: type) -> Decoder:
+    hints = _field_hints(cls)
+    names = [name for name, _ in hints]
+    count = len(hints)
+    label = f"expected {cls.__name__} with {count} fields"
+    # Filled in on first use: a dataclass may refer to itself or to one not compiled yet.
+    field_decoders: list[Decoder] = []
+
+    def build(value: Any) -> Any:
+        if type(value) is not list or len(value) != count:
+            raise _Mismatch(label)
+        if not field_decoders:
+            field_decoders.extend(_decoder(hint) for _, hint in hints)
+        kwargs = {}
+        for name, decode_field, item in zip(names, field_decoders, value, strict=True):
+            try:
+                kwargs[name] = decode_field(item)
+            except _Mismatch as exc:
+                exc.parts.append(f".{name}")
+                raise
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError, LedgerError) as exc:  # __post_init__ refused the values
+            raise _Mismatch(f"invalid {cls.__name__}: {exc}") from exc
+
+    return build
+
+
+def _compile_union(tp: Any, args: tuple[Any, ...]) -> Decoder:
+    tagged = _tagged_variants(tp, args)
+    if tagged is not None:
+        variants = {kind: _decoder(cls) for kind, cls in tagged.items()}
+
+        def by_kind(value: Any) -> Any:
+            if type(value) is not list or not value or type(value[0]) is not int:
+                raise _Mismatch("expected an array that starts with a kind number")
+            variant = variants.get(value[0])
+            if variant is None:
+                raise _Mismatch(f"unknown kind {value[0]}")
+            return variant(value)
+
+        return by_kind
+    options = [_decoder(arg) for arg in args]
+
+    def first_match(value: Any) -> Any:
+        errors = []
+        for option in options:
+            try:
+                return option(value)
+            except _Mismatch as exc:
+                errors.append("$" + "".join(reversed(exc.parts)) + ": " + exc.message)
+        raise _Mismatch(f"no variant matched ({'; '.join(errors)})")
+
+    return first_match
+
+
+def _compile_tuple(args: tuple[Any, ...]) -> Decoder:
+    if len(args) == 2 and args[1] is Ellipsis:
+        item_decoder = _decoder(args[0])
+
+        def homogeneous(value: Any) -> Any:
+            if type(value) is not list:
+                raise _Mismatch(f"expected array, got {type(value).__name__}")
+            items = []
+            for index, item in enumerate(value):
+                try:
+                    items.append(item_decoder(item))
+                except _Mismatch as exc:
+                    exc.parts.append(f"[{index}]")
+                    raise
+            return tuple(items)
+
+        return homogeneous
+    decoders = [_decoder(a) for a in args]
+
+    def fixed(value: Any) -> Any:
+        if type(value) is not list:
+            raise _Mismatch(f"expected array, got {type(value).__name__}")
+        if len(value) != len(decoders):
+            raise _Mismatch(f"expected {len(decoders)} items, got {len(value)}")
+        items = []
+        for index, (decode_item, item) in enumerate(zip(decoders, value, strict=True)):
+            try:
+                items.append(decode_item(item))
+            except _Mismatch as exc:
+                exc.parts.append(f"[{index}]")
+                raise
+        return tuple(items)
+
+    return fixed
+
+
+def decode_plain(tp: Any, value: Any) -> Any:
+    """Rebuild a value of type ``tp`` from msgpack-decoded data, checking every type."""
+    try:
+        return _decoder(tp)(value)
+    except _Mismatch as exc:
+        path = "$" + "".join(reversed(exc.parts))
+        raise DecodeError(f"{path}: {exc.message}") from None
 
 
 def unpack(data: bytes, *, max_bytes: int = message_bytes_max) -> Any:
@@ -278,7 +371,7 @@ def unpack(data: bytes, *, max_bytes: int = message_bytes_max) -> Any:
 
 def decode(cls: type[T], data: bytes, *, max_bytes: int = message_bytes_max) -> T:
     """Decode canonical bytes into ``cls``; raise ``DecodeError`` on anything else."""
-    value: T = from_plain(cls, unpack(data, max_bytes=max_bytes), "$")
+    value: T = decode_plain(cls, unpack(data, max_bytes=max_bytes))
     if encode(value) != bytes(data):
         raise DecodeError(f"{getattr(cls, '__name__', cls)}: bytes are not in canonical form")
     return value

@@ -244,3 +244,25 @@ def test_a_failed_encode_leaves_no_bytes_behind() -> None:
     with pytest.raises(OverflowError, match="64 bits"):
         ledger.encode([b"half", 2**64])
     assert ledger.encode(tx) == slow_encode(tx), "bytes of a failed encode leaked into the next"
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.binary(max_size=40)
+    | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=10),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300)
+@given(msgpack_values, st.sampled_from([ledger.Transaction, ledger.Block, ledger.Commit]))
+def test_arbitrary_msgpack_gives_a_decode_error_or_a_valid_object(value: Any, cls: Any) -> None:
+    data = msgpack.packb(value, use_bin_type=True)
+    try:
+        decoded = ledger.decode(cls, data)
+    except ledger.DecodeError:
+        return
+    assert ledger.encode(decoded) == data, "decode accepted bytes that are not canonical"
