@@ -82,6 +82,10 @@ timers_max = 1024
 peers_scored_max = 4096
 """Peers whose bad-message counts are kept; beyond that they are pooled under one key."""
 sync_request_bytes_max = 64
+sync_bursts_max = 1000
+"""Back-to-back sync requests while catching up before pausing one interval."""
+sync_idle_factor = 10
+"""An idle node (no height in progress) polls peers for blocks this many times less often."""
 actions_per_event_max = 100_000
 _other_peers = PeerId("*other*")
 verified_cache_max = 8192
@@ -604,15 +608,24 @@ class ConsensusDriver:
 
     async def _sync_loop(self) -> None:
         config = self.config
+        # Ask once at start: a node joining (or restarting into) a quiet chain learns the head
+        # without waiting for the next block's gossip.
+        for _ in range(sync_bursts_max):
+            if not (await self._sync_once() and self.catching_up):
+                break
         while True:
             self._sync_wake = trio.Event()
             now = self._clock.monotonic_ms()
-            stuck = now - self._height_since_ms >= config.sync_interval_ms
-            if self.catching_up or stuck or not self.is_validator:
-                progressed = await self._sync_once()
-                if progressed and self.catching_up:
-                    continue
-            await self._sleep_or_wake(now + config.sync_interval_ms, self._sync_wake)
+            interval = config.sync_interval_ms
+            if self._engine.step == Step.NEW_HEIGHT and not self.catching_up:
+                # Idle and, as far as we know, at the head: a peer that moves on will gossip
+                # the next height and wake us, so poll rarely.
+                interval *= sync_idle_factor
+            if self.catching_up or now - self._height_since_ms >= interval:
+                for _ in range(sync_bursts_max):
+                    if not (await self._sync_once() and self.catching_up):
+                        break
+            await self._sleep_or_wake(now + interval, self._sync_wake)
 
     async def _sync_once(self) -> bool:
         """Ask one peer for the blocks after ours; True if it had some."""

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 class ApplicationAPI(ABC):
     """The replicated application (ABCI-like): the ledger in production.
 
-    Blocks are opaque bytes to consensus; the application names each by its hash. Every method
-    may be called only from the driver's one task, so none runs concurrently with another.
+    Blocks are opaque bytes to consensus; the application names each by its hash. The async
+    methods except ``load_block`` are called from the driver's one event-loop task, never
+    concurrently with each other; ``load_block`` serves peers' sync requests from their handler
+    tasks and only reads committed blocks; ``has_transactions`` is a cheap synchronous check.
     """
 
     @abstractmethod
