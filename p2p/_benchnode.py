@@ -192,8 +192,6 @@ async def _main(args: argparse.Namespace) -> None:
         backoff_initial_ms=args.dial_backoff_ms[0],
         backoff_max_ms=args.dial_backoff_ms[1],
         dht_walk_fast_interval_ms=500,
-        dht_walk_fast_count=20,
-        dht_walk_interval_ms=5_000,
     )
     mesh = Mesh(bytes.fromhex(args.seed_hex), args.chain, config)
     state = _State(args.index, args.rate, args.size, args.print_recv)

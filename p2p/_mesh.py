@@ -484,37 +484,48 @@ class Mesh(MeshAPI):
         candidate.next_attempt = trio.current_time() + backoff_ms / 1000 * random.uniform(0.8, 1.2)
 
     async def _dht_walk_loop(self) -> None:
+        # Walks are expensive for everyone (each opens streams to ~k peers) and measurably
+        # delay gossip while they run, so the interval adapts: fast while walks keep finding
+        # new peers, doubling up to dht_walk_interval_ms once they stop.
         assert self._dht is not None
-        walks = 0
+        interval_ms = self.config.dht_walk_fast_interval_ms
         while True:
-            fast = walks < self.config.dht_walk_fast_count
-            interval_ms = (
-                self.config.dht_walk_fast_interval_ms if fast else self.config.dht_walk_interval_ms
-            )
             await trio.sleep(interval_ms / 1000)
             if not self._connected:
                 continue
-            walks += 1
-            self._counters["dht_walks"] += 1
-            # Look up ourselves on alternate walks (fills our neighbourhood) and a random key
-            # otherwise (reaches the far buckets), as Kademlia's bucket refresh does.
-            key = self._id.to_bytes() if walks % 2 else os.urandom(32)
-            found: list[ID] = []
-            with trio.move_on_after(self.config.dial_timeout_ms / 1000):
-                try:
-                    found = await self._dht.peer_routing.find_closest_peers_network(key)
-                except (BaseLibp2pError, OSError) as exc:
-                    self._counters["dht_walk_failures"] += 1
-                    logger.debug("DHT walk failed: %s", exc)
-            store = self._host.get_peerstore()
-            for peer in [*found, *self._dht.routing_table.get_peer_ids()]:
-                if peer in self._candidates or peer == self._id:
-                    continue
-                try:
-                    addrs = list(store.addrs(peer))
-                except BaseLibp2pError:
-                    continue
+            found_new = await self._dht_walk()
+            if found_new:
+                interval_ms = self.config.dht_walk_fast_interval_ms
+            else:
+                interval_ms = min(2 * interval_ms, self.config.dht_walk_interval_ms)
+
+    async def _dht_walk(self) -> bool:
+        """One lookup; feeds unknown peers to the dial loop. True if any was new."""
+        assert self._dht is not None
+        self._counters["dht_walks"] += 1
+        # Alternate our own id (fills our neighbourhood) with random keys (the far buckets),
+        # as Kademlia's bucket refresh does.
+        key = self._id.to_bytes() if self._counters["dht_walks"] % 2 else os.urandom(32)
+        found: list[ID] = []
+        with trio.move_on_after(self.config.dial_timeout_ms / 1000):
+            try:
+                found = await self._dht.peer_routing.find_closest_peers_network(key)
+            except (BaseLibp2pError, OSError) as exc:
+                self._counters["dht_walk_failures"] += 1
+                logger.debug("DHT walk failed: %s", exc)
+        store = self._host.get_peerstore()
+        new = False
+        for peer in [*found, *self._dht.routing_table.get_peer_ids()]:
+            if peer in self._candidates or peer == self._id:
+                continue
+            try:
+                addrs = list(store.addrs(peer))
+            except BaseLibp2pError:
+                continue
+            if addrs:
                 self._add_candidate(peer, addrs, PeerSource.DHT)
+                new = True
+        return new
 
     def _on_mdns_thread(self, info: Libp2pPeerInfo) -> None:
         # Runs on zeroconf's thread: hand the peer to trio and let the dial loop connect.

@@ -30,11 +30,10 @@ class P2PConfig:
     dials_in_flight_max: int = 8
     backoff_initial_ms: int = 500
     backoff_max_ms: int = 30_000
-    dht_walk_interval_ms: int = 10_000
-    """How often a random-walk lookup feeds new DHT peers into the dial candidates."""
+    dht_walk_interval_ms: int = 60_000
+    """The slowest a lookup walk runs, once walks stop finding new peers."""
     dht_walk_fast_interval_ms: int = 1_000
-    dht_walk_fast_count: int = 10
-    """The first walks run this often, so a fresh node fills its peer table quickly."""
+    """The walk interval while walks keep finding new peers (it doubles after each dry one)."""
 
     gossip_degree: int = 6
     gossip_degree_low: int = 4
@@ -109,7 +108,7 @@ class P2PConfig:
             "dial_interval_ms": 200,
             "backoff_initial_ms": 200,
             "backoff_max_ms": 2_000,
-            "dht_walk_interval_ms": 2_000,
+            "dht_walk_interval_ms": 5_000,
             "dht_walk_fast_interval_ms": 300,
             "gossip_heartbeat_ms": 200,
             "request_timeout_s_default": 5.0,
