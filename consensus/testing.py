@@ -203,6 +203,7 @@ class SimNetwork:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.drop_rate = 0.0
+        self.duplicate_rate = 0.0
         self.delay_ms = (1, 20)
         self.groups: list[frozenset[PeerId]] | None = None
         self.inboxes: dict[PeerId, trio.MemorySendChannel[tuple[PeerId, bytes]]] = {}
@@ -253,8 +254,14 @@ class SimNetwork:
         if not self.connected(src, dst) or self.rng.random() < self.drop_rate:
             self.stats.dropped += 1
             return
+        self._schedule(trio.current_time() + self._delay_s(), src, dst, data)
+        if self.rng.random() < self.duplicate_rate:
+            # Gossip re-delivers, sometimes seconds late (py-libp2p replays old messages to a
+            # restarted peer): the copy arrives up to 5 s after the original.
+            self._schedule(trio.current_time() + self.rng.uniform(0, 5), src, dst, data)
+
+    def _schedule(self, deadline: float, src: PeerId, dst: PeerId, data: bytes) -> None:
         self._seq += 1
-        deadline = trio.current_time() + self._delay_s()
         heapq.heappush(self._heap, (deadline, self._seq, src, dst, data))
         self._wake.set()
         if self._scope is not None and deadline < self._scope.deadline:
@@ -517,6 +524,7 @@ async def simulate(
     chaos = chaos_ms if chaos_ms is not None else rng.randint(2_000, 12_000)
     network.drop_rate = rng.choice((0.0, 0.05, 0.2, 0.4))
     network.delay_ms = (1, rng.choice((10, 50, 300)))
+    network.duplicate_rate = rng.choice((0.0, 0.05, 0.2))
     tx_counter = 0
 
     def add_tx() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from consensus.testing import SimResult, replay_command, run_seed
 
-SEEDS = int(os.environ.get("GPUMESH_SIM_SEEDS", "100"))
+SEEDS = int(os.environ.get("GPUMESH_SIM_SEEDS", "80"))
 SEED_START = int(os.environ.get("GPUMESH_SIM_SEED_START", "0"))
 
 
