@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 import trio.testing
@@ -197,6 +197,10 @@ class NetworkStatistics:
     dropped: int = 0
 
 
+class SyncServer(Protocol):
+    async def handle_request(self, peer: PeerId, data: bytes) -> bytes: ...
+
+
 class SimNetwork:
     """Seeded message delivery: random loss and delay (hence reordering), partitions, crashes."""
 
@@ -207,7 +211,8 @@ class SimNetwork:
         self.delay_ms = (1, 20)
         self.groups: list[frozenset[PeerId]] | None = None
         self.inboxes: dict[PeerId, trio.MemorySendChannel[tuple[PeerId, bytes]]] = {}
-        self.drivers: dict[PeerId, ConsensusDriver] = {}
+        self.drivers: dict[PeerId, SyncServer] = {}
+        """Who answers block-sync requests sent to a peer (its driver, or a test's impostor)."""
         self.peer_ids: list[PeerId] = []
         self.stats = NetworkStatistics()
         self.sent_by_slot: dict[tuple[bytes, int, int, int], bytes] = {}
@@ -242,6 +247,9 @@ class SimNetwork:
     def connected(self, a: PeerId, b: PeerId) -> bool:
         if a not in self.inboxes or b not in self.inboxes:
             return False
+        return self._same_side(a, b)
+
+    def _same_side(self, a: PeerId, b: PeerId) -> bool:
         if self.groups is None:
             return True
         return any(a in g and b in g for g in self.groups)
@@ -294,7 +302,8 @@ class SimNetwork:
         with trio.move_on_after(request_timeout_ms / 1000):
             await trio.sleep(self._delay_s())
             driver = self.drivers.get(dst)
-            if driver is None or not self.connected(src, dst) or self.rng.random() < self.drop_rate:
+            lost = self.rng.random() < self.drop_rate
+            if driver is None or not self._same_side(src, dst) or lost:
                 await trio.sleep_forever()  # a lost request looks like a timeout
             assert driver is not None
             try:
@@ -302,7 +311,7 @@ class SimNetwork:
             except ConsensusError as exc:
                 raise TransportError(f"{dst} refused: {exc}") from exc
             await trio.sleep(self._delay_s())
-            if not self.connected(src, dst):
+            if not self._same_side(src, dst):
                 await trio.sleep_forever()
             return reply
         raise TransportError(f"request to {dst} timed out")

@@ -15,13 +15,16 @@ from consensus import (
     PeerId,
     Proposal,
     Step,
+    SyncBlock,
+    SyncResponse,
     Vote,
     VoteType,
     Wal,
     WalRecord,
+    commit_from_votes,
     sign_message,
 )
-from consensus.testing import SimCluster, seeded_key
+from consensus.testing import SimBlock, SimCluster, seeded_key
 from ledger import digest, encode
 
 if TYPE_CHECKING:
@@ -194,4 +197,58 @@ async def test_single_validator_chain(autojump_clock: MockClock, tmp_path: Path)
         assert json.loads(json.dumps(as_json)) == as_json, "status must be plain JSON"
         assert as_json["height"] == 4
         assert as_json["validators"] == [{"address": cluster.keys[0].address.hex(), "power": 1}]
+        nursery.cancel_scope.cancel()
+
+
+class Impostor:
+    """A peer that answers block-sync requests with whatever the test hands it."""
+
+    def __init__(self, response: SyncResponse) -> None:
+        self.response = response
+        self.requests = 0
+
+    async def handle_request(self, peer: PeerId, data: bytes) -> bytes:
+        self.requests += 1
+        return encode(self.response)
+
+
+async def test_follower_rejects_blocks_without_a_valid_commit(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path, followers=1)
+        follower = cluster.nodes[4]
+        keys = cluster.keys
+        block = encode(SimBlock(1, b"", 5, keys[0].address, (b"forged",)))
+        votes = [
+            sign_message(Vote(VoteType.PRECOMMIT, 1, 0, digest(block)), k, CHAIN) for k in keys
+        ]
+        weak = commit_from_votes(1, 0, digest(block), votes[:2])  # 2 of 4: not > 2/3
+        strong_other = commit_from_votes(
+            1,
+            0,
+            digest(b"other"),
+            [
+                sign_message(Vote(VoteType.PRECOMMIT, 1, 0, digest(b"other")), k, CHAIN)
+                for k in keys
+            ],
+        )
+        cases = {
+            "too little power": SyncBlock(1, block, weak),
+            "commit for another block": SyncBlock(1, block, strong_other),
+        }
+        # The follower's only peer is the impostor.
+        cluster.network.peer_ids = [follower.peer_id, PeerId("mallory")]
+        for name, synced in cases.items():
+            impostor = Impostor(SyncResponse(head_height=1, blocks=(synced,)))
+            cluster.network.drivers[PeerId("mallory")] = impostor
+            if follower.driver is None:
+                await cluster.start([follower])
+            assert follower.driver is not None
+            before = follower.driver.stats.bad_by_peer.get(PeerId("mallory"), 0)
+            with trio.fail_after(60):
+                while follower.driver.stats.bad_by_peer.get(PeerId("mallory"), 0) == before:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            assert follower.app.height == 0, f"{name}: the follower must not apply the block"
+            assert follower.driver.status().catching_up, "the impostor claimed a higher head"
         nursery.cancel_scope.cancel()
