@@ -222,6 +222,13 @@ class MarketService:
         """Check, persist and start a job; raises ``Unsatisfiable`` at once (naming the unmet
         requirement) when no live offer can take it, ``InvalidSubmission`` when malformed."""
         manifest, blobs = self._check_submission(submission)
+        active = sum(
+            1
+            for (role, _), r in self._jobs.items()
+            if role is Role.REQUESTER and not r.state.terminal
+        )
+        if active >= self._config.jobs_active_max:
+            raise InvalidSubmission(f"{active} jobs are already active (jobs_active_max)")
         now = self._clock_ms()
         reason = explain_unsatisfiable(
             self._directory.offers(now),
@@ -605,7 +612,8 @@ class MarketService:
             if not ok:
                 self._finish(record, JobState.FAILED, f"the agreement was rejected: {error}")
                 return
-        self._update(record, state=JobState.LOCKED)
+        if self._jobs[(Role.REQUESTER, record.job_id)].state is JobState.AWARDED:
+            self._update(record, state=JobState.LOCKED)
 
     async def _watch_trade(self, record: JobRecord) -> None:
         terms = record.terms
@@ -845,8 +853,12 @@ class MarketService:
                 record.role is Role.REQUESTER
                 and record.attempt_job_id == data
                 and record.counterparty_peer_id == peer_id
-                and record.state is JobState.LOCKED
+                and record.state in (JobState.AWARDED, JobState.LOCKED)
             ):
+                # The provider starts only on an open trade, so its notice can overtake our
+                # own view of the agreement's commit: then the lock is stamped now as well.
+                if record.state is JobState.AWARDED:
+                    record = self._update(record, state=JobState.LOCKED)
                 self._update(record, state=JobState.RUNNING)
         return b""
 

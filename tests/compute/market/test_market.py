@@ -51,7 +51,19 @@ async def test_jobs_complete_and_settle_with_money_adding_up(tmp_path: Path) -> 
             ),
             await requester.market.submit(copy_job(b"least loaded\n", strategy="least-loaded")),
         ]
+        failing = await requester.market.submit(
+            copy_job(b"", argv=("sh", "-c", "sleep 0.3; echo boom >&2; exit 3"), inputs=())
+        )
         done = [await cluster.wait_state(requester, r.job_id, {JobState.DONE}, 60) for r in records]
+        # A job that fails in the sandbox still settles: a receipt with its exit status, and
+        # the provider is paid for the time it used.
+        failed = await cluster.wait_state(requester, failing.job_id, {JobState.DONE}, 60)
+        assert failed.receipt is not None and failed.receipt.exit_status == 3, failed.to_json()
+        assert failed.cost > 0, f"the failed job's usage was not paid: {failed.to_json()}"
+        assert (await requester.market.result(failed.job_id)).stderr == b"boom\n"
+        assert len(requester.market.bids(failed.job_id)) >= 1, "the bids are not kept"
+        logs = await requester.market.logs(records[0].job_id)
+        assert logs.stderr == b"warn\n" and logs.state == "done", f"logs: {logs}"
         elapsed = trio.current_time() - started
         providers = {r.terms.provider for r in done if r.terms is not None}
         assert cluster.nodes[3].key.address in providers, "the A100 job must go to the A100 node"
@@ -74,14 +86,33 @@ async def test_jobs_complete_and_settle_with_money_adding_up(tmp_path: Path) -> 
         spent = BALANCE - state.account(requester.key.address).balance
         assert state.account(requester.key.address).locked == 0, "escrow left locked"
         earned = sum(state.account(n.key.address).earned for n in cluster.nodes[1:])
-        assert spent == earned == sum(r.cost for r in done), (
-            f"spent {spent}, earned {earned}, costs {[r.cost for r in done]}"
-        )
+        costs = [r.cost for r in [*done, failed]]
+        assert spent == earned == sum(costs), f"spent {spent}, earned {earned}, costs {costs}"
         assert state.total_supply() == supply_before, "supply changed"
         for node in cluster.nodes[1:]:
             for record in node.market.list(Role.PROVIDER):
                 assert record.state is JobState.DONE, f"provider record {record.to_json()}"
-        print(f"3 jobs submit-to-done {elapsed:.2f} s")
+        # Latencies the docs quote (docs/market.md); printed, never asserted (shared CPUs).
+        provider_side = {
+            r.attempt_job_id: r for n in cluster.nodes[1:] for r in n.market.list(Role.PROVIDER)
+        }
+        for record in done:
+            at = {s.state: s.at_ms for s in record.stamps}
+            # The provider's own stamp: a short job can settle before its notice arrives.
+            ran = provider_side[record.attempt_job_id].stamps
+            at[JobState.RUNNING] = next(s.at_ms for s in ran if s.state is JobState.RUNNING)
+            submitted = at[JobState.BIDDING]
+            print(
+                "latency_ms",
+                {
+                    "to_awarded": at[JobState.AWARDED] - submitted,
+                    "to_locked": at[JobState.LOCKED] - submitted,
+                    "to_running": at[JobState.RUNNING] - submitted,
+                    "to_settled": at[JobState.SETTLING] - submitted,
+                    "to_done": at[JobState.DONE] - submitted,
+                },
+            )
+        print(f"4 jobs submit-to-done {elapsed:.2f} s")
 
 
 async def test_unsatisfiable_job_fails_fast_naming_the_requirement(tmp_path: Path) -> None:
@@ -126,6 +157,8 @@ async def test_cancel_kills_the_running_job_and_refunds_the_escrow(tmp_path: Pat
             copy_job(b"", argv=("sleep", "30"), inputs=(), max_wall_ms=40_000)
         )
         await cluster.wait_state(requester, record.job_id, {JobState.RUNNING}, 30)
+        logs = await requester.market.logs(record.job_id)
+        assert logs.state == "running", f"the provider reports {logs.state}, not running"
         assert provider.provider is not None
         assert provider.provider.allocator.allocations(), "the provider holds no slot for the job"
         record = await requester.market.cancel(record.job_id)
