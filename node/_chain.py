@@ -34,9 +34,10 @@ from ledger import (
     Transaction,
     build_block,
 )
-from p2p import P2PError, PeerId
+from p2p import P2PError, PeerId, RequestError
 
 if TYPE_CHECKING:
+    from collections.abc import Container
     from pathlib import Path
 
     from trio_typing import TaskStatus
@@ -49,12 +50,23 @@ log = logging.getLogger("node.chain")
 CONSENSUS_PURPOSE = "consensus"
 TXS_PURPOSE = "txs"
 CONSENSUS_TYPE_TAG = "gpumesh/consensus/1"
+CONSENSUS_REF_TYPE_TAG = "gpumesh/consensus-ref/1"
 TXS_TYPE_TAG = "gpumesh/txs/1"
-block_txs_max = 5000
-block_bytes_max = 4 * 1024 * 1024
-tx_batch_interval_ms = 50
-tx_batch_txs_max = 1000
-tx_batch_bytes_max = 900 * 1024
+block_txs_max = 2000
+block_bytes_max = 512 * 1024
+"""A proposal carries its block over gossip, whose messages are capped at 1 MiB: stay well
+under it, or a backlog builds a block no peer accepts and every round times out."""
+tx_batch_interval_ms = 250
+tx_batch_txs_max = 150
+tx_batch_bytes_max = 32 * 1024
+gossip_inline_bytes_max = 32 * 1024
+"""Larger consensus messages (proposals with their blocks) are announced by hash and fetched
+over a stream. py-libp2p 0.8.1 writes one gossip RPC as several yamux frames without holding
+the stream across them, so two large concurrent publishes interleave and corrupt the stream
+(measured: a protobuf DecodeError that stopped the host). One frame is 64 KiB."""
+bodies_cached_max = 32
+body_fetches_max = 8
+body_fetch_timeout_s = 10.0
 own_tx_rebroadcast_ms = 5000
 own_pending_max = 10_000
 future_block_drift_ms = 30_000
@@ -111,9 +123,25 @@ class LedgerApp(consensus.ApplicationAPI):
         assert height == self.state.height + 1, "propose is only asked for the next height"
         time_ms = max(time_ms, self.state.time_ms + 1)
         txs = self.mempool.reap(block_txs_max, block_bytes_max, time_ms=time_ms)
-        block = build_block(self.state, height, self.state.block_hash, time_ms, proposer, txs)
-        data = ledger.encode(block)
-        return data, block.hash()
+        block = build_block(
+            self.state,
+            height,
+            self.state.block_hash,
+            time_ms,
+            proposer,
+            txs,
+            verified=self.mempool,
+        )
+        # build_block verified every signature; keep the result so our own validate and
+        # commit of this block do not apply it a second time.
+        new_state, results = ledger.apply_block(self.state, block, verify_signatures=False)
+        self._remember(block.hash(), (block, new_state, results))
+        return ledger.encode(block), block.hash()
+
+    def _remember(self, block_hash: bytes, entry: tuple[Block, LedgerState, BlockResults]) -> None:
+        if len(self._validated) >= validated_blocks_max:
+            self._validated.pop(next(iter(self._validated)))
+        self._validated[block_hash] = entry
 
     async def validate(self, height: int, block: bytes) -> bytes:
         try:
@@ -127,13 +155,13 @@ class LedgerApp(consensus.ApplicationAPI):
             raise consensus.InvalidBlock(f"block height {decoded.height}, expected {height}")
         if decoded.time_ms > time.time() * 1000 + future_block_drift_ms:
             raise consensus.InvalidBlock("block time is too far in the future")
+        # Transactions in our mempool had their signatures checked when they arrived; only
+        # the others are checked again.
         try:
-            new_state, results = apply_block_checked(self.state, decoded)
+            new_state, results = apply_block_checked(self.state, decoded, verified=self.mempool)
         except InvalidBlock as exc:
             raise consensus.InvalidBlock(str(exc)) from exc
-        if len(self._validated) >= validated_blocks_max:
-            self._validated.pop(next(iter(self._validated)))
-        self._validated[block_hash] = (decoded, new_state, results)
+        self._remember(block_hash, (decoded, new_state, results))
         return block_hash
 
     async def commit(self, height: int, block: bytes, commit: consensus.Commit) -> None:
@@ -166,36 +194,119 @@ class LedgerApp(consensus.ApplicationAPI):
         return self.state.height
 
 
-def apply_block_checked(state: LedgerState, block: Block) -> tuple[LedgerState, BlockResults]:
+def apply_block_checked(
+    state: LedgerState, block: Block, *, verified: Container[bytes] = ()
+) -> tuple[LedgerState, BlockResults]:
     if block.chain_id != state.chain_id:
         raise InvalidBlock(f"block is for chain {block.chain_id!r}")
     if block.prev_hash != state.block_hash:
         raise InvalidBlock("block does not extend our head")
     if block.time_ms <= state.time_ms:
         raise InvalidBlock("block time does not increase")
-    return ledger.apply_block(state, block)
+    return ledger.apply_block(state, block, verified=verified)
+
+
+@dataclasses.dataclass(frozen=True)
+class BodyRef:
+    """Gossiped in place of a consensus message too large to gossip: fetch it by hash."""
+
+    digest: bytes
+    size: int
+
+
+def body_protocol(chain_id: str) -> str:
+    return f"/gpumesh/{chain_id}/consensus-body/1"
 
 
 class MeshTransport(consensus.TransportAPI):
     def __init__(self, mesh: Mesh, chain_id: str) -> None:
         self._mesh = mesh
         self._protocol = sync_protocol(chain_id)
+        self.body_protocol = body_protocol(chain_id)
         self._send, self._receive = trio.open_memory_channel[tuple[consensus.PeerId, bytes]](
             transport_queue_max
         )
+        self._bodies: dict[bytes, bytes] = {}
+        self._fetching: set[bytes] = set()
+        self._fetch_limit = trio.CapacityLimiter(body_fetches_max)
+        self._nursery: trio.Nursery | None = None
         self.dropped = 0
+        self.fetch_failures = 0
+
+    def _cache(self, digest: bytes, data: bytes) -> None:
+        if len(self._bodies) >= bodies_cached_max:
+            self._bodies.pop(next(iter(self._bodies)))
+        self._bodies[digest] = data
+
+    async def serve_body(self, peer: PeerId, request: bytes) -> bytes:
+        body = self._bodies.get(request)
+        if body is None:
+            raise RequestError("no such consensus message body")
+        return body
 
     async def broadcast(self, data: bytes) -> None:
-        await self._mesh.publish(CONSENSUS_PURPOSE, CONSENSUS_TYPE_TAG, data)
+        if len(data) <= gossip_inline_bytes_max:
+            await self._mesh.publish(CONSENSUS_PURPOSE, CONSENSUS_TYPE_TAG, data)
+            return
+        digest = ledger.digest(data)
+        self._cache(digest, data)
+        ref = ledger.encode(BodyRef(digest, len(data)))
+        await self._mesh.publish(CONSENSUS_PURPOSE, CONSENSUS_REF_TYPE_TAG, ref)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def deliver_ref(self, message: GossipMessage) -> None:
+        try:
+            ref = ledger.decode(BodyRef, message.payload, max_bytes=128)
+        except DecodeError:
+            self.dropped += 1
+            return
+        if ref.digest in self._fetching or self._nursery is None:
+            return
+        cached = self._bodies.get(ref.digest)
+        if cached is not None:
+            self._push(message.sender_peer_id, cached)
+            return
+        self._fetching.add(ref.digest)
+        self._nursery.start_soon(self._fetch, message.sender_peer_id, ref)
+
+    async def _fetch(self, peer: PeerId, ref: BodyRef) -> None:
+        try:
+            async with self._fetch_limit:
+                body = await self._mesh.request(
+                    peer, self.body_protocol, ref.digest, body_fetch_timeout_s
+                )
+            if len(body) != ref.size or ledger.digest(body) != ref.digest:
+                self.fetch_failures += 1
+                log.info("consensus body does not match its digest", extra={"peer": peer})
+                return
+            self._cache(ref.digest, body)  # so we can serve peers that ask us
+            self._push(peer, body)
+        except P2PError as exc:
+            self.fetch_failures += 1
+            log.info("consensus body fetch failed", extra={"peer": peer, "err": repr(exc)})
+        finally:
+            self._fetching.discard(ref.digest)
+
+    def _push(self, peer: str, data: bytes) -> None:
+        try:
+            self._send.send_nowait((consensus.PeerId(peer), data))
+        except trio.WouldBlock:
+            self.dropped += 1
 
     def incoming(self) -> trio.MemoryReceiveChannel[tuple[consensus.PeerId, bytes]]:
         return self._receive
 
     def deliver(self, message: GossipMessage) -> None:
-        try:
-            self._send.send_nowait((consensus.PeerId(message.sender_peer_id), message.payload))
-        except trio.WouldBlock:
-            self.dropped += 1  # consensus rebroadcasts; a full queue must not stall gossip
+        if message.type_tag == CONSENSUS_REF_TYPE_TAG:
+            self.deliver_ref(message)
+        else:
+            # consensus rebroadcasts; a full queue must drop, never stall gossip
+            self._push(message.sender_peer_id, message.payload)
 
     async def request(self, peer: consensus.PeerId, data: bytes) -> bytes:
         try:
@@ -250,13 +361,16 @@ class ChainService:
                 wal_path=self.data_dir / "consensus.wal",
             )
             driver = self.driver
-            self.mesh.set_handler(
-                sync_protocol(self.chain_id),
-                lambda peer, data: driver.handle_request(consensus.PeerId(peer), data),
-            )
+
+            async def serve_sync(peer: PeerId, data: bytes) -> bytes:
+                return await driver.handle_request(consensus.PeerId(peer), data)
+
+            self.mesh.set_handler(sync_protocol(self.chain_id), serve_sync)
+            self.mesh.set_handler(self.transport.body_protocol, self.transport.serve_body)
             consensus_in = self.mesh.subscribe(CONSENSUS_PURPOSE)
             txs_in = self.mesh.subscribe(TXS_PURPOSE)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.transport.run)
                 nursery.start_soon(self._pump_consensus, consensus_in)
                 nursery.start_soon(self._pump_txs, txs_in)
                 nursery.start_soon(self._gossip_outbox)

@@ -164,6 +164,7 @@ class Node:
         stats["chain"] = {
             "tx_gossip_rejected": self.chain.gossip_rejected,
             "consensus_queue_dropped": self.chain.transport.dropped,
+            "consensus_body_fetch_failures": self.chain.transport.fetch_failures,
         }
         return stats
 

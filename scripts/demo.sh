@@ -10,4 +10,4 @@ DIR=${DIR:-$(mktemp -d /tmp/gpumesh-demo.XXXXXX)}
 export PATH="$PWD/.venv/bin:$PATH"
 cleanup() { [ "${KEEP:-0}" = 1 ] || gpumesh testnet down --dir "$DIR" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-exec .venv/bin/python -m node.demo --dir "$DIR" --nodes "$NODES"
+.venv/bin/python -m node.demo --dir "$DIR" --nodes "$NODES"
