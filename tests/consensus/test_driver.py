@@ -252,3 +252,42 @@ async def test_follower_rejects_blocks_without_a_valid_commit(
             assert follower.app.height == 0, f"{name}: the follower must not apply the block"
             assert follower.driver.status().catching_up, "the impostor claimed a higher head"
         nursery.cancel_scope.cancel()
+
+
+async def test_even_partition_halts_then_heals(autojump_clock: MockClock, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path)
+        await cluster.start()
+        cluster.add_tx()
+        await cluster.wait_height(1)
+        names = [n.peer_id for n in cluster.nodes]
+        cluster.network.groups = [frozenset(names[:2]), frozenset(names[2:])]
+        cluster.add_tx()
+        await trio.sleep(20)
+        heights = [n.app.height for n in cluster.nodes]
+        assert heights == [1, 1, 1, 1], f"2 of 4 is no quorum: nothing may commit, got {heights}"
+        # (Rounds need 2/3 of some vote to time out, so each half waits in round 0, re-sending.)
+        cluster.network.groups = None
+        await cluster.wait_height(2, timeout_s=60)
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_crashed_validator_of_four_does_not_stop_the_chain(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path)
+        await cluster.start()
+        down = cluster.nodes[3]
+        down.crash()
+        live = cluster.nodes[:3]
+        for height in range(1, 6):
+            cluster.add_tx()
+            await cluster.wait_height(height, live, timeout_s=60)
+        assert down.app.height == 0
+        await cluster.start([down])
+        await cluster.wait_height(5, [down], timeout_s=60)
+        assert down.disk.hashes == live[0].disk.hashes, "the restarted node must sync the chain"
+        cluster.add_tx()
+        await cluster.wait_height(6, timeout_s=60)
+        nursery.cancel_scope.cancel()
