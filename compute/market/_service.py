@@ -99,6 +99,7 @@ fetch_retry_s = 0.5
 chain_poll_s = 1.0
 """Upper bound on one wait for a block: a driver re-checks its condition at least this often."""
 restart_rerun_margin_ms = 1_000
+_BID_IN_FLIGHT, _BID_DELIVERED, _BID_FAILED = 0, 1, 2
 
 
 def attempt_job_id(job_id: bytes, attempt: int) -> bytes:
@@ -167,8 +168,10 @@ class MarketService:
         self._clock_ms = clock_ms
         self._jobs: dict[tuple[Role, bytes], JobRecord] = {}
         self._drivers: dict[tuple[Role, bytes], trio.CancelScope] = {}
-        self._bid_inbox: dict[bytes, list[tuple[Bid, str]]] = {}
-        self._seen_requests: OrderedDict[bytes, tuple[JobRequest, str, int]] = OrderedDict()
+        self._bidding: set[bytes] = set()
+        """Jobs whose bid window is open right now (bids are persisted in their records)."""
+        # job id -> (request, reservation expiry ms, one of the _BID_* states)
+        self._seen_requests: OrderedDict[bytes, tuple[JobRequest, int, int]] = OrderedDict()
         self._runs: dict[bytes, trio.CancelScope] = {}
         self._subscribers: list[trio.MemorySendChannel[JobRecord]] = []
         self._nursery: trio.Nursery | None = None
@@ -281,10 +284,7 @@ class MarketService:
         return [r for (k, _), r in self._jobs.items() if role is None or k is role]
 
     def bids(self, job_id: bytes) -> builtins.list[Bid]:
-        record = self.get(job_id)
-        if record.state is JobState.BIDDING:
-            return [bid for bid, _ in self._bid_inbox.get(job_id, [])]
-        return list(record.bids)
+        return list(self.get(job_id).bids)
 
     async def cancel(self, job_id: bytes) -> JobRecord:
         """Cancel a requested job: a Cancel tx if a trade is open, and a stream notice to the
@@ -395,7 +395,8 @@ class MarketService:
                     await self._drive_requester(role_key[1])
                 else:
                     await self._drive_provider(role_key[1])
-            except MarketError as exc:
+            except (MarketError, ComputeError) as exc:
+                # Expected failures end the job, never the service; anything else is a bug.
                 record = self._jobs[role_key]
                 if not record.state.terminal:
                     log.warning("job %s failed: %s", role_key[1].hex()[:16], exc)
@@ -487,20 +488,23 @@ class MarketService:
     async def _bid_round(self, record: JobRecord) -> None:
         request = record.request
         job_id = record.job_id
-        self._bid_inbox.setdefault(job_id, [])
+        self._bidding.add(job_id)
         payload = ledger.encode(request)
         # Gossip is best effort (a mesh still forming, a loaded peer): the request goes out
         # again half way through the window, and a window with no bid at all is extended
         # once. Providers bid once per job id, so a repeat costs one gossip message.
-        for _ in range(bid_windows_max):
-            await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
-            await trio.sleep(request.bid_window_ms / 2000)
-            await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
-            await trio.sleep(request.bid_window_ms / 2000)
-            if self._bid_inbox.get(job_id):
-                break
-        received = self._bid_inbox.pop(job_id, [])
-        if not received:
+        try:
+            for _ in range(bid_windows_max):
+                await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+                await trio.sleep(request.bid_window_ms / 2000)
+                await self._net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+                await trio.sleep(request.bid_window_ms / 2000)
+                if self._jobs[(Role.REQUESTER, job_id)].bids:
+                    break
+        finally:
+            self._bidding.discard(job_id)
+        record = self._jobs[(Role.REQUESTER, job_id)]
+        if not record.bids:
             self._finish(
                 record,
                 JobState.FAILED,
@@ -508,9 +512,6 @@ class MarketService:
                 f"{request.requirements.describe()} at <= {request.max_price_per_gpu_second}",
             )
             return
-        record = self._update(
-            record, bids=tuple(b for b, _ in received), bid_peers=tuple(p for _, p in received)
-        )
         await self._award_next(record, first=True)
 
     def _score(self, provider: bytes) -> float:
@@ -805,9 +806,12 @@ class MarketService:
 
     async def _on_bid(self, peer_id: str, data: bytes) -> bytes:
         bid = _decode_signed(Bid, data, self._chain_id)
-        inbox = self._bid_inbox.get(bid.job_id)
         record = self._jobs.get((Role.REQUESTER, bid.job_id))
-        if inbox is None or record is None or record.state is not JobState.BIDDING:
+        if (
+            bid.job_id not in self._bidding
+            or record is None
+            or record.state is not JobState.BIDDING
+        ):
             self._counters["bids_rejected"] += 1
             raise NetError("not accepting bids for this job")
         request = record.request
@@ -817,9 +821,10 @@ class MarketService:
         if bid.gpus != request.requirements.gpus:
             self._counters["bids_rejected"] += 1
             raise NetError("bid is for another GPU count")
-        if len(inbox) >= bids_per_job_max or any(b.signer == bid.signer for b, _ in inbox):
+        if len(record.bids) >= bids_per_job_max or any(b.signer == bid.signer for b in record.bids):
             raise NetError("bid refused: duplicate or too many bids")
-        inbox.append((bid, peer_id))
+        # Persisted before the provider hears it was taken: a restart keeps every bid.
+        self._update(record, bids=(*record.bids, bid), bid_peers=(*record.bid_peers, peer_id))
         self._counters["bids_received"] += 1
         return b""
 
@@ -883,9 +888,14 @@ class MarketService:
         if request.signer == self._key.address:
             return
         job_id = ledger.hash_of(request)
-        if job_id in self._seen_requests:
-            return
         now = self._clock_ms()
+        seen = self._seen_requests.get(job_id)
+        # Bid once per job, but again if that bid never reached the requester or its
+        # reservation lapsed: a requester that restarted mid-window asks again.
+        if seen is not None and (
+            seen[2] == _BID_IN_FLIGHT or (seen[2] == _BID_DELIVERED and seen[1] > now)
+        ):
+            return
         if request.deadline_ms <= now + request.max_wall_ms:
             raise NetError("too late to run")
         if request.inputs_bytes > self._config.inputs_bytes_max:
@@ -896,7 +906,7 @@ class MarketService:
         model, free, price = fit
         if price > request.max_price_per_gpu_second:
             return
-        self._seen_requests[job_id] = (request, incoming.sender_peer_id, price)
+        self._seen_requests[job_id] = (request, now + self._config.reservation_ms, _BID_IN_FLIGHT)
         while len(self._seen_requests) > seen_requests_max:
             self._seen_requests.popitem(last=False)
         bid = ledger.sign_object(
@@ -919,11 +929,18 @@ class MarketService:
         assert self._nursery is not None
         self._nursery.start_soon(self._send_bid, incoming.sender_peer_id, bid)
 
+    def _mark_bid(self, job_id: bytes, state: int) -> None:
+        seen = self._seen_requests.get(job_id)
+        if seen is not None:
+            self._seen_requests[job_id] = (seen[0], seen[1], state)
+
     async def _send_bid(self, peer_id: str, bid: Bid) -> None:
         try:
             await self._request(peer_id, PROTOCOL_BID, ledger.encode(bid))
             self._counters["bids_sent"] += 1
+            self._mark_bid(bid.job_id, _BID_DELIVERED)
         except NetError as exc:
+            self._mark_bid(bid.job_id, _BID_FAILED)
             log.debug("bid for %s refused: %s", bid.job_id.hex()[:16], exc)
         finally:
             self._bid_slots.release()
@@ -1137,7 +1154,10 @@ class MarketService:
             with scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_cancel_on_chain, aid, scope)
-                    result = await provider.executor.run(exec_id(aid), spec, allocation)
+                    try:
+                        result = await provider.executor.run(exec_id(aid), spec, allocation)
+                    except ComputeError as exc:
+                        raise MarketError(f"the sandbox could not run the job: {exc}") from exc
                     nursery.cancel_scope.cancel()
         finally:
             del self._runs[aid]

@@ -222,6 +222,15 @@ async def test_requester_restart_resumes_the_job(tmp_path: Path) -> None:
         record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
         result = await requester.market.result(record.job_id)
         assert result.outputs == {"o": b"survives\n"}, f"outputs {result.outputs}"
+        # Stopped while bidding: the bids taken so far are on disk, the window reopens.
+        bidding = await requester.market.submit(copy_job(b"again\n"))
+        await wait_until(
+            lambda: bool(requester.market.get(bidding.job_id).bids), 30, "a first bid arrives"
+        )
+        await cluster.stop_service(requester)
+        await cluster.start_service(requester)
+        assert requester.market.bids(bidding.job_id), "bids taken before the restart were lost"
+        await cluster.wait_state(requester, bidding.job_id, {JobState.DONE}, 60)
 
 
 async def test_provider_restart_reruns_the_interrupted_job(tmp_path: Path) -> None:
