@@ -594,23 +594,29 @@ class MarketService:
     async def _lock(self, record: JobRecord) -> None:
         terms = record.terms
         assert terms is not None, "an awarded job has terms"
+        if record.agreement_tx:
+            # Resumed after a restart: an agreement sent before it may still be pending.
+            for _ in range(tx_submit_attempts_max * 10):
+                status = self._chain.tx_result(record.agreement_tx)
+                if status is None or status[0]:
+                    break
+                await self._wait_block()
         trade = self._chain.trade(record.attempt_job_id)
         if trade is None or trade.terms != terms:
-            tx_box: list[bytes] = []
 
             def build(nonce: int) -> ledger.Transaction:
                 tx = Agreement(nonce=nonce, fee=self._config.fee, terms=terms)
                 return ledger.sign_object(tx, self._key, self._chain_id)
 
             def submitted(txh: bytes) -> None:
-                tx_box.append(txh)
                 self._update(record, agreement_tx=txh)
 
             try:
                 ok, error = await self._submit_and_commit(build, submitted)
             except ChainRejected as exc:
                 ok, error = False, str(exc)
-            if not ok:
+            trade = self._chain.trade(record.attempt_job_id)
+            if not ok and (trade is None or trade.terms != terms):
                 self._finish(record, JobState.FAILED, f"the agreement was rejected: {error}")
                 return
         if self._jobs[(Role.REQUESTER, record.job_id)].state is JobState.AWARDED:
@@ -620,7 +626,7 @@ class MarketService:
         terms = record.terms
         assert terms is not None, "a locked job has terms"
         aid = record.attempt_job_id
-        refund_sent = False
+        refund_tx: bytes | None = None
         while True:
             trade = self._chain.trade(aid)
             if trade is None:
@@ -642,11 +648,12 @@ class MarketService:
                 await self._after_refund(record)
                 return
             _, head_ms = self._chain.head()
-            if head_ms > terms.deadline_ms and not refund_sent:
-                tx = self._refund_builder(aid)
+            # Resend if the chain lost it (evicted, or failed in a block after a race).
+            status = None if refund_tx is None else self._chain.tx_result(refund_tx)
+            lost = status is None or (status[0] and not status[1])
+            if head_ms > terms.deadline_ms and lost:
                 try:
-                    await self._chain.submit(tx)
-                    refund_sent = True
+                    refund_tx = await self._chain.submit(self._refund_builder(aid))
                 except ChainRejected as exc:
                     log.info("refund of %s not accepted yet: %s", aid.hex()[:16], exc)
             await self._wait_block()
