@@ -296,7 +296,13 @@ class Engine:
         if p.round in self._proposals:
             return actions  # a second proposal from the proposer: keep the first
         self._proposals[p.round] = p
-        self._blocks.setdefault(p.block_hash, p.block)
+        known = self._blocks.get(p.block_hash)
+        if known is None or (known != p.block and self._validity.get(p.block_hash) is False):
+            # A Byzantine proposer can pair a good block's hash with bad bytes; if those came
+            # first, the hash must not stay "invalid" once the real bytes turn up.
+            self._blocks[p.block_hash] = p.block
+            self._validity.pop(p.block_hash, None)
+            self._validation_asked.discard(p.block_hash)
         self._round_senders.setdefault(p.round, {})[p.signer] = None
         if p.block_hash not in self._validity and p.block_hash not in self._validation_asked:
             self._validation_asked.add(p.block_hash)

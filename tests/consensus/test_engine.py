@@ -134,12 +134,7 @@ def test_locked_validator_prevotes_nil_for_another_block_without_pol() -> None:
     assert any(isinstance(a, ScheduleTimeout) and a.step == Step.PRECOMMIT for a in acts), acts
     acts = h.feed_own(h.engine.on_timeout(1, 0, Step.PRECOMMIT))
     assert h.engine.round == 1, "precommit timeout moves to the next round"
-    if h.vset.proposer(1, 1) == h.key.address:
-        props = [a for a in acts if isinstance(a, CastProposal)]
-        assert props, f"the locked proposer re-proposes its valid value: {acts}"
-        assert props[0].block_hash == digest(b"B")
-        assert props[0].pol_round == 0
-        return
+    assert h.vset.proposer(1, 1) != h.key.address, "setup: round 1 is someone else's"
     acts = h.feed_own(h.engine.on_proposal(h.proposal(1, b"C")))
     assert [v.block_hash for v in casts(acts, VoteType.PREVOTE)] == [NIL], (
         f"locked on B, a new block C without proof-of-lock must get a nil prevote: {acts}"
@@ -160,8 +155,7 @@ def test_pol_in_a_later_round_unlocks() -> None:
     h.feed_own(h.engine.on_timeout(1, 1, Step.PREVOTE))
     h.feed_own(h.engine.on_timeout(1, 1, Step.PRECOMMIT))
     assert h.engine.round == 2, f"round should be 2, is {h.engine.round}"
-    if h.vset.proposer(1, 2) == h.key.address:
-        return  # the proposer path is covered above
+    assert h.vset.proposer(1, 2) != h.key.address, "setup: round 2 is someone else's"
     acts = h.feed_own(h.engine.on_proposal(h.proposal(2, b"C", pol_round=1)))
     assert [v.block_hash for v in casts(acts, VoteType.PREVOTE)] == [digest(b"C")], (
         f"a proof-of-lock from round 1 > locked round 0 must unlock: {acts}"
@@ -199,6 +193,22 @@ def test_equivocation_is_kept_as_evidence() -> None:
     again = h.engine.on_vote(h.vote(bad, VoteType.PREVOTE, 0, digest(b"Y")))
     assert not again, "a repeated vote is a duplicate, not new evidence"
     assert len(h.engine.take_evidence()) == 1
+
+
+def test_locked_proposer_reproposes_its_valid_value_with_its_pol_round() -> None:
+    h = Harness()
+    lock_on(h, b"B")
+    # Skip to the first later round where we propose (f+1 precommits there move us).
+    mine = next(r for r in range(1, 20) if h.vset.proposer(1, r) == h.key.address)
+    acts: list[Action] = []
+    for k in h.others()[:2]:
+        acts += h.feed_own(h.engine.on_vote(h.vote(k, VoteType.PRECOMMIT, mine, NIL)))
+    assert h.engine.round == mine
+    props = [a for a in acts if isinstance(a, CastProposal)]
+    assert [(p.block_hash, p.pol_round) for p in props] == [(digest(b"B"), 0)], (
+        f"a proposer with a valid value re-proposes it with pol_round = valid round: {acts}"
+    )
+    assert not [a for a in acts if isinstance(a, RequestBlock)], "no fresh block when locked"
 
 
 def test_proposer_asks_the_app_for_a_block() -> None:
@@ -252,3 +262,25 @@ def test_weighted_proposer_rotation() -> None:
     assert by_power == {1: 100, 2: 200, 3: 300}, f"proposals must follow power: {by_power}"
     # Rounds rotate too, so a faulty proposer cannot hold a height.
     assert len({vset.proposer(7, r) for r in range(6)}) == 3
+
+
+def test_bogus_bytes_for_a_hash_do_not_poison_the_real_block() -> None:
+    h = Harness()
+    h.engine.start_round(0)
+    real = b"real block"
+    # Round 0's proposer claims the real block's hash with other bytes: validation fails.
+    bogus = sign_message(Proposal(1, 0, -1, digest(real), b"garbage"), h.proposer_key(0), CHAIN)
+    acts = h.engine.on_proposal(bogus)
+    assert [a.block for a in acts if isinstance(a, ValidateBlock)] == [b"garbage"]
+    acts = h.engine.on_block_validated(1, digest(real), False)
+    assert [v.block_hash for v in casts(acts, VoteType.PREVOTE)] == [NIL]
+    # Round 1's proposer has the real bytes under the same hash: they get validated afresh.
+    for k in h.others():
+        h.engine.on_vote(h.vote(k, VoteType.PRECOMMIT, 0, NIL))
+    h.feed_own(h.engine.on_timeout(1, 0, Step.PRECOMMIT))
+    assert h.engine.round == 1
+    assert h.vset.proposer(1, 1) != h.key.address, "setup: round 1 is someone else's"
+    acts = h.engine.on_proposal(h.proposal(1, real))
+    assert [a.block for a in acts if isinstance(a, ValidateBlock)] == [real], (
+        f"the real bytes must be validated, not judged by the bogus ones: {acts}"
+    )
