@@ -45,6 +45,9 @@ class ComputeService:
         self.allocator = compute.SlotAllocator(self.inventory.gpus)
         self.executor = compute.Executor(jobs_root(key.address))
         self.directory = compute.OfferDirectory(chain_id)
+        self.offer_config = compute.OfferConfig(
+            price_per_gpu_second=config.price_per_gpu_second, tags=config.tags
+        )
         self.publisher: compute.OfferPublisher | None = None
         if config.provider:
             self.publisher = compute.OfferPublisher(
@@ -52,9 +55,7 @@ class ComputeService:
                 chain_id=chain_id,
                 inventory=self.inventory,
                 allocator=self.allocator,
-                config=compute.OfferConfig(
-                    price_per_gpu_second=config.price_per_gpu_second, tags=config.tags
-                ),
+                config=self.offer_config,
                 sandbox=self.executor.sandbox,
                 publish=self._publish_offer,
             )

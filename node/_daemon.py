@@ -12,13 +12,15 @@ import trio
 
 import consensus
 import node as node_pkg
+from compute import market
 from ledger import Genesis, InvalidGenesis
 from node._chain import ChainService
 from node._chain_rpc import block_json, register_chain_methods
 from node._compute import ComputeService
+from node._market import LedgerChain, MeshNet, register_market_methods
 from node.exceptions import ConfigError
 from p2p import Mesh, P2PConfig
-from rpc import TOPIC_NEW_HEADS, TOPIC_PEERS, MethodRegistry, Result, RpcServer
+from rpc import TOPIC_JOBS, TOPIC_NEW_HEADS, TOPIC_PEERS, MethodRegistry, Result, RpcServer
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) shadows trio's own annotations for mypy.
@@ -61,6 +63,26 @@ class Node:
         self.compute = ComputeService(
             key=key, chain_id=self.chain_id, mesh=self.mesh, config=config.compute
         )
+        self.market_net = MeshNet(self.mesh)
+        self.job_store = market.JobStore(home.data_dir / "jobs")
+        provider = None
+        if config.compute.provider:
+            provider = market.ProviderSide(
+                executor=self.compute.executor,
+                allocator=self.compute.allocator,
+                inventory=self.compute.inventory,
+                offer_config=self.compute.offer_config,
+            )
+        self.market = market.MarketService(
+            key,
+            self.chain_id,
+            self.market_net,
+            LedgerChain(self.chain),
+            self.job_store,
+            self.compute.directory,
+            provider,
+            market.MarketConfig(),
+        )
         self.registry = MethodRegistry()
         self.rpc = RpcServer(
             self.registry,
@@ -72,6 +94,7 @@ class Node:
         self._register_methods()
         register_chain_methods(self.registry, self.chain)
         self.compute.register_methods(self.registry)
+        register_market_methods(self.registry, self.market)
 
     def _p2p_config(self) -> P2PConfig:
         c = self.config.p2p
@@ -97,29 +120,39 @@ class Node:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Two nurseries so shutdown runs in order: the RPC and application services stop first,
         # then the mesh leaves its peers (py-libp2p misbehaves if pubsub stops under traffic).
-        async with trio.open_nursery() as mesh_nursery:
-            await mesh_nursery.start(self.mesh.run)
-            async with trio.open_nursery() as app_nursery:
-                await app_nursery.start(self.rpc.run)
-                await app_nursery.start(self.chain.run)
-                assert self.chain.app is not None
-                self.chain.app.commit_listeners.append(self._on_block)
-                await app_nursery.start(self.compute.run)
-                log.info(
-                    "node ready",
-                    extra={
-                        "peer_id": self.mesh.peer_id,
-                        "address": self.key.address.hex(),
-                        "chain_id": self.chain_id,
-                        "listen": ",".join(self.mesh.listen_addrs()),
-                        "rpc_port": self.rpc.port,
-                    },
-                )
-                app_nursery.start_soon(self._forward_peer_events)
-                task_status.started()
+        try:
+            async with trio.open_nursery() as mesh_nursery:
+                await mesh_nursery.start(self.mesh.run)
+                async with trio.open_nursery() as app_nursery:
+                    await app_nursery.start(self.rpc.run)
+                    await app_nursery.start(self.chain.run)
+                    assert self.chain.app is not None
+                    self.chain.app.commit_listeners.append(self._on_block)
+                    await app_nursery.start(self.compute.run)
+                    await app_nursery.start(self.market_net.run)
+                    await app_nursery.start(self.market.run)  # type: ignore[arg-type]
+                    app_nursery.start_soon(self._forward_job_events)
+                    log.info(
+                        "node ready",
+                        extra={
+                            "peer_id": self.mesh.peer_id,
+                            "address": self.key.address.hex(),
+                            "chain_id": self.chain_id,
+                            "listen": ",".join(self.mesh.listen_addrs()),
+                            "rpc_port": self.rpc.port,
+                        },
+                    )
+                    app_nursery.start_soon(self._forward_peer_events)
+                    task_status.started()
+        finally:
+            self.job_store.close()
 
     def _on_block(self, block: Any, results: Any) -> None:
         self.rpc.publish(TOPIC_NEW_HEADS, block_json(block, full=False))
+
+    async def _forward_job_events(self) -> None:
+        async for record in self.market.subscribe():
+            self.rpc.publish(TOPIC_JOBS, record.to_json())
 
     async def _forward_peer_events(self) -> None:
         async for event in self.mesh.peer_events():

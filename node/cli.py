@@ -106,6 +106,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fee", type=int, default=0)
     p.add_argument("--wait", action="store_true", help="wait until the transfer is committed")
 
+    p = sub.add_parser("job", help="submit and follow compute jobs")
+    jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    j = jsub.add_parser("submit", help="submit a job: gpumesh job submit [options] -- CMD ...")
+    _home_arg(j)
+    _json_arg(j)
+    j.add_argument("--gpus", type=int, default=0, help="GPUs needed (0: a CPU-only job)")
+    j.add_argument("--min-vram", default=None, help="per-GPU VRAM, e.g. 24GB")
+    j.add_argument("--model", default="", help="GPU model, e.g. A100-80GB")
+    j.add_argument("--cuda", default="", help="minimum CUDA version, e.g. 12.1")
+    j.add_argument(
+        "--max-price", type=int, default=1000, help="max price per GPU-second (default 1000)"
+    )
+    j.add_argument("--max-time", default="60s", help="wall-time limit, e.g. 90s, 10m")
+    j.add_argument("--deadline", default=None, help="settle within, e.g. 10m (default 1h)")
+    j.add_argument("--bid-window", default=None, help="how long to collect bids, e.g. 500ms")
+    j.add_argument(
+        "--strategy",
+        default="cheapest",
+        choices=["cheapest", "soonest", "least-loaded", "reputation"],
+    )
+    j.add_argument("--input", action="append", default=[], metavar="FILE", help="input file")
+    j.add_argument("--output-dir", type=Path, default=None, help="write outputs here")
+    j.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    j.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the command")
+    for name, text in (
+        ("status", "a job's state, provider, price, cost and receipt"),
+        ("result", "a finished job's outputs, stdout, stderr and receipt"),
+        ("logs", "a job's stdout and stderr so far"),
+        ("cancel", "cancel a job (refunds the escrow, kills the job)"),
+    ):
+        j = jsub.add_parser(name, help=text)
+        _home_arg(j)
+        _json_arg(j)
+        j.add_argument("job_id")
+        if name == "result":
+            j.add_argument("--output-dir", type=Path, default=None)
+    j = jsub.add_parser("list", help="jobs on this node")
+    _home_arg(j)
+    _json_arg(j)
+    j.add_argument("--role", choices=["requester", "provider", "all"], default="all")
+
     p = sub.add_parser("testnet", help="local multi-node testnets")
     tsub = p.add_subparsers(dest="testnet_command", required=True, metavar="ACTION")
     t = tsub.add_parser("init", help="write N node homes into DIR")
@@ -295,6 +336,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         return cmd_chain(args)
     if command == "send":
         return cmd_send(args)
+    if command == "job":
+        from node._jobs_cli import cmd_job
+
+        return cmd_job(args, _call, _emit)
     raise AssertionError(f"unhandled command {command}")
 
 

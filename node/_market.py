@@ -1,0 +1,340 @@
+"""The job market in the node: p2p and chain adapters for compute.market, and its RPC methods."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+import ledger
+from compute import market
+from ledger import MempoolRejected
+from node._json import hex_bytes, to_json
+from p2p import P2PError, PeerId, RequestError
+from rpc import INVALID_PARAMS, Param, Result, RpcError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from trio_typing import TaskStatus
+
+    from ledger import Account, Receipt, Trade, Transaction
+    from node._chain import ChainService
+    from p2p import GossipMessage, Mesh
+    from rpc import MethodRegistry
+
+log = logging.getLogger("node.market")
+
+incoming_queue_max = 1024
+JOB_NOT_FOUND = -32020
+JOB_UNSATISFIABLE = -32021
+JOB_NOT_READY = -32022
+JOB_REJECTED = -32023
+
+
+class MeshNet(market.MarketNetAPI):
+    """compute.market's view of the p2p mesh."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self.local_peer_id = mesh.peer_id
+        self._pumps: list[tuple[trio.MemoryReceiveChannel[GossipMessage], Any]] = []
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for source, sink in self._pumps:
+                nursery.start_soon(self._pump, source, sink)
+            task_status.started()
+            await trio.sleep_forever()  # subscribe() adds pumps to this nursery later
+
+    async def publish(self, purpose: str, type_tag: str, payload: bytes) -> None:
+        try:
+            await self._mesh.publish(purpose, type_tag, payload)
+        except P2PError as exc:
+            raise market.NetError(str(exc)) from exc
+
+    def subscribe(self, purpose: str) -> trio.MemoryReceiveChannel[market.Incoming]:
+        source = self._mesh.subscribe(purpose)
+        send, receive = trio.open_memory_channel[market.Incoming](incoming_queue_max)
+        if self._nursery is None:
+            self._pumps.append((source, send))
+        else:
+            self._nursery.start_soon(self._pump, source, send)
+        return receive
+
+    async def _pump(
+        self,
+        source: trio.MemoryReceiveChannel[GossipMessage],
+        sink: trio.MemorySendChannel[market.Incoming],
+    ) -> None:
+        async with sink:
+            async for m in source:
+                await sink.send(
+                    market.Incoming(m.sender_public_key, m.sender_peer_id, m.type_tag, m.payload)
+                )
+
+    def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
+        async def serve(peer: PeerId, request: bytes) -> bytes:
+            try:
+                return await handler(peer, request)
+            except market.MarketError as exc:
+                raise RequestError(str(exc)) from exc
+
+        self._mesh.set_handler(protocol, serve)
+
+    async def request(self, peer_id: str, protocol: str, payload: bytes, timeout_s: float) -> bytes:
+        try:
+            return await self._mesh.request(PeerId(peer_id), protocol, payload, timeout_s)
+        except P2PError as exc:
+            raise market.NetError(str(exc)) from exc
+
+
+class LedgerChain(market.ChainAPI):
+    """compute.market's view of the chain service."""
+
+    def __init__(self, chain: ChainService) -> None:
+        self._chain = chain
+
+    async def submit(self, tx_builder: Callable[[int], Transaction]) -> bytes:
+        tx = tx_builder(self._chain.next_nonce(self._chain.key.address))
+        try:
+            return self._chain.submit(tx)
+        except MempoolRejected as exc:
+            raise market.ChainRejected(str(exc)) from exc
+
+    def _store(self) -> ledger.LevelDBStore:
+        assert self._chain.app is not None, "the chain service is not running"
+        return self._chain.app.store
+
+    def trade(self, job_id: bytes) -> Trade | None:
+        return self._store().trade(job_id)
+
+    def receipt(self, job_id: bytes) -> Receipt | None:
+        record = self._store().receipt(job_id)
+        return None if record is None else record.receipt
+
+    def account(self, address: bytes) -> Account:
+        return self._store().account(address)
+
+    def head(self) -> tuple[int, int]:
+        state = self._chain.state
+        return state.height, state.time_ms
+
+    async def wait_new_block(self) -> int:
+        return await self._chain.wait_new_block()
+
+    def tx_result(self, tx_hash: bytes) -> tuple[bool, bool, str] | None:
+        record = self._store().transaction(tx_hash)
+        if record is not None:
+            return True, record.ok, record.error
+        assert self._chain.app is not None
+        if tx_hash in self._chain.app.mempool:
+            return False, False, ""
+        return None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _job_id(text: Any) -> bytes:
+    try:
+        return hex_bytes(text, "job_id", 32)
+    except ValueError as exc:
+        raise RpcError(INVALID_PARAMS, str(exc)) from None
+
+
+def _version(text: Any, name: str) -> tuple[int, int]:
+    if text in (None, ""):
+        return (0, 0)
+    parts = str(text).split(".")
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+        raise RpcError(INVALID_PARAMS, f"{name} must look like 12.1")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+
+
+def _role(text: Any) -> market.Role | None:
+    if text in (None, "", "all"):
+        return None
+    if text not in ("requester", "provider"):
+        raise RpcError(INVALID_PARAMS, 'role must be "requester", "provider" or "all"')
+    return market.Role.REQUESTER if text == "requester" else market.Role.PROVIDER
+
+
+def register_market_methods(registry: MethodRegistry, service: market.MarketService) -> None:
+    def find(job_id: Any, role: Any = None) -> market.JobRecord:
+        raw = _job_id(job_id)
+        roles = (
+            [_role(role)]
+            if role not in (None, "", "all")
+            else [market.Role.REQUESTER, market.Role.PROVIDER]
+        )
+        for r in roles:
+            try:
+                return service.get(raw, r or market.Role.REQUESTER)
+            except market.UnknownJob:
+                continue
+        raise RpcError(JOB_NOT_FOUND, f"no job {raw.hex()} on this node")
+
+    async def job_submit(
+        argv: list[str],
+        max_price_per_gpu_second: int,
+        inputs: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        gpus: int = 0,
+        min_vram_bytes: int = 0,
+        model: str = "",
+        min_compute_capability: str = "",
+        min_cuda_version: str = "",
+        max_wall_ms: int = 60_000,
+        deadline_ms: int = 0,
+        bid_window_ms: int = 0,
+        strategy: str = "cheapest",
+    ) -> dict[str, Any]:
+        try:
+            decoded_inputs = tuple(
+                (name, base64.b64decode(data, validate=True))
+                for name, data in (inputs or {}).items()
+            )
+        except (ValueError, TypeError) as exc:
+            raise RpcError(INVALID_PARAMS, f"inputs must map names to base64: {exc}") from None
+        if not all(isinstance(a, str) for a in argv):
+            raise RpcError(INVALID_PARAMS, "argv must be a list of strings")
+        submission = market.JobSubmission(
+            argv=tuple(argv),
+            inputs=decoded_inputs,
+            env=tuple(sorted((env or {}).items())),
+            requirements=market.Requirements(
+                gpus=gpus,
+                min_vram_bytes=min_vram_bytes,
+                model=model,
+                min_compute_capability=_version(min_compute_capability, "min_compute_capability"),
+                min_cuda_version=_version(min_cuda_version, "min_cuda_version"),
+            ),
+            max_price_per_gpu_second=max_price_per_gpu_second,
+            max_wall_ms=max_wall_ms,
+            deadline_ms=deadline_ms,
+            bid_window_ms=bid_window_ms,
+            strategy=strategy,
+        )
+        try:
+            record = await service.submit(submission)
+        except market.Unsatisfiable as exc:
+            raise RpcError(JOB_UNSATISFIABLE, str(exc)) from None
+        except market.InvalidSubmission as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from None
+        return dict(record.to_json())
+
+    async def job_status(job_id: str, role: str | None = None) -> dict[str, Any]:
+        return dict(find(job_id, role).to_json())
+
+    async def job_list(role: str | None = None) -> list[dict[str, Any]]:
+        return [dict(r.to_json()) for r in service.list(_role(role))]
+
+    async def job_cancel(job_id: str) -> dict[str, Any]:
+        try:
+            return dict((await service.cancel(_job_id(job_id))).to_json())
+        except market.UnknownJob:
+            raise RpcError(JOB_NOT_FOUND, "no such job requested from this node") from None
+        except market.MarketError as exc:
+            raise RpcError(JOB_REJECTED, str(exc)) from None
+
+    async def job_result(job_id: str) -> dict[str, Any]:
+        try:
+            view = await service.result(_job_id(job_id))
+        except market.UnknownJob:
+            raise RpcError(JOB_NOT_FOUND, "no such job requested from this node") from None
+        except market.JobNotReady as exc:
+            raise RpcError(JOB_NOT_READY, str(exc)) from None
+        return {
+            "job_id": view.job_id.hex(),
+            "state": view.state.name.lower(),
+            "outputs": {name: _b64(data) for name, data in view.outputs.items()},
+            "stdout": _b64(view.stdout),
+            "stderr": _b64(view.stderr),
+            "receipt": None if view.receipt is None else to_json(view.receipt),
+        }
+
+    async def job_logs(job_id: str) -> dict[str, Any]:
+        try:
+            info = await service.logs(_job_id(job_id))
+        except market.UnknownJob:
+            raise RpcError(JOB_NOT_FOUND, "no such job on this node") from None
+        except market.MarketError as exc:
+            raise RpcError(JOB_NOT_READY, str(exc)) from None
+        return {"state": info.state, "stdout": _b64(info.stdout), "stderr": _b64(info.stderr)}
+
+    async def market_bids(job_id: str) -> list[dict[str, Any]]:
+        try:
+            return [dict(b.to_json()) for b in service.bids(_job_id(job_id))]
+        except market.UnknownJob:
+            raise RpcError(JOB_NOT_FOUND, "no such job requested from this node") from None
+
+    job_id_param = Param("job_id", "string", True, "Job id, hex string of 32 bytes.")
+    registry.register(
+        "job_submit",
+        job_submit,
+        description="Submit a job: it is matched, bid on, locked in escrow, run and settled.",
+        params=(
+            Param("argv", "array", True, "The command and its arguments."),
+            Param("max_price_per_gpu_second", "integer", True, "Price cap per GPU-second."),
+            Param("inputs", "object", False, "Input files: name -> base64 content."),
+            Param("env", "object", False, "Extra environment variables."),
+            Param("gpus", "integer", False, "GPUs needed; 0 = a CPU-only job."),
+            Param("min_vram_bytes", "integer", False, "Per-GPU VRAM at least this."),
+            Param("model", "string", False, "GPU model, e.g. A100-80GB."),
+            Param("min_compute_capability", "string", False, 'e.g. "8.0".'),
+            Param("min_cuda_version", "string", False, 'e.g. "12.1".'),
+            Param("max_wall_ms", "integer", False, "Wall-time limit of the job."),
+            Param("deadline_ms", "integer", False, "Unix ms by which it must settle."),
+            Param("bid_window_ms", "integer", False, "How long to collect bids."),
+            Param("strategy", "string", False, "cheapest|soonest|least-loaded|reputation."),
+        ),
+        result=Result("object", "The job record."),
+    )
+    registry.register(
+        "job_status",
+        job_status,
+        description="A job's record: state, provider, price, cost, receipt, timestamps.",
+        params=(job_id_param, Param("role", "string", False, "requester|provider|all")),
+        result=Result("object"),
+    )
+    registry.register(
+        "job_list",
+        job_list,
+        description="Jobs on this node, as requester and as provider.",
+        params=(Param("role", "string", False, "requester|provider|all"),),
+        result=Result("array"),
+    )
+    registry.register(
+        "job_cancel",
+        job_cancel,
+        description="Cancel a job: a cancel transaction refunds the escrow, the job is killed.",
+        params=(job_id_param,),
+        result=Result("object"),
+    )
+    registry.register(
+        "job_result",
+        job_result,
+        description="A finished job's outputs (base64), stdout, stderr and receipt.",
+        params=(job_id_param,),
+        result=Result("object"),
+    )
+    registry.register(
+        "job_logs",
+        job_logs,
+        description="A job's stdout and stderr so far (base64).",
+        params=(job_id_param,),
+        result=Result("object"),
+    )
+    registry.register(
+        "market_bids",
+        market_bids,
+        description="The bids a job received.",
+        params=(job_id_param,),
+        result=Result("array"),
+    )
