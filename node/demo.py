@@ -8,6 +8,8 @@ result from several nodes' point of view. Run with ``bash scripts/demo.sh``.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import sys
 import time
 from pathlib import Path
@@ -125,6 +127,65 @@ def main(argv: list[str] | None = None) -> int:
     print(f"every node holds the same block at height {top}: {len(agreed) == 1}")
     if len(agreed) != 1:
         print("nodes disagree: this is a bug", file=sys.stderr)
+        return 1
+
+    say("a job: submitted at a node with no GPU, run by a provider, settled on the ledger")
+    requester = homes[-1]
+    script = (
+        "import hashlib, os, platform\n"
+        "data = open('numbers.txt').read().split()\n"
+        "total = sum(int(x) for x in data)\n"
+        "os.makedirs('out', exist_ok=True)\n"
+        "open('out/sum.txt', 'w').write(str(total))\n"
+        "print('summed', len(data), 'numbers =', total, 'on', platform.node(),\n"
+        "      'GPUs', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+    )
+    numbers = " ".join(str(i) for i in range(1, 10_001))
+    job = rpc(requester).call(
+        "job_submit",
+        {
+            "argv": ["python3", "job.py"],
+            "inputs": {
+                "job.py": base64.b64encode(script.encode()).decode(),
+                "numbers.txt": base64.b64encode(numbers.encode()).decode(),
+            },
+            "gpus": 1,
+            "model": "A100-80GB",
+            "max_price_per_gpu_second": 500,
+            "max_wall_ms": 30_000,
+            "bid_window_ms": 300,
+        },
+    )
+    job_id = job["id"]
+    submitted = time.monotonic()
+    last = ""
+    while job["state"] not in ("done", "failed", "cancelled", "refunded", "output_mismatch"):
+        if job["state"] != last:
+            print(f"  {time.monotonic() - submitted:5.2f} s  {job['state']}", flush=True)
+            last = job["state"]
+        if time.monotonic() - submitted > 120:
+            print("the job did not finish in 120 s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+        job = rpc(requester).call("job_status", {"job_id": job_id})
+    print(f"  {time.monotonic() - submitted:5.2f} s  {job['state']}")
+    if job["state"] != "done":
+        print(f"job ended {job['state']}: {job.get('error')}", file=sys.stderr)
+        return 1
+    result = rpc(requester).call("job_result", {"job_id": job_id})
+    print("stdout:   " + base64.b64decode(result["stdout"]).decode().strip())
+    print("output:   sum.txt = " + base64.b64decode(result["outputs"]["sum.txt"]).decode())
+    provider = next(n for n in layout.nodes if n.address == job["provider"])
+    print(f"ran on:   node{provider.index} ({short(provider.address, 8)})")
+    print(f"price:    {job['price_per_gpu_second']} per GPU-second, escrow {job['max_cost']}")
+    print(f"cost:     {job['cost']} (wall {job['receipt']['wall_ms']} ms)")
+    receipts = {
+        json.dumps(rpc(h).call("chain_receipt", {"job_id": job["attempt_job_id"]}), sort_keys=True)
+        for h in homes
+    }
+    print(f"receipt:  {json.loads(next(iter(receipts)))['tx_hash'] if len(receipts) == 1 else '?'}")
+    print(f"every node holds the same receipt: {len(receipts) == 1}")
+    if len(receipts) != 1:
         return 1
     print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
     return 0
