@@ -135,7 +135,6 @@ class Engine:
         self.address = address if address is not None and address in validators else None
         self.config = config
         self.evidence: list[Evidence] = []
-        self._evidence_keys: set[tuple[bytes, int, int, int]] = set()
         self._reset(height)
 
     # --- state ------------------------------------------------------------------------------
@@ -158,6 +157,8 @@ class Engine:
         self._prevote_timeout_rounds: set[int] = set()
         self._precommit_timeout_rounds: set[int] = set()
         self._line36_rounds: set[int] = set()
+        # Offences already reported this height (keys carry the height, so a reset is safe).
+        self._evidence_keys: set[tuple[bytes, int, int, int]] = set()
 
     @property
     def is_validator(self) -> bool:

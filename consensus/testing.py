@@ -363,10 +363,10 @@ class EquivocatingTransport(SimTransport):
         proposal = decode(Proposal, envelope.body)
         block = decode(SimBlock, proposal.block)
         twin_block = encode(dataclasses.replace(block, time_ms=block.time_ms + 1))
+        # Half the time a different valid block; else the same hash with bytes that are not it.
+        twin_hash = digest(twin_block) if self.network.rng.random() < 0.5 else proposal.block_hash
         twin_proposal = sign_message(
-            dataclasses.replace(
-                proposal, block=twin_block, block_hash=digest(twin_block), signature=b""
-            ),
+            dataclasses.replace(proposal, block=twin_block, block_hash=twin_hash, signature=b""),
             self.key,
             self.chain_id,
         )

@@ -185,11 +185,11 @@ async def test_single_validator_chain(autojump_clock: MockClock, tmp_path: Path)
     async with trio.open_nursery() as nursery:
         cluster = SimCluster(nursery, tmp_path, validators=1)
         await cluster.start()
-        for height in range(1, 4):
-            cluster.add_tx()
-            await cluster.wait_height(height)
         driver = cluster.nodes[0].driver
         assert driver is not None
+        for height in range(1, 4):
+            cluster.add_tx()
+            await driver.wait_committed(height)
         status = driver.status()
         assert (status.last_committed_height, status.is_validator) == (3, True), status
         assert not status.catching_up
