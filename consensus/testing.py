@@ -500,7 +500,7 @@ async def simulate(
         f"sim-{seed}",
         tuple(Validator(k.address, p) for k, p in zip(keys, powers, strict=True)),
     )
-    config = dataclasses.replace(ConsensusConfig.for_tests(), wal_fsync=False)
+    config = ConsensusConfig.for_tests()
     network = SimNetwork(rng)
     oracle = Oracle()
     nodes = [
