@@ -43,6 +43,7 @@ async def test_jobs_complete_and_settle_with_money_adding_up(tmp_path: Path) -> 
     async with open_cluster(tmp_path) as cluster:
         requester = cluster.requester
         supply_before = cluster.chain.state.total_supply()
+        events = requester.market.subscribe()
         started = trio.current_time()
         records = [
             await requester.market.submit(copy_job(b"cheapest job\n")),
@@ -81,6 +82,19 @@ async def test_jobs_complete_and_settle_with_money_adding_up(tmp_path: Path) -> 
             assert isinstance(stamps, dict)
             for state in ("bidding", "awarded", "locked", "settling", "done"):
                 assert state in stamps, f"no {state} timestamp in {stamps}"
+        # The event hook saw the first job walk through every state, in order.
+        seen: list[str] = []
+        while True:
+            try:
+                event = events.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if event.job_id == records[0].job_id and (not seen or seen[-1] != event.state.label):
+                seen.append(event.state.label)
+        expected = ["bidding", "awarded", "locked", "running", "settling", "done"]
+        assert [s for s in seen if s != "running"] == [s for s in expected if s != "running"], (
+            f"state events out of order: {seen}"
+        )
         # Money: what providers earned is what the requester spent, and nothing was minted.
         state = cluster.chain.state
         spent = BALANCE - state.account(requester.key.address).balance
@@ -252,3 +266,21 @@ async def test_provider_restart_reruns_the_interrupted_job(tmp_path: Path) -> No
         record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
         result = await requester.market.result(record.job_id)
         assert result.outputs == {"o": b"rerun\n"}, f"outputs {result.outputs}"
+
+
+async def test_cpu_only_job_runs_on_a_cpu_provider(tmp_path: Path) -> None:
+    # simulate_gpus "" on a machine without NVML: a CPU-only provider with one CPU slot.
+    async with open_cluster(tmp_path, providers=(("", 5),)) as cluster:
+        requester = cluster.requester
+        record = await requester.market.submit(
+            copy_job(b"on a cpu\n", requirements=Requirements(gpus=0), max_price_per_gpu_second=20)
+        )
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        assert record.terms is not None and record.terms.gpus == 0, f"terms {record.terms}"
+        # A CPU slot is priced by the offer's cpu_price_per_slot_second (10 by default).
+        assert record.terms.price_per_gpu_second == 10, f"terms {record.terms}"
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"out.txt": b"on a cpu\n"}, f"outputs {result.outputs}"
+        assert result.stdout == b"gpus=\n", f"a CPU job must see no GPU: {result.stdout!r}"
+        with pytest.raises(Unsatisfiable, match="no provider offers >= 1 GPU"):
+            await requester.market.submit(copy_job(b"x"))
