@@ -98,7 +98,6 @@ _verified: OrderedDict[bytes, None] = OrderedDict()
 class _MessageEvent:
     peer: PeerId
     message: Proposal | Vote
-    envelope: bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -400,18 +399,24 @@ class ConsensusDriver:
                     self._engine.on_block_validated(action.height, action.block_hash, valid)
                 )
             elif isinstance(action, Decide):
+                for rest in queue:
+                    if isinstance(rest, ReportEvidence):
+                        self._keep_evidence(rest.evidence)
                 await self._commit(action.height, action.block, action.commit)
                 return  # the engine moved to a new height; what was queued is for the old one
             elif isinstance(action, ReportEvidence):
-                self.stats.evidence_found += 1
-                self._evidence.append(action.evidence)
-                log.warning(
-                    "consensus: validator %s equivocated at height %d round %d",
-                    action.evidence.vote_a.signer.hex()[:16],
-                    action.evidence.vote_a.height,
-                    action.evidence.vote_a.round,
-                )
+                self._keep_evidence(action.evidence)
         raise AssertionError("consensus actions kept multiplying")
+
+    def _keep_evidence(self, evidence: Evidence) -> None:
+        self.stats.evidence_found += 1
+        self._evidence.append(evidence)
+        log.warning(
+            "consensus: validator %s equivocated at height %d round %d",
+            evidence.vote_a.signer.hex()[:16],
+            evidence.vote_a.height,
+            evidence.vote_a.round,
+        )
 
     async def _validate(self, height: int, block: bytes, block_hash: bytes) -> bool:
         try:
@@ -497,7 +502,7 @@ class ConsensusDriver:
             self.stats.messages_received += 1
             message = self._check(peer, data)
             if message is not None:
-                await self._events_send.send(_MessageEvent(peer, message, data))
+                await self._events_send.send(_MessageEvent(peer, message))
 
     def _check(self, peer: PeerId, data: bytes) -> Proposal | Vote | None:
         """Decode, then validate; anything wrong is dropped and counted against ``peer``."""
