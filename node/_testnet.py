@@ -90,7 +90,11 @@ def init_testnet(
     base_port: int = 26600,
     mdns: bool = False,
     host: str = "127.0.0.1",
+    hosts: list[str] | None = None,
+    bootstrap: bool = True,
 ) -> TestnetLayout:
+    """Write ``nodes`` homes. ``hosts`` gives each node its own IP (one host per network
+    namespace); ``bootstrap=False`` leaves discovery to mDNS and the DHT alone."""
     if not 1 <= nodes <= nodes_max:
         raise TestnetError(f"--nodes must be 1-{nodes_max}")
     validators = min(nodes, 4) if validators is None else validators
@@ -106,15 +110,21 @@ def init_testnet(
     keys = [SigningKey.generate() for _ in range(nodes)]
     peer_ids = [peer_id_of(k) for k in keys]
     entries: list[TestnetNode] = []
+    if hosts is not None and len(hosts) != nodes:
+        raise TestnetError("give one host address per node")
+    ips = hosts or [host] * nodes
     for i, key in enumerate(keys):
         p2p_port, rpc_port = base_port + 2 * i, base_port + 2 * i + 1
-        bootstrap = tuple(
-            f"/ip4/{host}/tcp/{base_port + 2 * j}/p2p/{peer_ids[j]}" for j in bootstrap_indices(i)
+        peers = bootstrap_indices(i) if bootstrap else []
+        bootstrap_addrs = tuple(
+            f"/ip4/{ips[j]}/tcp/{base_port + 2 * j}/p2p/{peer_ids[j]}" for j in peers
         )
         gpus = simulate_gpus if i < providers else ""
         config = NodeConfig(
             node=NodeSection(chain_id=chain_id),
-            p2p=P2PSection(listen_host=host, listen_port=p2p_port, bootstrap=bootstrap, mdns=mdns),
+            p2p=P2PSection(
+                listen_host=ips[i], listen_port=p2p_port, bootstrap=bootstrap_addrs, mdns=mdns
+            ),
             rpc=RpcSection(port=rpc_port),
             # With --providers K only the first K nodes sell compute; without it every node
             # offers what it has (its CPU on a machine with no GPU).
