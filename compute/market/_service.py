@@ -92,6 +92,12 @@ event_queue_max = 256
 event_subscribers_max = 16
 bids_in_flight_max = 16
 bid_windows_max = 2
+bid_rounds_max = 5
+capacity_backoff_ms = 250
+capacity_backoff_ms_max = 3_000
+capacity_rounds_max = 2_000
+"""Waiting for capacity is bounded by the job's deadline; this only bounds the loop."""
+"""Bid rounds per job when every bidder refuses the award (all full): queues a burst."""
 """A bid window that closes with no bid at all is extended once before the job fails."""
 tx_submit_attempts_max = 3
 fetch_attempts_max = 5
@@ -504,6 +510,13 @@ class MarketService:
         finally:
             self._bidding.discard(job_id)
         record = self._jobs[(Role.REQUESTER, job_id)]
+        if not record.bids and self._worth_waiting(record):
+            # Providers exist for this job but none had a free slot: a burst of jobs. Wait for
+            # capacity (backing off) until the deadline leaves no room, then ask again.
+            rounds = record.bid_rounds + 1
+            self._update(record, bid_rounds=rounds, error="waiting for a free provider slot")
+            await trio.sleep(min(capacity_backoff_ms_max, capacity_backoff_ms * rounds) / 1000)
+            return
         if not record.bids:
             self._finish(
                 record,
@@ -513,6 +526,20 @@ class MarketService:
             )
             return
         await self._award_next(record, first=True)
+
+    def _worth_waiting(self, record: JobRecord) -> bool:
+        """True when some live offer could take this job once a slot frees up, the price
+        fits, and the deadline still leaves room for another bid round and the run."""
+        request = record.request
+        now = self._clock_ms()
+        if record.bid_rounds >= capacity_rounds_max:
+            return False
+        if now + request.bid_window_ms + request.max_wall_ms >= request.deadline_ms:
+            return False
+        why = explain_unsatisfiable(
+            self._directory.offers(now), request.requirements, request.max_price_per_gpu_second
+        )
+        return why is None or why.startswith("all ")
 
     def _score(self, provider: bytes) -> float:
         return self._store.provider_stats(provider).score()
@@ -583,13 +610,28 @@ class MarketService:
                 agreement_tx=b"",
             )
             return
-        self._finish(
-            record,
-            JobState.FAILED if first or not refusals else JobState.REFUNDED,
+        why = (
             f"no provider took the job ({len(ranked)} bid(s) tried): " + "; ".join(refusals[:8])
             if refusals
-            else record.error or "no untried bids left",
+            else record.error or "no untried bids left"
         )
+        now = self._clock_ms()
+        request = record.request
+        room = now + request.bid_window_ms + request.max_wall_ms < request.deadline_ms
+        if refusals and room and record.bid_rounds + 1 < capacity_rounds_max:
+            # Every bidder was full by the time of the award (a burst of jobs): ask again,
+            # the next round sees the slots that have freed up since.
+            self._update(
+                record,
+                state=JobState.BIDDING,
+                bids=(),
+                bid_peers=(),
+                tried=(),
+                error=why,
+                bid_rounds=record.bid_rounds + 1,
+            )
+            return
+        self._finish(record, JobState.FAILED if first or not refusals else JobState.REFUNDED, why)
 
     async def _lock(self, record: JobRecord) -> None:
         terms = record.terms
@@ -975,6 +1017,7 @@ class MarketService:
         now = self._clock_ms()
         fit = fit_on_node(request.requirements, provider.allocator, provider.offer_config)
         if fit is None:
+            self._mark_bid(award.job_id, _BID_FAILED)  # bid again when asked again
             raise NetError("no free capacity for this job any more")
         model, _, price = fit
         if award.price_per_gpu_second < price or award.gpus != request.requirements.gpus:
@@ -991,6 +1034,7 @@ class MarketService:
                 min_vram_bytes=request.requirements.min_vram_bytes,
             )
         except NoCapacityError as exc:
+            self._mark_bid(award.job_id, _BID_FAILED)
             raise NetError(f"no capacity: {exc}") from exc
         terms = ledger.sign_object(
             AgreementTerms(

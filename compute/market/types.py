@@ -275,6 +275,8 @@ class JobRecord:
     outputs: tuple[OutputFile, ...] = ()
     """Requester: the verified output files (their bytes are blobs in the store)."""
     cancel_requested: bool = False
+    bid_rounds: int = 0
+    """Bid rounds held so far (a round whose every bidder refused the award is repeated)."""
     stamps: tuple[Stamp, ...] = ()
 
     def to_json(self) -> dict[str, object]:
