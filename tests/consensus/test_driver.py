@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
 from consensus import (
+    ConfigError,
     ConsensusConfig,
+    ConsensusDriver,
     Envelope,
     MessageKind,
     PeerId,
@@ -17,6 +21,7 @@ from consensus import (
     Step,
     SyncBlock,
     SyncResponse,
+    ValidatorSet,
     Vote,
     VoteType,
     Wal,
@@ -24,7 +29,16 @@ from consensus import (
     commit_from_votes,
     sign_message,
 )
-from consensus.testing import SimBlock, SimCluster, seeded_key
+from consensus.testing import (
+    SimApp,
+    SimBlock,
+    SimCluster,
+    SimDisk,
+    SimNetwork,
+    SimTransport,
+    make_genesis,
+    seeded_key,
+)
 from ledger import digest, encode
 
 if TYPE_CHECKING:
@@ -291,3 +305,43 @@ async def test_one_crashed_validator_of_four_does_not_stop_the_chain(
         cluster.add_tx()
         await cluster.wait_height(6, timeout_s=60)
         nursery.cancel_scope.cancel()
+
+
+async def test_equivocation_reaches_the_app_as_evidence(
+    autojump_clock: MockClock, tmp_path: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = SimCluster(nursery, tmp_path)
+        await cluster.start()
+        target = cluster.nodes[0]
+        assert target.driver is not None
+        liar = cluster.keys[2]
+        inbox = cluster.network.inboxes[target.peer_id]
+        for block_hash in (digest(b"x"), digest(b"y")):
+            vote = sign_message(Vote(VoteType.PREVOTE, 1, 0, block_hash), liar, CHAIN)
+            inbox.send_nowait((PeerId("v2"), envelope(vote)))
+        with trio.fail_after(10):
+            while not target.driver.pending_evidence():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert target.driver.status().pending_evidence == 1
+        (evidence,) = target.driver.take_evidence()
+        assert evidence.vote_a.signer == evidence.vote_b.signer == liar.address
+        assert {evidence.vote_a.block_hash, evidence.vote_b.block_hash} == {
+            digest(b"x"),
+            digest(b"y"),
+        }
+        assert target.driver.pending_evidence() == (), "take_evidence hands over and forgets"
+        assert target.driver.stats.bad_by_peer == {}, "equivocation is evidence, not bad input"
+        nursery.cancel_scope.cancel()
+
+
+def test_a_validator_needs_a_wal(tmp_path: Path) -> None:
+    keys, genesis = make_genesis(4)
+    with pytest.raises(ConfigError, match="wal_path"):
+        ConsensusDriver(
+            genesis=genesis,
+            config=ConsensusConfig.for_tests(),
+            app=SimApp("v0", SimDisk(), ValidatorSet(genesis.validators), genesis.chain_id),
+            transport=SimTransport(SimNetwork(random.Random(0)), PeerId("v0")),
+            key=keys[0],
+        )
