@@ -18,7 +18,17 @@ Consensus imports only ``ledger`` (codec and signatures) of gpumesh.
 from consensus._clock import TrioClock
 from consensus._commit import commit_from_votes, precommit_of, verify_commit
 from consensus._driver import ConsensusDriver, DriverStatistics
-from consensus._engine import Engine
+from consensus._engine import (
+    Action,
+    CastProposal,
+    CastVote,
+    Decide,
+    Engine,
+    ReportEvidence,
+    RequestBlock,
+    ScheduleTimeout,
+    ValidateBlock,
+)
 from consensus._signing import sign_message, verify_message
 from consensus._validators import ValidatorSet
 from consensus._wal import Wal, WalRecord
@@ -59,8 +69,11 @@ from consensus.types import (
 
 __all__ = [
     "NIL",
+    "Action",
     "ApplicationAPI",
     "BlockHash",
+    "CastProposal",
+    "CastVote",
     "ClockAPI",
     "Commit",
     "CommitSig",
@@ -69,6 +82,7 @@ __all__ = [
     "ConsensusDriver",
     "ConsensusError",
     "ConsensusStatus",
+    "Decide",
     "DoubleSignRefused",
     "DriverStatistics",
     "Engine",
@@ -82,7 +96,10 @@ __all__ = [
     "MessageKind",
     "PeerId",
     "Proposal",
+    "ReportEvidence",
+    "RequestBlock",
     "Round",
+    "ScheduleTimeout",
     "Step",
     "SyncBlock",
     "SyncRequest",
@@ -90,6 +107,7 @@ __all__ = [
     "TransportAPI",
     "TransportError",
     "TrioClock",
+    "ValidateBlock",
     "Validator",
     "ValidatorSet",
     "Vote",

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 from consensus import (
     NIL,
+    Action,
+    CastProposal,
+    CastVote,
     ConsensusConfig,
+    Decide,
     Engine,
     Proposal,
+    ReportEvidence,
+    RequestBlock,
+    ScheduleTimeout,
     Step,
+    ValidateBlock,
     ValidatorSet,
     Vote,
     VoteType,
     sign_message,
     verify_commit,
     verify_message,
-)
-from consensus._engine import (
-    Action,
-    CastProposal,
-    CastVote,
-    Decide,
-    ReportEvidence,
-    RequestBlock,
-    ScheduleTimeout,
-    ValidateBlock,
 )
 from consensus.testing import make_genesis
 from ledger import SigningKey, digest

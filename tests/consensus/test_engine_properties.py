@@ -7,17 +7,21 @@ from hypothesis import strategies as st
 
 from consensus import (
     NIL,
+    Action,
+    CastProposal,
+    CastVote,
     ConsensusConfig,
+    Decide,
     Engine,
     Proposal,
     Step,
+    ValidateBlock,
     ValidatorSet,
     Vote,
     VoteType,
     sign_message,
     verify_commit,
 )
-from consensus._engine import Action, CastProposal, CastVote, Decide, ValidateBlock
 from consensus.testing import make_genesis
 from ledger import digest
 
