@@ -93,6 +93,8 @@ event_subscribers_max = 16
 bids_in_flight_max = 16
 bid_windows_max = 2
 bid_rounds_max = 5
+awards_pending_per_requester_max = 8
+"""Awards one requester may hold here whose trade has not opened yet."""
 capacity_backoff_ms = 250
 capacity_backoff_ms_max = 3_000
 capacity_rounds_max = 2_000
@@ -1015,6 +1017,19 @@ class MarketService:
                 raise NetError("this attempt is already closed here")
             return ledger.encode(existing.terms)
         now = self._clock_ms()
+        # An award holds slots until its trade opens: only for a requester that can pay, and
+        # only a few unopened ones per requester, so signed awards alone cannot lock us up.
+        if self._chain.account(award.signer).balance < award.max_cost + self._config.fee:
+            raise NetError("the requester's balance does not cover the escrow")
+        pending = sum(
+            1
+            for (role, _), r in self._jobs.items()
+            if role is Role.PROVIDER
+            and r.state is JobState.AWARDED
+            and r.counterparty == award.signer
+        )
+        if pending >= awards_pending_per_requester_max:
+            raise NetError(f"{pending} awards of yours are still waiting for their trades")
         fit = fit_on_node(request.requirements, provider.allocator, provider.offer_config)
         if fit is None:
             self._mark_bid(award.job_id, _BID_FAILED)  # bid again when asked again

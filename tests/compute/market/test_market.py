@@ -7,17 +7,22 @@ from pathlib import Path
 import pytest
 import trio
 
+import ledger
 from compute.market import (
+    PROTOCOL_AWARD,
+    Award,
+    JobRequest,
     JobState,
     JobSubmission,
     MarketConfig,
+    NetError,
     Requirements,
     Role,
     Unsatisfiable,
 )
 from ledger import TradeStatus
 from p2p.testing import wait_until
-from tests.compute.market.cluster import BALANCE, now_ms, open_cluster
+from tests.compute.market.cluster import BALANCE, CHAIN_ID, now_ms, open_cluster
 
 GiB = 1024**3
 COPY_JOB = (
@@ -284,3 +289,47 @@ async def test_cpu_only_job_runs_on_a_cpu_provider(tmp_path: Path) -> None:
         assert result.stdout == b"gpus=\n", f"a CPU job must see no GPU: {result.stdout!r}"
         with pytest.raises(Unsatisfiable, match="no provider offers >= 1 GPU"):
             await requester.market.submit(copy_job(b"x"))
+
+
+async def test_provider_refuses_awards_a_requester_cannot_pay_for(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
+        provider = cluster.nodes[1]
+        broke = ledger.SigningKey.generate()  # signs the award; has no balance on chain
+        request = ledger.sign_object(
+            JobRequest(
+                chain_id=CHAIN_ID,
+                created_ms=now_ms(),
+                requirements=Requirements(gpus=1),
+                max_price_per_gpu_second=100,
+                max_wall_ms=5_000,
+                deadline_ms=now_ms() + 60_000,
+                bid_window_ms=1_000,
+                manifest_digest=b"\0" * 32,
+                inputs_bytes=0,
+            ),
+            broke,
+            CHAIN_ID,
+        )
+        job_id = ledger.hash_of(request)
+        award = ledger.sign_object(
+            Award(
+                job_id=job_id,
+                request=request,
+                attempt=0,
+                attempt_job_id=job_id,
+                provider=provider.key.address,
+                price_per_gpu_second=30,
+                gpus=1,
+                max_cost=request.max_cost(30),
+                deadline_ms=now_ms() + 30_000,
+            ),
+            broke,
+            CHAIN_ID,
+        )
+        with pytest.raises(NetError, match="balance does not cover the escrow"):
+            await cluster.requester.net.request(
+                provider.net.local_peer_id, PROTOCOL_AWARD, ledger.encode(award), 10
+            )
+        assert provider.provider is not None
+        assert not provider.provider.allocator.allocations(), "slots held for an unpayable award"
+        assert provider.market.list(Role.PROVIDER) == [], "an unpayable award left a job behind"
