@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ledger
@@ -58,6 +58,8 @@ requests = st.builds(
 )
 
 
+# No per-example deadline: Ed25519 signing on a CPU shared by six test suites is slow.
+@settings(max_examples=50, deadline=None)
 @given(requests, st.integers(0, 7), u32)
 def test_signed_messages_round_trip_and_verify(
     request: JobRequest, attempt: int, price: int
@@ -87,6 +89,7 @@ def test_signed_messages_round_trip_and_verify(
     assert not ledger.verify_object(tampered, CHAIN), "a changed award must not verify"
 
 
+@settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.text(min_size=1, max_size=8), st.binary(max_size=64)), max_size=4))
 def test_manifest_and_record_round_trip(files: list[tuple[str, bytes]]) -> None:
     manifest = JobManifest(
