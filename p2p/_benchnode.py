@@ -143,6 +143,9 @@ async def _measure(
         rss_mb=round(_rss_mb(), 1),
         peers=mesh.peer_count(),
         rejected=mesh.statistics()["rejected"]["by_reason"],
+        pubsub_peers=len(mesh._pubsub.peers),
+        gossip_mesh=len(mesh._gossipsub.mesh.get(mesh.topic(purpose), ())),
+        topic_peers=len(mesh._pubsub.peer_topics.get(mesh.topic(purpose), ())),
         dropped=sum(t["dropped_queue_full"] for t in mesh.statistics()["topics"].values()),
     )
     nursery.cancel_scope.cancel()
@@ -164,7 +167,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--linger", type=float, default=5.0)
     parser.add_argument("--print-recv", action="store_true")
     parser.add_argument("--heartbeat-ms", type=int, default=1000)
-    parser.add_argument("--degree", type=int, nargs=3, default=[6, 4, 12])
+    parser.add_argument("--degree", type=int, nargs=3, default=[4, 3, 6])
     parser.add_argument("--protocols", default="/meshsub/1.1.0,/meshsub/1.0.0")
     parser.add_argument("--strict-signing", action="store_true")
     parser.add_argument("--no-caches", action="store_true", help="leave libp2p hot paths as is")
@@ -191,7 +194,6 @@ async def _main(args: argparse.Namespace) -> None:
         dial_interval_ms=250,
         backoff_initial_ms=args.dial_backoff_ms[0],
         backoff_max_ms=args.dial_backoff_ms[1],
-        dht_walk_fast_interval_ms=500,
     )
     mesh = Mesh(bytes.fromhex(args.seed_hex), args.chain, config)
     state = _State(args.index, args.rate, args.size, args.print_recv)
