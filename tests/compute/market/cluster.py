@@ -50,6 +50,10 @@ DEFAULT_PROVIDERS = (("RTX4090:2", 30), ("RTX4090:1", 50), ("A100-80GB:1", 40))
 """``(simulate_gpus, price per GPU-second)`` of providers 1, 2 and 3."""
 
 
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class MeshNet(MarketNetAPI):
     """What the node does: ``p2p.Mesh`` seen through the market's seam."""
 
@@ -148,7 +152,7 @@ class Cluster:
     def requester(self) -> Node:
         return self.nodes[0]
 
-    async def start_service(self, node: Node) -> None:
+    async def start_service(self, node: Node, *, clock_ms: Callable[[], int] = now_ms) -> None:
         node.store = JobStore(node.store_path)
         node.service = MarketService(
             node.key,
@@ -159,6 +163,7 @@ class Cluster:
             node.directory,
             node.provider,
             node.config,
+            clock_ms=clock_ms,
         )
         scope = trio.CancelScope()
         node.service_scope = scope
@@ -234,10 +239,6 @@ class Cluster:
                 f"{sorted(s.label for s in states)} in {timeout_s} s; it is {now}"
             ) from None
         return node.market.get(job_id, role)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @contextlib.asynccontextmanager

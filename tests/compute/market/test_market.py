@@ -333,3 +333,32 @@ async def test_provider_refuses_awards_a_requester_cannot_pay_for(tmp_path: Path
         assert provider.provider is not None
         assert not provider.provider.allocator.allocations(), "slots held for an unpayable award"
         assert provider.market.list(Role.PROVIDER) == [], "an unpayable award left a job behind"
+
+
+async def test_provider_restart_too_late_to_rerun_leaves_no_trade_locked(tmp_path: Path) -> None:
+    # A 1 s slack: after the restart the deadline no longer fits a re-run of the job.
+    config = MarketConfig.for_tests(attempt_slack_ms=1_000)
+    async with open_cluster(tmp_path, config=config, providers=(("RTX4090:1", 30),)) as cluster:
+        requester = cluster.requester
+        provider = cluster.nodes[1]
+        record = await requester.market.submit(
+            copy_job(
+                b"",
+                argv=("sleep", "2"),
+                inputs=(),
+                max_wall_ms=3_000,
+                deadline_ms=now_ms() + 10_000,
+            )
+        )
+        aid = record.attempt_job_id
+        await cluster.wait_state(provider, aid, {JobState.RUNNING}, 30, role=Role.PROVIDER)
+        await cluster.stop_service(provider)
+        # The service comes back "1.5 s later" by its clock: too late for a 3 s re-run.
+        await cluster.start_service(provider, clock_ms=lambda: now_ms() + 1_500)
+        side = await cluster.wait_state(provider, aid, {JobState.FAILED}, 30, role=Role.PROVIDER)
+        assert "no time to re-run" in side.error, f"provider record: {side.to_json()}"
+        record = await cluster.wait_state(requester, record.job_id, {JobState.REFUNDED}, 60)
+        trade = cluster.chain.trade(aid)
+        assert trade is not None and trade.status is TradeStatus.REFUNDED, f"trade {trade}"
+        account = cluster.chain.account(requester.key.address)
+        assert (account.balance, account.locked) == (BALANCE, 0), f"escrow not returned: {account}"
