@@ -30,6 +30,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -324,7 +325,7 @@ class Mesh(MeshAPI):
         for peer, state in self._connected.items():
             try:
                 addrs = tuple(str(a) for a in store.addrs(peer))
-            except BaseLibp2pError:
+            except PeerStoreError:  # connected before its addresses were recorded
                 addrs = ()
             out.append(PeerInfo(PeerId(peer.to_base58()), addrs, state.source, state.since_ms))
         return out
@@ -520,7 +521,7 @@ class Mesh(MeshAPI):
                 continue
             try:
                 addrs = list(store.addrs(peer))
-            except BaseLibp2pError:
+            except PeerStoreError:
                 continue
             if addrs:
                 self._add_candidate(peer, addrs, PeerSource.DHT)
@@ -796,5 +797,11 @@ def _configure_libp2p_logging() -> None:
     root.addHandler(_ForwardToOurs())
     root.setLevel(logging.WARNING)
     # Routine disconnects and empty DHT reads log at WARNING/ERROR there; they are not news.
-    for noisy in ("libp2p.kad_dht", "libp2p.pubsub", "libp2p.network", "libp2p.host"):
+    for noisy in (
+        "libp2p.kad_dht",
+        "libp2p.pubsub",
+        "libp2p.network",
+        "libp2p.host",
+        "libp2p.protocol_muxer",
+    ):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)

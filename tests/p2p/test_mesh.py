@@ -286,3 +286,16 @@ async def test_peer_events_and_restart_with_same_seed_and_port_rejoins() -> None
             event = await events.receive()
         assert (event.kind, event.peer_id) == (PeerEventKind.CONNECTED, leaver.peer_id), f"{event}"
         nursery.cancel_scope.cancel()
+
+
+async def test_peer_table_is_bounded_by_peers_max() -> None:
+    config = P2PConfig.for_tests(peers_max=2, known_peers_max=4)
+    async with open_meshes(5, config=config, bootstrap_of=lambda i: [0] if i else []) as meshes:
+        hub = meshes[0]
+        await wait_until(
+            lambda: hub.statistics()["refused_peers_max"] >= 1,
+            CONNECT_S,
+            f"the hub refuses peers beyond peers_max: {hub.statistics()}",
+        )
+        assert hub.peer_count() <= 2, f"hub has {hub.peer_count()} peers, limit 2"
+        assert len(hub.peers()) == hub.peer_count(), "peers() and peer_count() agree"
