@@ -54,8 +54,11 @@ class P2PConfig:
     """Cache py-libp2p's per-RPC signed-peer-record work (see ``p2p/_tuning.py``)."""
     gossip_message_bytes_max: int = 1024 * 1024
     gossip_clock_skew_ms: int = 30_000
-    gossip_message_age_max_ms: int = 10 * 60 * 1_000
+    gossip_message_age_max_ms: int = 60_000
     gossip_seen_ttl_s: int = 120
+    """Kept longer than any message stays acceptable (age max + skew), so a message that
+    libp2p replays to a (re)connecting peer is either still remembered as seen or rejected
+    as too old: a subscriber never gets the same message twice."""
     gossip_publish_rate_max_per_s: float = 100.0
     """Publishes beyond this wait: libp2p's 32-deep per-peer queues drop silently when flooded."""
     subscription_queue_max: int = 1_024
@@ -91,6 +94,12 @@ class P2PConfig:
         need(self.gossip_heartbeat_ms >= 100, "gossip_heartbeat_ms", "must be >= 100")
         need(bool(self.gossip_protocols), "gossip_protocols", "must not be empty")
         need(self.gossip_message_bytes_max >= 1024, "gossip_message_bytes_max", "must be >= 1 KiB")
+        need(
+            self.gossip_seen_ttl_s * 1000
+            > self.gossip_message_age_max_ms + self.gossip_clock_skew_ms,
+            "gossip_seen_ttl_s",
+            "must exceed gossip_message_age_max_ms + gossip_clock_skew_ms (no duplicates)",
+        )
         need(self.gossip_publish_rate_max_per_s > 0, "gossip_publish_rate_max_per_s", "must be > 0")
         need(self.subscription_queue_max >= 1, "subscription_queue_max", "must be >= 1")
         need(self.request_bytes_max >= 1, "request_bytes_max", "must be >= 1")

@@ -75,3 +75,14 @@ def test_oversized_is_rejected_before_parsing() -> None:
 
 def _fields(envelope: object) -> dict[str, object]:
     return {name: getattr(envelope, name) for name in envelope.__dataclass_fields__}  # type: ignore[attr-defined]
+
+
+def test_config_rejects_a_seen_window_shorter_than_message_lifetime() -> None:
+    from p2p import ConfigError, P2PConfig
+
+    with pytest.raises(ConfigError, match="gossip_seen_ttl_s"):
+        P2PConfig(gossip_seen_ttl_s=60, gossip_message_age_max_ms=60_000)
+    with pytest.raises(ConfigError, match="listen_host"):
+        P2PConfig(listen_host="0.0.0.0")
+    with pytest.raises(ConfigError, match="bootstrap"):
+        P2PConfig(bootstrap=("/ip4/127.0.0.1/tcp/1",))

@@ -145,6 +145,7 @@ async def test_invalid_gossip_is_rejected_counted_and_not_delivered() -> None:
         honest.subscribe("blocks")
         topic = victim.topic("blocks")
         other = Ed25519PrivateKey.from_private_bytes(seed_for(5, "other"))
+        rogue_key = Ed25519PrivateKey.from_private_bytes(seed_for(99, "rogue"))
         good = sign_envelope(other, victim.chain_id, "t", b"ok", victim_now_ms())
         unsigned = dataclasses.replace(good, signature=b"")
         wrong_sig = dataclasses.replace(good, payload=b"changed")
@@ -156,6 +157,11 @@ async def test_invalid_gossip_is_rejected_counted_and_not_delivered() -> None:
             "wrong_chain": encode_envelope(wrong_chain),
             # Validly signed, but by a key that is not the publishing libp2p peer's.
             "author_mismatch": encode_envelope(good),
+            # Signed by the rogue's own node key, so only the timestamp is wrong.
+            "too_old": encode_envelope(sign_envelope(rogue_key, "testchain", "t", b"old", 1)),
+            "from_future": encode_envelope(
+                sign_envelope(rogue_key, "testchain", "t", b"new", victim_now_ms() + 3_600_000)
+            ),
         }
         async with rogue_gossip_peer(victim, topic) as rogue:
             rogue_id = rogue.my_id.to_base58()
