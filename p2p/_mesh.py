@@ -80,6 +80,13 @@ peer_event_subscribers_max = 16
 subscribers_per_topic_max = 16
 shutdown_disconnect_s = 2.0
 connection_slack = 16
+banned_peers_max = 1_024
+ban_reasons = frozenset(
+    {"malformed", "oversized", "bad_signature", "author_mismatch", "wrong_chain"}
+)
+"""Protocol-level faults an honest peer never forwards (it validates first). Validator
+rejections and timestamp faults are left out: honest peers may differ in those (versions,
+clocks), and banning them would split the network."""
 
 
 def topic_name(chain_id: str, purpose: str) -> str:
@@ -236,6 +243,7 @@ class Mesh(MeshAPI):
         self._draining: set[str] = set()
         self._topic_counters: dict[str, TopicCounters] = {}
         self._rejections = Rejections()
+        self._banned: dict[ID, None] = {}
         self._publish_lock = trio.Lock()
         self._publish_next_s = 0.0
         self._counters: dict[str, int] = {
@@ -246,6 +254,7 @@ class Mesh(MeshAPI):
             "dht_walks": 0,
             "dht_walk_failures": 0,
             "mdns_discovered": 0,
+            "peers_banned": 0,
         }
         for addr in config.bootstrap:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
@@ -366,6 +375,10 @@ class Mesh(MeshAPI):
     def _on_connected(self, peer: ID, *, outbound: bool) -> None:
         if peer in self._connected:
             return
+        if peer in self._banned:
+            if self._nursery is not None:
+                self._nursery.start_soon(self._disconnect_quietly, peer)
+            return
         if len(self._connected) >= self.config.peers_max:
             self._counters["refused_peers_max"] += 1
             if self._nursery is not None:
@@ -415,7 +428,7 @@ class Mesh(MeshAPI):
     def _add_candidate(
         self, peer: ID, addrs: list[multiaddr.Multiaddr], source: PeerSource
     ) -> None:
-        if peer == self._id or not addrs:
+        if peer == self._id or not addrs or peer in self._banned:
             return
         existing = self._candidates.get(peer)
         if existing is not None:
@@ -607,9 +620,29 @@ class Mesh(MeshAPI):
             if reason is None:
                 return True
             self._rejections.add(forwarder.to_base58(), reason)
+            if reason in ban_reasons:
+                self._maybe_ban(forwarder)
             return False
 
         return validate
+
+    def _maybe_ban(self, peer: ID) -> None:
+        if peer in self._banned or peer == self._id:
+            return
+        counts = self._rejections.of_peer(peer.to_base58())
+        if sum(counts.get(r, 0) for r in ban_reasons) < self.config.gossip_invalid_before_ban:
+            return
+        if len(self._banned) >= banned_peers_max:
+            self._banned.pop(next(iter(self._banned)))
+        self._banned[peer] = None
+        self._counters["peers_banned"] += 1
+        logger.warning("banning %s: %s", peer, counts)
+        # Pubsub drops its traffic from now on and tears its connection down; we also stop
+        # dialing it and refuse it in _on_connected.
+        self._pubsub.add_to_blacklist(peer)
+        self._candidates.pop(peer, None)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._disconnect_quietly, peer)
 
     def _check(self, topic: str, msg: rpc_pb2.Message) -> str | None:
         """None when ``msg`` may be delivered and forwarded, else the reason to reject it."""

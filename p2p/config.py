@@ -59,6 +59,8 @@ class P2PConfig:
     """Kept longer than any message stays acceptable (age max + skew), so a message that
     libp2p replays to a (re)connecting peer is either still remembered as seen or rejected
     as too old: a subscriber never gets the same message twice."""
+    gossip_invalid_before_ban: int = 20
+    """Malformed/forged messages a peer may forward before we blacklist and disconnect it."""
     gossip_publish_rate_max_per_s: float = 100.0
     """Publishes beyond this wait: libp2p's 32-deep per-peer queues drop silently when flooded."""
     subscription_queue_max: int = 1_024

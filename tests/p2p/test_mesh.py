@@ -305,3 +305,25 @@ async def test_peer_table_is_bounded_by_peers_max() -> None:
         )
         assert hub.peer_count() <= 2, f"hub has {hub.peer_count()} peers, limit 2"
         assert len(hub.peers()) == hub.peer_count(), "peers() and peer_count() agree"
+
+
+async def test_peer_forwarding_forged_gossip_is_banned() -> None:
+    config = P2PConfig.for_tests(gossip_invalid_before_ban=3)
+    async with open_meshes(1, config=config) as (victim,):
+        victim.subscribe("blocks")
+        topic = victim.topic("blocks")
+        async with rogue_gossip_peer(victim, topic) as rogue:
+            rogue_id = rogue.my_id.to_base58()
+            for n in range(3):
+                await rogue.publish(topic, b"\x93forged %d" % n)
+            await wait_until(
+                lambda: victim.statistics()["peers_banned"] == 1,
+                GOSSIP_S,
+                f"the victim bans the rogue after 3 forged messages: {victim.statistics()}",
+            )
+            await wait_until(
+                lambda: all(p.peer_id != rogue_id for p in victim.peers()),
+                GOSSIP_S,
+                "the banned rogue is disconnected",
+            )
+            assert victim.rejected_by(rogue_id) == {"malformed": 3}, victim.rejected_by(rogue_id)
