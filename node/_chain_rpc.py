@@ -125,7 +125,9 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
             raw = hex_bytes(address, "address", 32)
         except ValueError as exc:
             raise _param_error(exc) from None
-        account = store().account(raw)
+        store()  # raises NOT_READY while starting
+        # The state, not the store: before block 1 the store holds no genesis accounts.
+        account = chain.state.account(raw)
         out = dict(to_json(account))
         out["address"] = raw.hex()
         out["next_nonce"] = chain.next_nonce(raw)

@@ -115,6 +115,7 @@ class Node:
             create_empty_blocks=c.create_empty_blocks,
             timeout_propose_ms=c.timeout_propose_ms,
             timeout_commit_ms=c.timeout_commit_ms,
+            empty_block_interval_ms=c.empty_block_interval_ms,
         )
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -118,7 +118,8 @@ class LedgerChain(market.ChainAPI):
         return None if record is None else record.receipt
 
     def account(self, address: bytes) -> Account:
-        return self._store().account(address)
+        # From the state, not the store: before block 1 the store holds no genesis accounts.
+        return self._chain.state.account(address)
 
     def head(self) -> tuple[int, int]:
         state = self._chain.state

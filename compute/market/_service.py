@@ -610,6 +610,7 @@ class MarketService:
                 counterparty_peer_id=peers[bid.signer],
                 terms=terms,
                 agreement_tx=b"",
+                error="",  # a wait for capacity or an earlier refusal is history now
             )
             return
         why = (
@@ -957,9 +958,6 @@ class MarketService:
         model, free, price = fit
         if price > request.max_price_per_gpu_second:
             return
-        self._seen_requests[job_id] = (request, now + self._config.reservation_ms, _BID_IN_FLIGHT)
-        while len(self._seen_requests) > seen_requests_max:
-            self._seen_requests.popitem(last=False)
         bid = ledger.sign_object(
             Bid(
                 job_id=job_id,
@@ -976,7 +974,11 @@ class MarketService:
         try:
             self._bid_slots.acquire_nowait()
         except trio.WouldBlock:
+            # Not recorded as seen: the requester's next round asks again and we bid then.
             raise NetError("too many bids in flight") from None
+        self._seen_requests[job_id] = (request, now + self._config.reservation_ms, _BID_IN_FLIGHT)
+        while len(self._seen_requests) > seen_requests_max:
+            self._seen_requests.popitem(last=False)
         assert self._nursery is not None
         self._nursery.start_soon(self._send_bid, incoming.sender_peer_id, bid)
 
