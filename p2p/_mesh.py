@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
+from google.protobuf import message as protobuf_message
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -152,6 +153,34 @@ class _Notifee(INotifee):  # type: ignore[misc]  # libp2p types are Any to mypy
         await trio.lowlevel.checkpoint()
 
 
+class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to mypy
+    """Pubsub whose read loop survives a peer's corrupt frame.
+
+    py-libp2p 0.8.1 parses each inbound RPC with protobuf and lets ``DecodeError`` escape the
+    read loop, which stops the whole host: one garbage frame from any peer (or two large
+    concurrent publishes whose yamux frames interleave on one stream) took a node down. We
+    reset that peer's stream, count it, and drop the peer from pubsub as the library does
+    for an oversized frame; the peer may reconnect with a clean stream.
+    """
+
+    corrupt_frames = 0
+
+    async def continuously_read_stream(self, stream: Any) -> None:
+        try:
+            await super().continuously_read_stream(stream)
+        except protobuf_message.DecodeError as exc:
+            peer_id = stream.muxed_conn.peer_id
+            type(self).corrupt_frames += 1
+            self.corrupt_frames_here = getattr(self, "corrupt_frames_here", 0) + 1
+            logger.warning("corrupt pubsub frame from %s: %s", peer_id, exc)
+            with trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except BaseLibp2pError:
+                    pass  # the stream is already broken; the reset had nothing to do
+            self._handle_dead_peer(peer_id)
+
+
 class Mesh(MeshAPI):
     """A node's presence on the p2p network (see ``p2p/__init__.py`` for the tour)."""
 
@@ -209,7 +238,7 @@ class Mesh(MeshAPI):
             # Every test and LAN peer may share one IP; diversity would refuse to form a mesh.
             eclipse_protection_enabled=False,
         )
-        self._pubsub = Pubsub(
+        self._pubsub = _GuardedPubsub(
             self._host,
             self._gossipsub,
             seen_ttl=config.gossip_seen_ttl_s,
@@ -738,6 +767,7 @@ class Mesh(MeshAPI):
             by_source[state.source.value] += 1
         return {
             "peer_id": self.peer_id,
+            "corrupt_frames": getattr(self._pubsub, "corrupt_frames_here", 0),
             "peers": len(self._connected),
             "peers_by_source": by_source,
             "known_peers": len(self._candidates),
