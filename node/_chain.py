@@ -86,20 +86,8 @@ class TxBatch:
     txs: tuple[Transaction, ...]
 
 
-def _to_ledger_commit(commit: consensus.Commit) -> ledger.Commit:
-    # consensus.Commit mirrors ledger.Commit field for field: same canonical bytes.
-    return ledger.decode(ledger.Commit, ledger.encode(commit))
-
-
 def _consensus_genesis(genesis: Genesis) -> consensus.Genesis:
-    validators = tuple(
-        ledger.decode(consensus.Validator, ledger.encode(v)) for v in genesis.validators
-    )
-    return consensus.Genesis(genesis.chain_id, validators)
-
-
-def _to_consensus_commit(commit: ledger.Commit) -> consensus.Commit:
-    return ledger.decode(consensus.Commit, ledger.encode(commit))
+    return consensus.Genesis(genesis.chain_id, genesis.validators)
 
 
 class LedgerApp(consensus.ApplicationAPI):
@@ -168,9 +156,7 @@ class LedgerApp(consensus.ApplicationAPI):
         block_hash = await self.validate(height, block)
         decoded, new_state, results = self._validated.pop(block_hash)
         # The fsync happens off the trio thread; nothing else writes the store meanwhile.
-        await trio.to_thread.run_sync(
-            self.store.commit_block, decoded, _to_ledger_commit(commit), new_state, results
-        )
+        await trio.to_thread.run_sync(self.store.commit_block, decoded, commit, new_state, results)
         self._validated.clear()
         self.state = new_state
         self.mempool.update(decoded, new_state)
@@ -184,7 +170,7 @@ class LedgerApp(consensus.ApplicationAPI):
         commit = self.store.commit(height)
         if block is None or commit is None:
             return None
-        return ledger.encode(block), _to_consensus_commit(commit)
+        return ledger.encode(block), commit
 
     def has_transactions(self) -> bool:
         return len(self.mempool) > 0

@@ -23,12 +23,12 @@ def test_config_round_trips_through_toml(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("[p2p]\nlisten_port = 70000\n", r"\[p2p\] listen_port"),
-        ("[p2p]\nlisten_host = \"0.0.0.0\"\n", r"\[p2p\] listen_host"),
-        ("[p2p]\nmdns = \"yes\"\n", r"\[p2p\] mdns must be true or false"),
+        ('[p2p]\nlisten_host = "0.0.0.0"\n', r"\[p2p\] listen_host"),
+        ('[p2p]\nmdns = "yes"\n', r"\[p2p\] mdns must be true or false"),
         ("[rpc]\nbogus = 1\n", r"\[rpc\] unknown key 'bogus'"),
         ("[nope]\n", r"unknown section \[nope\]"),
         ("[p2p\n", "not valid TOML"),
-        ("[p2p]\nbootstrap = [\"127.0.0.1:80\"]\n", r"\[p2p\] bootstrap entry"),
+        ('[p2p]\nbootstrap = ["127.0.0.1:80"]\n', r"\[p2p\] bootstrap entry"),
     ],
 )
 def test_bad_config_names_section_and_key(tmp_path: Path, text: str, message: str) -> None:
