@@ -172,3 +172,39 @@ def test_provider_killed_mid_job_is_retried_or_refunded_exactly(tmp_path: Path) 
         )
     finally:
         _testnet.down(directory)
+
+
+def test_requester_killed_while_its_job_runs_collects_the_result_after_restart(
+    tmp_path: Path,
+) -> None:
+    directory, homes, layout = start_testnet(tmp_path, "requester")
+    requester = homes[3]
+    try:
+        job = submit(
+            requester,
+            ["sh", "-c", "sleep 3; mkdir -p out; echo survived > out/r.txt"],
+            max_wall_ms=15_000,
+        )
+        wait_until(
+            lambda: status(requester, job["id"])["state"] == "running",
+            timeout_s=30,
+            what="the job to start running",
+        )
+        pid = _testnet.read_pid(requester)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _testnet._alive(pid), timeout_s=5, what="the requester to die")
+        proc = _testnet.start_node(requester)
+        _testnet.wait_ready([requester], [proc])
+        final = wait_until(
+            lambda: s if (s := status(requester, job["id"]))["state"] in FINAL else None,
+            timeout_s=90,
+            what="the restarted requester to finish its job",
+        )
+        assert final["state"] == "done", final
+        result = client(requester).call("job_result", {"job_id": job["id"]})
+        assert base64.b64decode(result["outputs"]["r.txt"]).decode().strip() == "survived"
+        account = client(requester).call("chain_account", {"address": layout.nodes[3].address})
+        assert account["locked"] == 0, "escrow left locked after the restart"
+    finally:
+        _testnet.down(directory)
