@@ -43,8 +43,12 @@ def tx_json(tx: Transaction) -> dict[str, Any]:
     return dict(body)
 
 
-def _param_error(exc: Exception) -> RpcError:
-    return RpcError(INVALID_PARAMS, str(exc))
+def hex_param(value: Any, name: str, length: int | None = 32) -> bytes:
+    """A hex parameter, or the spec's invalid-params error naming it."""
+    try:
+        return hex_bytes(value, name, length)
+    except ValueError as exc:
+        raise RpcError(INVALID_PARAMS, str(exc)) from None
 
 
 def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> None:
@@ -81,10 +85,7 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         if height is not None:
             block = store().block(height)
         else:
-            try:
-                block = store().block_by_hash(hex_bytes(hash, "hash", 32))
-            except ValueError as exc:
-                raise _param_error(exc) from None
+            block = store().block_by_hash(hex_param(hash, "hash"))
         if block is None:
             raise RpcError(NOT_FOUND, "no such block")
         out = block_json(block, full=full)
@@ -101,12 +102,10 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         return out
 
     async def chain_tx(hash: str) -> dict[str, Any]:
-        try:
-            record = store().transaction(hex_bytes(hash, "hash", 32))
-        except ValueError as exc:
-            raise _param_error(exc) from None
+        digest = hex_param(hash, "hash")
+        record = store().transaction(digest)
         if record is None:
-            pending = chain.app is not None and hex_bytes(hash, "hash", 32) in chain.app.mempool
+            pending = chain.app is not None and digest in chain.app.mempool
             raise RpcError(
                 NOT_FOUND,
                 "transaction pending" if pending else "no such transaction",
@@ -121,10 +120,7 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         }
 
     async def chain_account(address: str) -> dict[str, Any]:
-        try:
-            raw = hex_bytes(address, "address", 32)
-        except ValueError as exc:
-            raise _param_error(exc) from None
+        raw = hex_param(address, "address")
         store()  # raises NOT_READY while starting
         # The state, not the store: before block 1 the store holds no genesis accounts.
         account = chain.state.account(raw)
@@ -137,9 +133,9 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         if not isinstance(tx, str) or len(tx) > tx_hex_chars_max:
             raise RpcError(INVALID_PARAMS, f"tx must be hex, at most {tx_hex_chars_max} chars")
         try:
-            decoded: Transaction = ledger.decode(Transaction, hex_bytes(tx, "tx"))  # type: ignore[arg-type]
-        except (ValueError, DecodeError) as exc:
-            raise _param_error(exc) from None
+            decoded: Transaction = ledger.decode(Transaction, hex_param(tx, "tx", None))  # type: ignore[arg-type]
+        except DecodeError as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from None
         try:
             digest = chain.submit(decoded)
         except MempoolRejected as exc:
@@ -147,19 +143,13 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         return {"tx_hash": digest.hex()}
 
     async def chain_receipt(job_id: str) -> dict[str, Any]:
-        try:
-            record = store().receipt(hex_bytes(job_id, "job_id", 32))
-        except ValueError as exc:
-            raise _param_error(exc) from None
+        record = store().receipt(hex_param(job_id, "job_id"))
         if record is None:
             raise RpcError(NOT_FOUND, "no receipt for that job")
         return dict(to_json(record))
 
     async def chain_trade(job_id: str) -> dict[str, Any]:
-        try:
-            trade = store().trade(hex_bytes(job_id, "job_id", 32))
-        except ValueError as exc:
-            raise _param_error(exc) from None
+        trade = store().trade(hex_param(job_id, "job_id"))
         if trade is None:
             raise RpcError(NOT_FOUND, "no trade for that job")
         return dict(to_json(trade))

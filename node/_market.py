@@ -11,7 +11,8 @@ import trio
 import ledger
 from compute import market
 from ledger import MempoolRejected
-from node._json import hex_bytes, to_json
+from node._chain_rpc import hex_param
+from node._json import to_json
 from p2p import P2PError, PeerId, RequestError
 from rpc import INVALID_PARAMS, Param, Result, RpcError
 
@@ -42,6 +43,7 @@ class MeshNet(market.MarketNetAPI):
         self.local_peer_id = mesh.peer_id
         self._pumps: list[tuple[trio.MemoryReceiveChannel[GossipMessage], Any]] = []
         self._nursery: trio.Nursery | None = None
+        self.dropped = 0
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -71,11 +73,19 @@ class MeshNet(market.MarketNetAPI):
         source: trio.MemoryReceiveChannel[GossipMessage],
         sink: trio.MemorySendChannel[market.Incoming],
     ) -> None:
-        async with sink:
+        async with source, sink:
             async for m in source:
-                await sink.send(
-                    market.Incoming(m.sender_public_key, m.sender_peer_id, m.type_tag, m.payload)
+                incoming = market.Incoming(
+                    m.sender_public_key, m.sender_peer_id, m.type_tag, m.payload
                 )
+                try:
+                    sink.send_nowait(incoming)
+                except trio.WouldBlock:
+                    # The market is behind: gossip is best effort and a blocked pump would
+                    # only move the drop into the mesh's queue. Requesters re-send requests.
+                    self.dropped += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the subscriber went away
 
     def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
         async def serve(peer: PeerId, request: bytes) -> bytes:
@@ -143,10 +153,7 @@ def _b64(data: bytes) -> str:
 
 
 def _job_id(text: Any) -> bytes:
-    try:
-        return hex_bytes(text, "job_id", 32)
-    except ValueError as exc:
-        raise RpcError(INVALID_PARAMS, str(exc)) from None
+    return hex_param(text, "job_id")
 
 
 def _version(text: Any, name: str) -> tuple[int, int]:

@@ -28,19 +28,17 @@ from compute import (
     read_inventory,
 )
 from compute.market import (
-    Incoming,
     JobRecord,
     JobState,
     JobStore,
     MarketConfig,
-    MarketNetAPI,
     MarketService,
-    NetError,
     ProviderSide,
     Role,
 )
 from compute.market.testing import LocalChain
 from ledger.testing import funded_genesis
+from node._market import MeshNet
 from p2p.testing import seed_for, start_mesh, wait_until
 
 CHAIN_ID = "gpumesh-market-test"
@@ -52,57 +50,6 @@ DEFAULT_PROVIDERS = (("RTX4090:2", 30), ("RTX4090:1", 50), ("A100-80GB:1", 40))
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class MeshNet(MarketNetAPI):
-    """What the node does: ``p2p.Mesh`` seen through the market's seam."""
-
-    def __init__(self, mesh: p2p.Mesh, nursery: trio.Nursery) -> None:
-        self.mesh = mesh
-        self.local_peer_id = mesh.peer_id
-        self._nursery = nursery
-
-    async def publish(self, purpose: str, type_tag: str, payload: bytes) -> None:
-        await self.mesh.publish(purpose, type_tag, payload)
-
-    def subscribe(self, purpose: str) -> trio.MemoryReceiveChannel[Incoming]:
-        source = self.mesh.subscribe(purpose)
-        send, receive = trio.open_memory_channel[Incoming](256)
-
-        async def forward() -> None:
-            async with source, send:
-                async for message in source:
-                    try:
-                        send.send_nowait(
-                            Incoming(
-                                message.sender_public_key,
-                                message.sender_peer_id,
-                                message.type_tag,
-                                message.payload,
-                            )
-                        )
-                    except trio.WouldBlock:
-                        pass  # the market is behind: gossip is best effort
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-
-        self._nursery.start_soon(forward)
-        return receive
-
-    def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
-        async def serve(peer_id: p2p.PeerId, request: bytes) -> bytes:
-            try:
-                return await handler(peer_id, request)
-            except NetError as exc:
-                raise p2p.RemoteError(str(exc)) from exc
-
-        self.mesh.set_handler(protocol, serve)
-
-    async def request(self, peer_id: str, protocol: str, payload: bytes, timeout_s: float) -> bytes:
-        try:
-            return await self.mesh.request(p2p.PeerId(peer_id), protocol, payload, timeout_s)
-        except p2p.P2PError as exc:
-            raise NetError(str(exc)) from exc
 
 
 class TamperingNet(MeshNet):
@@ -274,7 +221,8 @@ async def open_cluster(
             scopes.append(scope)
             net_nursery, net_scope = await nursery.start(_scoped_nursery)
             scopes.append(net_scope)
-            net = net_cls(mesh, net_nursery)
+            net = net_cls(mesh)  # the node's own adapter, so these tests cover it too
+            await net_nursery.start(net.run)
             directory = OfferDirectory(CHAIN_ID)
             provider = None
             if index > 0:
