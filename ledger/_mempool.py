@@ -70,6 +70,18 @@ class Mempool:
     def __iter__(self) -> Iterator[Transaction]:
         return iter([e.tx for e in self._by_hash.values()])
 
+    def get(self, tx_hash: bytes) -> Transaction | None:
+        entry = self._by_hash.get(TxHash(tx_hash))
+        return None if entry is None else entry.tx
+
+    def next_nonce(self, sender: bytes) -> int:
+        """The account's nonce, moved past every pending nonce of ``sender`` that follows it."""
+        nonce = self._state.account(sender).nonce
+        pending = self._by_sender.get(sender, {})  # type: ignore[call-overload]
+        while nonce in pending:
+            nonce += 1
+        return nonce
+
     def statistics(self) -> MempoolStatistics:
         return MempoolStatistics(len(self._by_hash), self._bytes, len(self._by_sender))
 

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,12 +32,13 @@ from ledger import (
     Mempool,
     MempoolRejected,
     Transaction,
+    TxResult,
     build_block,
 )
 from p2p import P2PError, PeerId, RequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Container
+    from collections.abc import Callable, Container
     from pathlib import Path
 
     from trio_typing import TaskStatus
@@ -73,6 +74,9 @@ future_block_drift_ms = 30_000
 transport_queue_max = 4096
 sync_request_timeout_s = 10.0
 validated_blocks_max = 8
+commit_events_buffered_max = 256
+"""Per subscriber: a subscriber that falls this far behind loses events (counted), never
+stalls commits."""
 
 
 def sync_protocol(chain_id: str) -> str:
@@ -100,7 +104,7 @@ class LedgerApp(consensus.ApplicationAPI):
         self.mempool = Mempool(self.state)
         self._validated: dict[bytes, tuple[Block, LedgerState, BlockResults]] = {}
         self._new_block = trio.Event()
-        self.commit_listeners: list[Any] = []
+        self.on_commit: Callable[[Block, BlockResults], None] | None = None
 
     async def head(self) -> tuple[int, bytes]:
         if self.state.height == 0:
@@ -162,8 +166,8 @@ class LedgerApp(consensus.ApplicationAPI):
         self.mempool.update(decoded, new_state)
         event, self._new_block = self._new_block, trio.Event()
         event.set()
-        for listener in self.commit_listeners:
-            listener(decoded, results)
+        if self.on_commit is not None:
+            self.on_commit(decoded, results)
 
     async def load_block(self, height: int) -> tuple[bytes, consensus.Commit] | None:
         block = self.store.block(height)
@@ -190,6 +194,31 @@ def apply_block_checked(
     if block.time_ms <= state.time_ms:
         raise InvalidBlock("block time does not increase")
     return ledger.apply_block(state, block, verified=verified)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommitEvent:
+    """One committed block, as ``ChainService.subscribe_commits`` delivers it."""
+
+    height: int
+    time_ms: int
+    block_hash: bytes
+    tx_results: tuple[TxResult, ...]
+    block: Block
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TxStatus:
+    """Where a transaction stands on this node. ``state`` is ``committed`` (``ok`` and
+    ``error`` say how it went), ``pending`` (in the mempool), ``evicted`` (was pending here,
+    pushed out by higher-fee transactions or made stale; ``error`` says which) or ``unknown``."""
+
+    state: str
+    tx: Transaction | None = None
+    height: int = 0
+    index: int = 0
+    ok: bool = False
+    error: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +360,8 @@ class ChainService:
         self._outbox_wake = trio.Event()
         self._own_pending: deque[tuple[bytes, Transaction]] = deque(maxlen=own_pending_max)
         self.gossip_rejected = 0
+        self._commit_subscribers: list[trio.MemorySendChannel[CommitEvent]] = []
+        self.commit_events_dropped = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -338,6 +369,7 @@ class ChainService:
         store = LevelDBStore(self.data_dir / "ledger")
         try:
             self.app = LedgerApp(self.genesis, store)
+            self.app.on_commit = self._publish_commit
             self.driver = consensus.ConsensusDriver(
                 genesis=_consensus_genesis(self.genesis),
                 config=self.config,
@@ -427,9 +459,83 @@ class ChainService:
     # -- API for RPC and the market --------------------------------------------------------
 
     @property
-    def state(self) -> LedgerState:
+    def ready(self) -> bool:
+        """True once ``run`` has opened the store; the read API asserts it."""
+        return self.app is not None
+
+    def _app(self) -> LedgerApp:
         assert self.app is not None, "the chain service is not running"
-        return self.app.state
+        return self.app
+
+    @property
+    def state(self) -> LedgerState:
+        return self._app().state
+
+    def head(self) -> tuple[int, int]:
+        """``(height, time_ms)`` of the last committed block (``(0, genesis time)`` before)."""
+        state = self._app().state
+        return state.height, state.time_ms
+
+    def head_record(self) -> ledger.Head | None:
+        """The store's head (hash, state root), or None before block 1."""
+        return self._app().store.head()
+
+    def account(self, address: bytes) -> ledger.Account:
+        # From the state, not the store: before block 1 the store holds no genesis accounts.
+        return self._app().state.account(address)
+
+    def trade(self, job_id: bytes) -> ledger.Trade | None:
+        """The committed trade for ``job_id`` (open or closed), or None."""
+        return self._app().store.trade(job_id)
+
+    def receipt(self, job_id: bytes) -> ledger.ReceiptRecord | None:
+        """The committed receipt that settled ``job_id`` (with its tx hash, height), or None."""
+        return self._app().store.receipt(job_id)
+
+    def block(self, height: int) -> Block | None:
+        return self._app().store.block(height)
+
+    def block_by_hash(self, block_hash: bytes) -> Block | None:
+        return self._app().store.block_by_hash(block_hash)
+
+    def block_commit(self, height: int) -> consensus.Commit | None:
+        return self._app().store.commit(height)
+
+    def tx_status(self, tx_hash: bytes) -> TxStatus:
+        app = self._app()
+        record = app.store.transaction(tx_hash)
+        if record is not None:
+            return TxStatus(
+                "committed", record.tx, record.height, record.index, record.ok, record.error
+            )
+        pending = app.mempool.get(tx_hash)
+        if pending is not None:
+            return TxStatus("pending", pending)
+        return TxStatus("unknown")
+
+    def mempool_statistics(self) -> ledger.MempoolStatistics:
+        return self._app().mempool.statistics()
+
+    def subscribe_commits(self) -> trio.MemoryReceiveChannel[CommitEvent]:
+        """A channel of committed blocks, ``commit_events_buffered_max`` deep. A subscriber
+        that falls behind loses events (counted in ``commit_events_dropped``); closing the
+        receiving end unsubscribes."""
+        send, receive = trio.open_memory_channel[CommitEvent](commit_events_buffered_max)
+        self._commit_subscribers.append(send)
+        return receive
+
+    def _publish_commit(self, block: Block, results: BlockResults) -> None:
+        event = CommitEvent(block.height, block.time_ms, block.hash(), results.tx_results, block)
+        alive: list[trio.MemorySendChannel[CommitEvent]] = []
+        for send in self._commit_subscribers:
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                self.commit_events_dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue
+            alive.append(send)
+        self._commit_subscribers = alive
 
     def submit(self, tx: Transaction) -> bytes:
         """Add a signed transaction to the mempool and gossip it; raises ``MempoolRejected``."""
@@ -443,13 +549,8 @@ class ChainService:
 
     def next_nonce(self, address: bytes) -> int:
         """The nonce the next transaction from ``address`` should carry (pending ones counted)."""
-        assert self.app is not None
-        nonce = self.app.state.account(address).nonce
-        pending = {tx.nonce for tx in self.app.mempool if tx.signer == address}
-        while nonce in pending:
-            nonce += 1
-        return nonce
+        app = self._app()
+        return app.mempool.next_nonce(address)
 
     async def wait_new_block(self) -> int:
-        assert self.app is not None
-        return await self.app.wait_new_block()
+        return await self._app().wait_new_block()

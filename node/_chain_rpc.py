@@ -52,21 +52,21 @@ def hex_param(value: Any, name: str, length: int | None = 32) -> bytes:
 
 
 def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> None:
-    def store() -> ledger.LevelDBStore:
-        if chain.app is None:
+    def ready() -> ChainService:
+        if not chain.ready:
             raise RpcError(NOT_READY, "the chain service is starting")
-        return chain.app.store
+        return chain
 
     async def consensus_status() -> dict[str, Any]:
-        if chain.driver is None or chain.app is None:
+        if chain.driver is None or not chain.ready:
             raise RpcError(NOT_READY, "the chain service is starting")
         status = to_json(chain.driver.status())
-        status["mempool"] = to_json(chain.app.mempool.statistics())
+        status["mempool"] = to_json(chain.mempool_statistics())
         status["driver"] = to_json(chain.driver.stats)
         return dict(status)
 
     async def chain_head() -> dict[str, Any]:
-        head = store().head()
+        head = ready().head_record()
         if head is None:
             genesis = chain.genesis
             return {"height": 0, "hash": genesis.hash().hex(), "time_ms": genesis.genesis_time_ms}
@@ -83,13 +83,13 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         if (height is None) == (hash is None):
             raise RpcError(INVALID_PARAMS, "give exactly one of height or hash")
         if height is not None:
-            block = store().block(height)
+            block = ready().block(height)
         else:
-            block = store().block_by_hash(hex_param(hash, "hash"))
+            block = ready().block_by_hash(hex_param(hash, "hash"))
         if block is None:
             raise RpcError(NOT_FOUND, "no such block")
         out = block_json(block, full=full)
-        commit = store().commit(block.height)
+        commit = chain.block_commit(block.height)
         out["commit"] = (
             None
             if commit is None
@@ -103,27 +103,32 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
 
     async def chain_tx(hash: str) -> dict[str, Any]:
         digest = hex_param(hash, "hash")
-        record = store().transaction(digest)
-        if record is None:
-            pending = chain.app is not None and digest in chain.app.mempool
+        status = ready().tx_status(digest)
+        if status.state != "committed":
+            pending = status.state == "pending"
+            message = {
+                "pending": "transaction pending",
+                "evicted": f"transaction evicted: {status.error}",
+                "unknown": "no such transaction",
+            }[status.state]
             raise RpcError(
                 NOT_FOUND,
-                "transaction pending" if pending else "no such transaction",
-                {"pending": pending},
+                message,
+                {"pending": pending, "state": status.state, "error": status.error},
             )
+        assert status.tx is not None
         return {
-            "tx": tx_json(record.tx),
-            "height": record.height,
-            "index": record.index,
-            "ok": record.ok,
-            "error": record.error,
+            "tx": tx_json(status.tx),
+            "height": status.height,
+            "index": status.index,
+            "ok": status.ok,
+            "error": status.error,
+            "state": status.state,
         }
 
     async def chain_account(address: str) -> dict[str, Any]:
         raw = hex_param(address, "address")
-        store()  # raises NOT_READY while starting
-        # The state, not the store: before block 1 the store holds no genesis accounts.
-        account = chain.state.account(raw)
+        account = ready().account(raw)
         out = dict(to_json(account))
         out["address"] = raw.hex()
         out["next_nonce"] = chain.next_nonce(raw)
@@ -137,19 +142,19 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         except DecodeError as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from None
         try:
-            digest = chain.submit(decoded)
+            digest = ready().submit(decoded)
         except MempoolRejected as exc:
             raise RpcError(TX_REJECTED, f"rejected: {exc}", {"reason": exc.reason}) from None
         return {"tx_hash": digest.hex()}
 
     async def chain_receipt(job_id: str) -> dict[str, Any]:
-        record = store().receipt(hex_param(job_id, "job_id"))
+        record = ready().receipt(hex_param(job_id, "job_id"))
         if record is None:
             raise RpcError(NOT_FOUND, "no receipt for that job")
         return dict(to_json(record))
 
     async def chain_trade(job_id: str) -> dict[str, Any]:
-        trade = store().trade(hex_param(job_id, "job_id"))
+        trade = ready().trade(hex_param(job_id, "job_id"))
         if trade is None:
             raise RpcError(NOT_FOUND, "no trade for that job")
         return dict(to_json(trade))

@@ -14,7 +14,7 @@ import consensus
 import node as node_pkg
 from compute import market
 from ledger import Genesis, InvalidGenesis
-from node._chain import ChainService
+from node._chain import ChainService, CommitEvent
 from node._chain_rpc import block_json, register_chain_methods
 from node._compute import ComputeService
 from node._market import LedgerChain, MeshNet, register_market_methods
@@ -127,8 +127,7 @@ class Node:
                 async with trio.open_nursery() as app_nursery:
                     await app_nursery.start(self.rpc.run)
                     await app_nursery.start(self.chain.run)
-                    assert self.chain.app is not None
-                    self.chain.app.commit_listeners.append(self._on_block)
+                    app_nursery.start_soon(self._forward_commits, self.chain.subscribe_commits())
                     await app_nursery.start(self.compute.run)
                     await app_nursery.start(self.market_net.run)
                     await app_nursery.start(self.market.run)  # type: ignore[arg-type]
@@ -148,8 +147,10 @@ class Node:
         finally:
             self.job_store.close()
 
-    def _on_block(self, block: Any, results: Any) -> None:
-        self.rpc.publish(TOPIC_NEW_HEADS, block_json(block, full=False))
+    async def _forward_commits(self, commits: trio.MemoryReceiveChannel[CommitEvent]) -> None:
+        async with commits:
+            async for event in commits:
+                self.rpc.publish(TOPIC_NEW_HEADS, block_json(event.block, full=False))
 
     async def _forward_job_events(self) -> None:
         async for record in self.market.subscribe():
@@ -199,6 +200,7 @@ class Node:
             "tx_gossip_rejected": self.chain.gossip_rejected,
             "consensus_queue_dropped": self.chain.transport.dropped,
             "consensus_body_fetch_failures": self.chain.transport.fetch_failures,
+            "commit_events_dropped": self.chain.commit_events_dropped,
         }
         return stats
 

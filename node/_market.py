@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-import ledger
 from compute import market
 from ledger import MempoolRejected
 from node._chain_rpc import hex_param
@@ -116,34 +115,27 @@ class LedgerChain(market.ChainAPI):
         except MempoolRejected as exc:
             raise market.ChainRejected(str(exc)) from exc
 
-    def _store(self) -> ledger.LevelDBStore:
-        assert self._chain.app is not None, "the chain service is not running"
-        return self._chain.app.store
-
     def trade(self, job_id: bytes) -> Trade | None:
-        return self._store().trade(job_id)
+        return self._chain.trade(job_id)
 
     def receipt(self, job_id: bytes) -> Receipt | None:
-        record = self._store().receipt(job_id)
+        record = self._chain.receipt(job_id)
         return None if record is None else record.receipt
 
     def account(self, address: bytes) -> Account:
-        # From the state, not the store: before block 1 the store holds no genesis accounts.
-        return self._chain.state.account(address)
+        return self._chain.account(address)
 
     def head(self) -> tuple[int, int]:
-        state = self._chain.state
-        return state.height, state.time_ms
+        return self._chain.head()
 
     async def wait_new_block(self) -> int:
         return await self._chain.wait_new_block()
 
     def tx_result(self, tx_hash: bytes) -> tuple[bool, bool, str] | None:
-        record = self._store().transaction(tx_hash)
-        if record is not None:
-            return True, record.ok, record.error
-        assert self._chain.app is not None
-        if tx_hash in self._chain.app.mempool:
+        status = self._chain.tx_status(tx_hash)
+        if status.state == "committed":
+            return True, status.ok, status.error
+        if status.state == "pending":
             return False, False, ""
         return None
 
