@@ -72,6 +72,8 @@ class OfferConfig:
     """Per-model overrides of ``price_per_gpu_second``, e.g. ``(("RTX4090", 40),)``."""
     cpu_price_per_slot_second: int = 10
     tags: tuple[str, ...] = ()
+    sandbox: SandboxKind = "bwrap"
+    """The sandbox this node runs jobs in (the executor's kind); requesters may require one."""
     heartbeat_ms: int = 10_000
     ttl_ms: int = 30_000
     publish_interval_ms_min: int = 1_000
@@ -90,6 +92,8 @@ class OfferConfig:
             raise ValueError(f"[compute] need 0 < heartbeat_ms < ttl_ms <= {offer_ttl_ms_max}")
         if not 0 <= self.publish_interval_ms_min <= self.heartbeat_ms:
             raise ValueError("[compute] publish_interval_ms_min must be 0..heartbeat_ms")
+        if self.sandbox not in SANDBOX_KINDS:
+            raise ValueError(f"[compute] sandbox must be one of {', '.join(SANDBOX_KINDS)}")
 
     @classmethod
     def for_tests(cls) -> OfferConfig:

@@ -393,8 +393,9 @@ class Executor:
         sandbox_uid: int | bool | None = True,
         memory_poll_ms: int = memory_poll_ms,
     ) -> None:
-        """``sandbox=None`` probes bwrap and falls back to ``process``; ``sandbox_uid=True``
-        means ``default_sandbox_uid()``."""
+        """``sandbox=None`` means ``bwrap``, probed: ``SandboxError`` if it does not work here
+        (there is no silent fallback; ``process`` must be asked for by name).
+        ``sandbox_uid=True`` means ``default_sandbox_uid()``."""
         self._uid: int | None = (
             default_sandbox_uid() if sandbox_uid is True else (sandbox_uid or None)
         )
@@ -404,9 +405,12 @@ class Executor:
         self.bwrap_error: str | None = None
         if sandbox is None:
             self.bwrap_error = probe_bwrap(sandbox_uid=self._uid)
-            sandbox = "process" if self.bwrap_error else "bwrap"
             if self.bwrap_error:
-                log.warning("sandbox: bwrap unusable (%s); using plain processes", self.bwrap_error)
+                raise SandboxError(
+                    f"the bwrap sandbox does not work here ({self.bwrap_error}); install "
+                    'bubblewrap, or set [compute] sandbox = "process" to run jobs without it'
+                )
+            sandbox = "bwrap"
         if sandbox not in SANDBOX_KINDS:
             raise SandboxError(f"unknown sandbox kind {sandbox!r}")
         self._bwrap = bwrap_path() if sandbox == "bwrap" else None

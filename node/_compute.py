@@ -28,6 +28,15 @@ OFFER_TYPE_TAG = "gpumesh/offer/1"
 offer_prune_interval_s = 1.0
 
 
+def make_executor(config: ComputeSection, work_root: Path) -> compute.Executor:
+    """The executor ``[compute]`` asks for; ``SandboxError`` if that sandbox does not work."""
+    kind: compute.SandboxKind = "process" if config.sandbox == "process" else "bwrap"
+    if kind == "bwrap":
+        return compute.Executor(work_root)  # probes bwrap, raises if it does not work
+    log.warning("sandbox = process: jobs run without filesystem or network isolation")
+    return compute.Executor(work_root, sandbox="process")
+
+
 def jobs_root(address: bytes) -> Path:
     # Jobs run as an unprivileged uid: their directory must not sit under a 0700 home.
     return Path("/var/tmp") / f"gpumesh-jobs-{address.hex()[:16]}"
@@ -43,13 +52,24 @@ class ComputeService:
             simulate_gpus=config.simulate_gpus, simulate_seed=key.address.hex()
         )
         self.allocator = compute.SlotAllocator(self.inventory.gpus)
-        self.executor = compute.Executor(jobs_root(key.address))
         self.directory = compute.OfferDirectory(chain_id)
+        self.executor: compute.Executor | None = None
+        self.provider_refused: str | None = None
+        """Why this node does not provide although ``[compute] provider`` is on."""
+        if config.provider:
+            try:
+                self.executor = make_executor(config, jobs_root(key.address))
+            except compute.SandboxError as exc:
+                # No weak fallback: a node whose sandbox does not work stays a requester.
+                self.provider_refused = str(exc)
+                log.error("not providing compute: %s", exc)
         self.offer_config = compute.OfferConfig(
-            price_per_gpu_second=config.price_per_gpu_second, tags=config.tags
+            price_per_gpu_second=config.price_per_gpu_second,
+            tags=config.tags,
+            sandbox=self.executor.sandbox if self.executor is not None else "bwrap",
         )
         self.publisher: compute.OfferPublisher | None = None
-        if config.provider:
+        if self.executor is not None:
             self.publisher = compute.OfferPublisher(
                 key=key,
                 chain_id=chain_id,
@@ -59,6 +79,19 @@ class ComputeService:
                 sandbox=self.executor.sandbox,
                 publish=self._publish_offer,
             )
+
+    @property
+    def sandbox(self) -> str | None:
+        """The sandbox kind jobs run in; ``None`` when this node does not provide."""
+        return self.executor.sandbox if self.executor is not None else None
+
+    def provider_json(self) -> dict[str, Any]:
+        """Whether this node provides, in which sandbox, or why not (node_info, status)."""
+        return {
+            "providing": self.executor is not None,
+            "sandbox": self.sandbox,
+            "refused": self.provider_refused,
+        }
 
     async def _publish_offer(self, data: bytes) -> None:
         # The mesh runs our own messages through the topic validator too, which files the
@@ -89,7 +122,8 @@ class ComputeService:
             extra={
                 "inventory": self.inventory.source,
                 "gpus": len(self.inventory.gpus),
-                "sandbox": self.executor.sandbox,
+                "sandbox": self.sandbox,
+                "refused": self.provider_refused,
             },
         )
         async with trio.open_nursery() as nursery:
@@ -113,15 +147,17 @@ class ComputeService:
 
     def register_methods(self, registry: MethodRegistry) -> None:
         async def compute_resources() -> dict[str, Any]:
-            return dict(
+            snapshot = dict(
                 compute.resources_snapshot(
                     inventory=self.inventory,
                     allocator=self.allocator,
-                    sandbox=self.executor.sandbox,
+                    sandbox=self.sandbox or "none",
                     executor=self.executor,
                     offer=None if self.publisher is None else self.publisher.current_offer(),
                 )
             )
+            snapshot["provider"] = self.provider_json()
+            return snapshot
 
         async def market_offers(**query: Any) -> list[dict[str, Any]]:
             given = {k: v for k, v in query.items() if v is not None}

@@ -74,10 +74,15 @@ class ComputeSection:
     """Whether this node offers its devices (or its CPU, with no GPU) to the market."""
     price_per_gpu_second: int = 100
     tags: tuple[str, ...] = ()
+    sandbox: str = "bwrap"
+    """``"bwrap"``: provide only if bubblewrap works here (probed at start). ``"process"``:
+    plain processes without filesystem or network isolation; must be chosen explicitly."""
 
     def __post_init__(self) -> None:
         if self.price_per_gpu_second < 0:
             raise ConfigError("[compute] price_per_gpu_second must be >= 0")
+        if self.sandbox not in ("bwrap", "process"):
+            raise ConfigError('[compute] sandbox must be "bwrap" or "process"')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,7 @@ class Node:
         self.market_net = MeshNet(self.mesh)
         self.job_store = market.JobStore(home.data_dir / "jobs")
         provider = None
-        if config.compute.provider:
+        if self.compute.executor is not None:  # provider on and its sandbox works
             provider = market.ProviderSide(
                 executor=self.compute.executor,
                 allocator=self.compute.allocator,
@@ -213,6 +213,7 @@ class Node:
             "listen_addrs": self.mesh.listen_addrs(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "home": str(self.home.root),
+            "compute": self.compute.provider_json(),
         }
 
     async def rpc_net_peers(self) -> list[dict[str, Any]]:

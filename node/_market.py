@@ -194,6 +194,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         deadline_ms: int = 0,
         bid_window_ms: int = 0,
         strategy: str = "cheapest",
+        sandbox: str = "",
     ) -> dict[str, Any]:
         try:
             decoded_inputs = tuple(
@@ -204,17 +205,22 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             raise RpcError(INVALID_PARAMS, f"inputs must map names to base64: {exc}") from None
         if not all(isinstance(a, str) for a in argv):
             raise RpcError(INVALID_PARAMS, "argv must be a list of strings")
-        submission = market.JobSubmission(
-            argv=tuple(argv),
-            inputs=decoded_inputs,
-            env=tuple(sorted((env or {}).items())),
-            requirements=market.Requirements(
+        try:
+            requirements = market.Requirements(
                 gpus=gpus,
                 min_vram_bytes=min_vram_bytes,
                 model=model,
                 min_compute_capability=_version(min_compute_capability, "min_compute_capability"),
                 min_cuda_version=_version(min_cuda_version, "min_cuda_version"),
-            ),
+                sandbox=sandbox,
+            )
+        except ValueError as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from None
+        submission = market.JobSubmission(
+            argv=tuple(argv),
+            inputs=decoded_inputs,
+            env=tuple(sorted((env or {}).items())),
+            requirements=requirements,
             max_price_per_gpu_second=max_price_per_gpu_second,
             max_wall_ms=max_wall_ms,
             deadline_ms=deadline_ms,
@@ -293,6 +299,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             Param("deadline_ms", "integer", False, "Unix ms by which it must settle."),
             Param("bid_window_ms", "integer", False, "How long to collect bids."),
             Param("strategy", "string", False, "cheapest|soonest|least-loaded|reputation."),
+            Param("sandbox", "string", False, 'Sandbox the provider must use: "bwrap"|"process".'),
         ),
         result=Result("object", "The job record."),
     )

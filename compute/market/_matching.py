@@ -32,6 +32,8 @@ def fit_on_node(
     req: Requirements, allocator: SlotAllocator, config: OfferConfig
 ) -> tuple[str, int, int] | None:
     """``(model, free slots of that model, price)`` if this node can run ``req`` right now."""
+    if req.sandbox and req.sandbox != config.sandbox:
+        return None
     if req.gpus == 0:
         if allocator.free_cpu_slots <= 0:
             return None
@@ -54,6 +56,8 @@ def _offer_capacity(
     offer: Offer, req: Requirements, *, free_only: bool
 ) -> list[tuple[str, int, int]]:
     """Per model: ``(model, GPUs meeting req, price)`` in ``offer``; CPU: ``("cpu", slots, p)``."""
+    if req.sandbox and offer.sandbox != req.sandbox:
+        return []
     if req.gpus == 0:
         price = offer.price_for(CPU_MODEL)
         slots = offer.free_cpu_slots if free_only else offer.total_cpu_slots

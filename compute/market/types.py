@@ -12,7 +12,7 @@ import dataclasses
 import enum
 from typing import ClassVar, NewType
 
-from compute.types import OutputFile  # noqa: TC001 - the codec resolves field types at runtime
+from compute.types import SANDBOX_KINDS, OutputFile
 from ledger import AgreementTerms, Receipt  # noqa: TC001 - as above
 
 MarketJobId = NewType("MarketJobId", bytes)
@@ -73,10 +73,34 @@ class Requirements:
     model: str = ""
     min_compute_capability: tuple[int, int] = (0, 0)
     min_cuda_version: tuple[int, int] = (0, 0)
+    sandbox: str = ""
+    """The sandbox kind the provider must run the job in (``"bwrap"``, ``"process"``); "": any."""
+    memory_bytes: int = 0
+    """Memory cap the job runs under (the whole process tree); 0: the provider's default."""
+    disk_bytes: int = 0
+    """Cap on the job directory's disk use; 0: the provider's default."""
+
+    def __post_init__(self) -> None:
+        if self.sandbox not in ("", *SANDBOX_KINDS):
+            raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)} (or any)")
+        if self.memory_bytes < 0 or self.disk_bytes < 0:
+            raise ValueError("memory_bytes and disk_bytes must be >= 0")
 
     def describe(self) -> str:
         if self.gpus == 0:
-            return "a CPU slot"
+            return self._describe_sandbox("a CPU slot")
+        return self._describe_sandbox(self._describe_gpus())
+
+    def _describe_sandbox(self, text: str) -> str:
+        if self.sandbox:
+            text += f" in a {self.sandbox} sandbox"
+        if self.memory_bytes:
+            text += f" with {_gib(self.memory_bytes)} memory"
+        if self.disk_bytes:
+            text += f" and {_gib(self.disk_bytes)} disk"
+        return text
+
+    def _describe_gpus(self) -> str:
         text = f">= {self.gpus} GPU{'s' if self.gpus > 1 else ''}"
         if self.model:
             text += f" of model {self.model}"
@@ -97,6 +121,9 @@ class Requirements:
             "model": self.model or None,
             "min_compute_capability": "{}.{}".format(*self.min_compute_capability),
             "min_cuda_version": "{}.{}".format(*self.min_cuda_version),
+            "sandbox": self.sandbox or None,
+            "memory_bytes": self.memory_bytes,
+            "disk_bytes": self.disk_bytes,
         }
 
 

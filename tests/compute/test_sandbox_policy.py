@@ -1,0 +1,101 @@
+"""Which sandbox a node provides in, and how a requester's sandbox requirement is matched.
+
+No silent weak fallback: a node whose bwrap does not work does not provide at all, unless the
+operator chose ``[compute] sandbox = "process"`` by name; the kind shows in the offer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import compute
+import ledger
+from compute.market import Requirements, explain_unsatisfiable, fit_on_node
+from compute.testing import make_offer
+from node._compute import ComputeService
+from node._config import ComputeSection
+from node.exceptions import ConfigError
+
+KEY = ledger.SigningKey(b"\x07" * 32)
+CHAIN = "gpumesh-test"
+NOW = 1_700_000_000_000
+
+
+@pytest.fixture
+def work_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-policy-", dir="/tmp"))
+    os.chmod(root, 0o711)
+    yield root
+    shutil.rmtree(root)
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch: pytest.MonkeyPatch, work_root: Path) -> None:
+    """A machine without bubblewrap: PATH holds only a directory without it."""
+    empty = work_root / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert compute.probe_bwrap() is not None
+
+
+def service(work_root: Path, monkeypatch: pytest.MonkeyPatch, **config: Any) -> ComputeService:
+    monkeypatch.setattr("node._compute.jobs_root", lambda _address: work_root / "jobs")
+    section = ComputeSection(simulate_gpus="RTX4090:1", **config)
+    return ComputeService(key=KEY, chain_id=CHAIN, mesh=None, config=section)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("no_bwrap")
+def test_executor_does_not_fall_back_to_plain_processes(work_root: Path) -> None:
+    with pytest.raises(compute.SandboxError, match="bwrap"):
+        compute.Executor(work_root / "jobs")
+
+
+@pytest.mark.usefixtures("no_bwrap")
+def test_node_without_bwrap_refuses_to_provide(
+    work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = service(work_root, monkeypatch)
+    assert svc.executor is None, "a node without a working bwrap must not run other people's jobs"
+    assert svc.publisher is None, "and must not publish an offer"
+    info = svc.provider_json()
+    assert info["providing"] is False
+    assert "bwrap" in str(info["refused"]), "the operator is told why"
+
+
+@pytest.mark.usefixtures("no_bwrap")
+def test_process_sandbox_only_when_chosen_and_it_shows(
+    work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = service(work_root, monkeypatch, sandbox="process")
+    assert svc.executor is not None and svc.executor.sandbox == "process"
+    assert svc.publisher is not None
+    assert svc.publisher.make_offer().sandbox == "process", "the offer names the weak sandbox"
+    assert svc.provider_json() == {"providing": True, "sandbox": "process", "refused": None}
+    with pytest.raises(ConfigError, match="sandbox"):
+        ComputeSection(sandbox="none")
+
+
+def test_requester_can_require_a_sandbox_kind() -> None:
+    allocator = compute.SlotAllocator(compute.simulated_devices("RTX4090:1"))
+    weak = compute.OfferConfig(sandbox="process")
+    strong = compute.OfferConfig(sandbox="bwrap")
+    need_bwrap = Requirements(gpus=1, sandbox="bwrap")
+    assert fit_on_node(need_bwrap, allocator, weak) is None, "a process node must not bid"
+    assert fit_on_node(need_bwrap, allocator, strong) is not None
+    assert fit_on_node(Requirements(gpus=1), allocator, weak) is not None, "no requirement: any"
+    offer = make_offer(KEY, chain_id=CHAIN, now_ms=NOW, simulate_gpus="RTX4090:1")
+    assert offer.sandbox == "process"
+    why = explain_unsatisfiable([offer], need_bwrap, 10**6)
+    assert why is not None and "bwrap" in why, why
+    assert explain_unsatisfiable([offer], Requirements(gpus=1), 10**6) is None
+    with pytest.raises(ValueError, match="sandbox"):
+        Requirements(sandbox="chroot")
+    decoded = ledger.decode(Requirements, ledger.encode(need_bwrap))
+    assert decoded == need_bwrap, "the requirement travels in the signed job request"
