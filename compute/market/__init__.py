@@ -22,7 +22,6 @@ from compute.market._service import (
     PROTOCOL_CANCEL,
     PROTOCOL_INPUT,
     PROTOCOL_LOGS,
-    PROTOCOL_MANIFEST,
     PROTOCOL_OUTPUT,
     PROTOCOL_OUTPUTS,
     PROTOCOL_STATUS,
@@ -34,6 +33,7 @@ from compute.market._store import JobStore, ProviderStats
 from compute.market.abc import ChainAPI, Incoming, MarketNetAPI
 from compute.market.exceptions import (
     ChainRejected,
+    InvalidManifest,
     InvalidSubmission,
     JobNotReady,
     MarketError,
@@ -66,7 +66,6 @@ __all__ = [
     "PROTOCOL_CANCEL",
     "PROTOCOL_INPUT",
     "PROTOCOL_LOGS",
-    "PROTOCOL_MANIFEST",
     "PROTOCOL_OUTPUT",
     "PROTOCOL_OUTPUTS",
     "PROTOCOL_STATUS",
@@ -77,6 +76,7 @@ __all__ = [
     "ChainAPI",
     "ChainRejected",
     "Incoming",
+    "InvalidManifest",
     "InvalidSubmission",
     "JobManifest",
     "JobNotReady",

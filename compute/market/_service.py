@@ -21,9 +21,11 @@ import ledger
 from compute import NoCapacityError, outputs_digest, wall_clock_ms
 from compute._sandbox import JobLimits, JobSpec
 from compute.exceptions import ComputeError
+from compute.market._checks import check_manifest
 from compute.market._matching import explain_unsatisfiable, fit_on_node, rank_bids
 from compute.market.exceptions import (
     ChainRejected,
+    InvalidManifest,
     InvalidSubmission,
     JobNotReady,
     MarketError,
@@ -57,6 +59,7 @@ from compute.market.types import (
     log_bytes_max,
     message_bytes_max,
     output_files_max,
+    text_chars_max,
 )
 from compute.types import JobId as ExecJobId
 from ledger import Agreement, AgreementTerms, Cancel, Receipt, Refund, TradeStatus
@@ -79,7 +82,6 @@ T = TypeVar("T")
 JOBS_PURPOSE = "jobs"
 PROTOCOL_BID = "/gpumesh/market/bid/1"
 PROTOCOL_AWARD = "/gpumesh/market/award/1"
-PROTOCOL_MANIFEST = "/gpumesh/market/manifest/1"
 PROTOCOL_INPUT = "/gpumesh/market/input/1"
 PROTOCOL_OUTPUTS = "/gpumesh/market/outputs/1"
 PROTOCOL_OUTPUT = "/gpumesh/market/output/1"
@@ -191,6 +193,8 @@ class MarketService:
             "bids_received": 0,
             "bids_rejected": 0,
             "events_dropped": 0,
+            "job_faults": 0,
+            "handler_faults": 0,
         }
         for record in store.records():
             self._jobs[(record.role, store.record_key(record))] = record
@@ -200,7 +204,6 @@ class MarketService:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         handlers: dict[str, Callable[[str, bytes], Awaitable[bytes]]] = {
             PROTOCOL_BID: self._on_bid,
-            PROTOCOL_MANIFEST: self._on_manifest,
             PROTOCOL_INPUT: self._on_input,
             PROTOCOL_STATUS: self._on_status,
         }
@@ -218,7 +221,7 @@ class MarketService:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for protocol, handler in handlers.items():
-                    self._net.set_handler(protocol, handler)
+                    self._net.set_handler(protocol, self._guarded(protocol, handler))
                 if self._provider is not None:
                     nursery.start_soon(self._requests_loop, self._net.subscribe(JOBS_PURPOSE))
                 for role_key, record in list(self._jobs.items()):
@@ -397,20 +400,51 @@ class MarketService:
         self._nursery.start_soon(self._drive, role_key, scope)
 
     async def _drive(self, role_key: tuple[Role, bytes], scope: trio.CancelScope) -> None:
+        # The fault barrier of one job: whatever a peer made it do, an exception ends this
+        # job (with the reason) and never the service. Cancellation passes through.
         with scope:
             try:
                 if role_key[0] is Role.REQUESTER:
                     await self._drive_requester(role_key[1])
                 else:
                     await self._drive_provider(role_key[1])
-            except (MarketError, ComputeError) as exc:
-                # Expected failures end the job, never the service; anything else is a bug.
-                record = self._jobs[role_key]
-                if not record.state.terminal:
-                    log.warning("job %s failed: %s", role_key[1].hex()[:16], exc)
-                    self._finish(record, JobState.FAILED, str(exc))
+            except* (MarketError, ComputeError) as group:
+                self._fail_job(role_key, _first_message(group), traceback=False)
+            except* Exception as group:
+                self._counters["job_faults"] += 1
+                log.error("job %s hit an unexpected error", role_key[1].hex()[:16], exc_info=group)
+                self._fail_job(role_key, f"internal error: {_first_message(group)}")
         if self._drivers.get(role_key) is scope:
             del self._drivers[role_key]
+
+    def _fail_job(
+        self, role_key: tuple[Role, bytes], reason: str, *, traceback: bool = True
+    ) -> None:
+        record = self._jobs[role_key]
+        if record.state.terminal:
+            return
+        if not traceback:
+            log.warning("job %s failed: %s", role_key[1].hex()[:16], reason)
+        self._finish(record, JobState.FAILED, reason)
+
+    def _guarded(
+        self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]
+    ) -> Callable[[str, bytes], Awaitable[bytes]]:
+        """The fault barrier of one request: a refusal (``MarketError``) goes back to the
+        peer as its reason; anything else is logged with its traceback and answered with a
+        generic error, and the node goes on serving."""
+
+        async def serve(peer_id: str, data: bytes) -> bytes:
+            try:
+                return await handler(peer_id, data)
+            except MarketError:
+                raise
+            except Exception as exc:
+                self._counters["handler_faults"] += 1
+                log.exception("handler %s failed on a request from %s", protocol, peer_id)
+                raise NetError(f"internal error serving {protocol}") from exc
+
+        return serve
 
     def _finish(self, record: JobRecord, state: JobState, error: str = "") -> JobRecord:
         if record.role is Role.PROVIDER and self._provider is not None:
@@ -465,14 +499,9 @@ class MarketService:
             raise InvalidSubmission("max price must be >= 0 and gpus 0..64")
         if not 0 <= sub.bid_window_ms <= 60_000:
             raise InvalidSubmission("bid_window_ms must be 0..60000")
-        try:
-            JobSpec(argv=tuple(sub.argv), inputs=tuple(sub.inputs), env=tuple(sub.env)).validate()
-        except ComputeError as exc:
-            raise InvalidSubmission(str(exc)) from exc
         refs = tuple(InputRef(name, ledger.digest(data), len(data)) for name, data in sub.inputs)
         manifest = JobManifest(tuple(sub.argv), tuple(sub.env), refs)
-        if len(ledger.encode(manifest)) > message_bytes_max:
-            raise InvalidSubmission(f"command and input names exceed {message_bytes_max} bytes")
+        check_manifest(manifest, self._config.inputs_bytes_max)
         return manifest, [data for _, data in sub.inputs]
 
     async def _drive_requester(self, job_id: bytes) -> None:
@@ -557,6 +586,9 @@ class MarketService:
         ]
         refusals: builtins.list[str] = []
         attempt = record.attempt if first else record.attempt + 1
+        manifest = self._store.manifest(record.job_id)
+        if manifest is None:
+            raise MarketError("the job's manifest is missing from the job store")
         for bid in ranked:
             now = self._clock_ms()
             deadline = min(
@@ -577,6 +609,7 @@ class MarketService:
                     gpus=request.requirements.gpus,
                     max_cost=request.max_cost(bid.price_per_gpu_second),
                     deadline_ms=deadline,
+                    manifest=manifest,
                 ),
                 self._key,
                 self._chain_id,
@@ -886,13 +919,6 @@ class MarketService:
             raise NetError("no such job awarded to you")
         return record
 
-    async def _on_manifest(self, peer_id: str, data: bytes) -> bytes:
-        self._requester_job_for_peer(data, peer_id)
-        manifest = self._store.manifest(data)
-        if manifest is None:
-            raise NetError("manifest not found")
-        return ledger.encode(manifest)
-
     async def _on_input(self, peer_id: str, data: bytes) -> bytes:
         ask = _decode(BlobRequest, data)
         self._requester_job_for_peer(ask.job_id, peer_id)
@@ -927,9 +953,14 @@ class MarketService:
                 self._counters["requests_seen"] += 1
                 try:
                     self._consider(incoming)
-                except NetError as exc:
+                except MarketError as exc:
                     self._counters["requests_rejected"] += 1
                     log.debug("job request from %s rejected: %s", incoming.sender_peer_id, exc)
+                except Exception:
+                    # One bad request costs its own handling, never the gossip consumer.
+                    self._counters["requests_rejected"] += 1
+                    self._counters["handler_faults"] += 1
+                    log.exception("job request from %s broke", incoming.sender_peer_id)
 
     def _consider(self, incoming: Incoming) -> None:
         provider = self._provider
@@ -995,6 +1026,10 @@ class MarketService:
         except NetError as exc:
             self._mark_bid(bid.job_id, _BID_FAILED)
             log.debug("bid for %s refused: %s", bid.job_id.hex()[:16], exc)
+        except Exception:
+            self._mark_bid(bid.job_id, _BID_FAILED)
+            self._counters["handler_faults"] += 1
+            log.exception("sending the bid for %s broke", bid.job_id.hex()[:16])
         finally:
             self._bid_slots.release()
 
@@ -1007,6 +1042,12 @@ class MarketService:
             raise NetError("the award's job request is not signed by the awarding requester")
         if ledger.hash_of(request) != award.job_id:
             raise NetError("the award's job id is not its request's hash")
+        if ledger.hash_of(award.manifest) != request.manifest_digest:
+            raise NetError("the award's manifest is not the one its job request names")
+        try:
+            check_manifest(award.manifest, self._config.inputs_bytes_max)
+        except InvalidManifest as exc:
+            raise NetError(f"bad manifest: {exc}") from exc
         aid = award.attempt_job_id
         if (
             aid != attempt_job_id(award.job_id, award.attempt)
@@ -1078,7 +1119,8 @@ class MarketService:
             terms=terms,
             stamps=(Stamp(JobState.AWARDED, now),),
         )
-        self._store.put(record)  # persisted before the signed terms leave this node
+        # Persisted before the signed terms leave this node.
+        self._store.put(record, manifest=award.manifest)
         self._jobs[(Role.PROVIDER, aid)] = record
         self._emit(record)
         self._start_driver((Role.PROVIDER, aid))
@@ -1258,6 +1300,9 @@ class MarketService:
             await self._request(record.counterparty_peer_id, PROTOCOL_STATUS, record.attempt_job_id)
         except NetError as exc:
             log.debug("running notice not delivered: %s", exc)
+        except Exception:
+            self._counters["handler_faults"] += 1
+            log.exception("the running notice of %s broke", record.attempt_job_id.hex()[:16])
 
     async def _watch_cancel_on_chain(self, aid: bytes, scope: trio.CancelScope) -> None:
         while True:
@@ -1271,15 +1316,12 @@ class MarketService:
         peer = record.counterparty_peer_id
         request = record.request
         last = ""
+        manifest = self._store.manifest(record.job_id)
+        if manifest is None or ledger.hash_of(manifest) != request.manifest_digest:
+            raise MarketError("the job's manifest is missing from the job store")
+        check_manifest(manifest, self._config.inputs_bytes_max)
         for _ in range(fetch_attempts_max):
             try:
-                manifest = _decode(
-                    JobManifest, await self._request(peer, PROTOCOL_MANIFEST, record.job_id)
-                )
-                if ledger.hash_of(manifest) != request.manifest_digest:
-                    raise MarketError("the requester's manifest does not match its job request")
-                if sum(ref.size_bytes for ref in manifest.inputs) > self._config.inputs_bytes_max:
-                    raise MarketError("the inputs exceed this provider's inputs_bytes_max")
                 inputs = []
                 for ref in manifest.inputs:
                     data = await self._fetch_blob(
@@ -1338,6 +1380,16 @@ class MarketService:
 
     def _note_receipt_tx(self, record: JobRecord, txh: bytes) -> None:
         self._update(record, receipt_tx=txh)
+
+
+def _first_message(group: BaseExceptionGroup[BaseException]) -> str:
+    """The first leaf of ``group`` as ``Type: message`` (a reason a user can act on)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+        leaf = leaf.exceptions[0]
+    if isinstance(leaf, MarketError | ComputeError):
+        return str(leaf) or type(leaf).__name__
+    return f"{type(leaf).__name__}: {leaf}"[:text_chars_max]
 
 
 class _Mismatch(Exception):

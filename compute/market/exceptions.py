@@ -24,6 +24,11 @@ class InvalidSubmission(MarketError, ValueError):
     """Raised when a job submission is malformed (empty command, inputs too large, ...)."""
 
 
+class InvalidManifest(InvalidSubmission):
+    """Raised when a job manifest breaks the market's rules (argv, env, input names, sizes):
+    at submit on the requester, and on an award at the provider, before any slot is taken."""
+
+
 class UnknownJob(MarketError, KeyError):
     """Raised when a job id is not in this node's job store."""
 

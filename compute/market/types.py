@@ -29,6 +29,8 @@ output_files_max = 1000
 bids_per_job_max = 64
 message_bytes_max = 64 * 1024
 """Largest gossip or control message (requests, bids, awards, manifests)."""
+manifest_bytes_max = 48 * 1024
+"""Largest manifest: it travels inside the award, which is one control message."""
 chunk_bytes_max = 1024 * 1024
 """Largest blob chunk one fetch request returns (a p2p response is capped at 16 MiB)."""
 log_bytes_max = 1024 * 1024
@@ -213,6 +215,9 @@ class Award:
     gpus: int
     max_cost: int
     deadline_ms: int
+    manifest: JobManifest
+    """What to run, so the provider checks it before it takes a slot (its hash must be the
+    request's ``manifest_digest``)."""
     signer: bytes = b""
     signature: bytes = b""
 

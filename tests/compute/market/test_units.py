@@ -80,6 +80,7 @@ def test_signed_messages_round_trip_and_verify(
             gpus=request.requirements.gpus,
             max_cost=signed.max_cost(price),
             deadline_ms=request.deadline_ms,
+            manifest=JobManifest(("sh", "-c", "true"), (("A", "b"),), ()),
         ),
         key,
         CHAIN,
