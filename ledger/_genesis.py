@@ -1,7 +1,10 @@
 """Genesis: the chain id, the initial allocations (the only mint) and the validator set.
 
 The JSON form is ``{"chain_id": str, "genesis_time_ms": int, "accounts": [{"address": hex,
-"balance": int}], "validators": [{"address": hex, "power": int}]}``.
+"balance": int}], "validators": [{"address": hex, "power": int}], "params": {...}}``.
+``params`` (``ChainParams``) is optional, and so is each of its keys: a missing one takes the
+field's default (the permissive rules of a chain without fees or bonds); an unknown key is an
+error, so a typo cannot silently give a chain the wrong rules.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from ledger._codec import hash_of
 from ledger._keys import Address
 from ledger._state import LedgerState, genesis_state
 from ledger.exceptions import InvalidGenesis
-from ledger.types import BlockHash, Validator, amount_max
+from ledger.types import BlockHash, ChainParams, Validator, amount_max
 
 genesis_bytes_max = 16 * 1024 * 1024
 chain_id_chars_max = 64
@@ -35,6 +38,7 @@ class Genesis:
     genesis_time_ms: int
     accounts: tuple[GenesisAccount, ...]
     validators: tuple[Validator, ...]
+    params: ChainParams = dataclasses.field(default_factory=ChainParams)
 
     def __post_init__(self) -> None:
         if not 0 < len(self.chain_id) <= chain_id_chars_max or not self.chain_id.isprintable():
@@ -63,6 +67,9 @@ class Genesis:
             seen.add(validator.address)
             if not 0 < validator.power <= 2**32:
                 raise InvalidGenesis(f"validators[{i}].power must be in 1..2**32")
+        problems = self.params.problems()
+        if problems:
+            raise InvalidGenesis("; ".join(problems))
 
     def hash(self) -> BlockHash:
         """What block 1's ``prev_hash`` must be: the hash of the canonical genesis."""
@@ -75,6 +82,7 @@ class Genesis:
             self.genesis_time_ms,
             {a.address: a.balance for a in self.accounts},
             self.validators,
+            self.params,
         )
 
     def to_json(self) -> str:
@@ -88,6 +96,9 @@ class Genesis:
                 "validators": [
                     {"address": v.address.hex(), "power": v.power} for v in self.validators
                 ],
+                "params": {
+                    f.name: getattr(self.params, f.name) for f in dataclasses.fields(ChainParams)
+                },
             },
             indent=2,
         )
@@ -116,6 +127,7 @@ class Genesis:
                 )
                 for i, v in enumerate(_expect(obj.get("validators"), list, "validators"))
             ),
+            params=_params(obj.get("params", {})),
         )
 
     @classmethod
@@ -142,6 +154,15 @@ def _expect(value: Any, kind: type, where: str) -> Any:
 def _expect_int(value: Any, where: str) -> int:
     result: int = _expect(value, int, where)
     return result
+
+
+def _params(raw: Any) -> ChainParams:
+    obj: dict[str, Any] = _expect(raw, dict, "params")
+    names = {f.name for f in dataclasses.fields(ChainParams)}
+    unknown = sorted(set(obj) - names)
+    if unknown:
+        raise InvalidGenesis(f"params.{unknown[0]} is not a chain parameter")
+    return ChainParams(**{k: _expect_int(v, f"params.{k}") for k, v in obj.items()})
 
 
 def _address(obj: dict[str, Any], where: str) -> Address:

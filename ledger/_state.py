@@ -2,8 +2,10 @@
 
 ``apply_block(state, block)`` checks the block against the state (chain, height, parent, time,
 transaction root), applies each transaction in order and checks the resulting state root. A
-transaction that fails a check is recorded as failed with a reason and changes nothing at all:
-not the balances, not the nonce, not the fee. Nothing here does I/O or reads a clock.
+transaction that cannot be included (bad signature, wrong nonce, fee below ``params.fee_min``
+or more than the sender's balance) is recorded as failed and changes nothing; one that can but
+whose body fails is recorded as failed, pays its fee and uses up its nonce (so it can never be
+replayed). Nothing here does I/O or reads a clock.
 
 The state root is a two-level hash: every account and trade is a leaf
 ``sha256(key || canonical value)``; leaves fall into 256 buckets by the first byte of their id
@@ -26,6 +28,7 @@ from ledger.types import (
     Block,
     BlockHash,
     Cancel,
+    ChainParams,
     JobId,
     Receipt,
     Refund,
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
     from collections.abc import Container, Iterable, Mapping, Sequence
 
 bucket_count = 256
+_NO_PARAMS = ChainParams()
+"""The rules of a genesis that names none (frozen, so one instance is shared)."""
 _EMPTY_BUCKET = digest(b"")
 _ACCOUNT_PREFIX = b"a"
 _TRADE_PREFIX = b"t"
@@ -75,6 +80,7 @@ class LedgerState:
         "block_hash",
         "chain_id",
         "height",
+        "params",
         "root",
         "supply",
         "time_ms",
@@ -93,6 +99,7 @@ class LedgerState:
         trades: dict[JobId, Trade],
         validators: tuple[Validator, ...],
         supply: int,
+        params: ChainParams = _NO_PARAMS,
         _buckets: tuple[dict[bytes, bytes], ...] | None = None,
         _bucket_hashes: tuple[bytes, ...] | None = None,
     ) -> None:
@@ -104,6 +111,8 @@ class LedgerState:
         self.trades: Mapping[JobId, Trade] = trades
         self.validators = validators
         self.supply = supply
+        self.params = params
+        """The chain's rules from genesis (fees, bonds, slashing, evidence window)."""
         if _buckets is None or _bucket_hashes is None:
             buckets: list[dict[bytes, bytes]] = [{} for _ in range(bucket_count)]
             for address, account in accounts.items():
@@ -170,6 +179,7 @@ class LedgerState:
             trades=new_trades,
             validators=self.validators,
             supply=self.supply,
+            params=self.params,
             _buckets=tuple(buckets),
             _bucket_hashes=tuple(hashes),
         )
@@ -247,18 +257,11 @@ def _release(trade: Trade, requester: Account, refund: int) -> Account:
     )
 
 
-def _transition(
-    view: _Overlay,
-    tx: Transaction,
-    txh: TxHash,
-    *,
-    height: int,
-    time_ms: int,
-    check_nonce: bool = True,
-) -> tuple[dict[Address, Account], dict[JobId, Trade]]:
-    """The writes one valid transaction makes, or ``InvalidTransaction``; writes nothing."""
-    sender_address = tx.signer
-    sender = view.account(sender_address)
+def _charge(view: _Overlay, tx: Transaction, *, check_nonce: bool) -> Account:
+    """The sender after paying ``tx``'s fee and using up its nonce, or ``InvalidTransaction``
+    when the transaction cannot be included at all (wrong nonce, fee below the minimum, a fee
+    the sender cannot pay). Only a transaction that passes this may change the state."""
+    sender = view.account(tx.signer)
     if check_nonce:
         _require(
             tx.nonce >= sender.nonce,
@@ -269,24 +272,43 @@ def _transition(
             f"nonce {tx.nonce} is out of order (account nonce is {sender.nonce})",
         )
     fee = tx.fee
-    accounts: dict[Address, Account] = {}
-    trades: dict[JobId, Trade] = {}
+    fee_min = view.base.params.fee_min
+    _require(fee >= fee_min, f"fee {fee} is below the minimum fee {fee_min}")
+    _require(sender.balance >= fee, f"balance {sender.balance} cannot pay the fee {fee}")
+    return dataclasses.replace(sender, balance=sender.balance - fee, nonce=sender.nonce + 1)
+
+
+def _body(
+    view: _Overlay,
+    tx: Transaction,
+    txh: TxHash,
+    accounts: dict[Address, Account],
+    trades: dict[JobId, Trade],
+    *,
+    height: int,
+    time_ms: int,
+) -> None:
+    """What ``tx`` does beyond its fee, written into ``accounts`` and ``trades`` (which already
+    hold the charged sender); raises ``InvalidTransaction`` when the body does not apply, and
+    then the caller drops everything but the charge."""
+    sender_address = tx.signer
 
     def current(address: Address) -> Account:
         return accounts.get(address) or view.account(address)
 
+    sender = accounts[sender_address]
     if isinstance(tx, Transfer):
-        # The hot path (most transactions): accounts built directly, the nonce bumped here.
-        total = tx.amount + fee
-        _require(sender.balance >= total, f"balance {sender.balance} < amount + fee {total}")
-        debited = Account(sender.balance - total, sender.locked, sender.nonce + 1, sender.earned)
-        accounts[sender_address] = debited
+        # The hot path (most transactions): accounts built directly.
+        amount = tx.amount
+        _require(sender.balance >= amount, f"balance {sender.balance} < amount {amount}")
+        accounts[sender_address] = Account(
+            sender.balance - amount, sender.locked, sender.nonce, sender.earned
+        )
         recipient = current(tx.recipient)
         accounts[tx.recipient] = Account(
-            recipient.balance + tx.amount, recipient.locked, recipient.nonce, recipient.earned
+            recipient.balance + amount, recipient.locked, recipient.nonce, recipient.earned
         )
-        return accounts, trades
-    if isinstance(tx, Agreement):
+    elif isinstance(tx, Agreement):
         terms = tx.terms
         existing = view.trade(terms.job_id)
         _require(
@@ -299,10 +321,10 @@ def _transition(
             terms.deadline_ms - time_ms <= deadline_horizon_ms_max,
             f"the deadline is more than {deadline_horizon_ms_max} ms ahead",
         )
-        total = terms.max_cost + fee
-        _require(sender.balance >= total, f"balance {sender.balance} < max_cost + fee {total}")
+        max_cost = terms.max_cost
+        _require(sender.balance >= max_cost, f"balance {sender.balance} < max_cost {max_cost}")
         accounts[sender_address] = dataclasses.replace(
-            sender, balance=sender.balance - total, locked=sender.locked + terms.max_cost
+            sender, balance=sender.balance - max_cost, locked=sender.locked + max_cost
         )
         trades[terms.job_id] = Trade(terms=terms, status=TradeStatus.OPEN, opened_height=height)
     elif isinstance(tx, Receipt):
@@ -311,13 +333,12 @@ def _transition(
         _require(sender_address == terms.provider, "only the trade's provider may send a receipt")
         _require(time_ms <= terms.deadline_ms, "the deadline passed before the receipt")
         cost = terms.cost(tx.wall_ms)
-        _require(sender.balance + cost >= fee, f"balance {sender.balance} + pay < fee {fee}")
         requester = _release(trade, current(terms.requester), terms.max_cost - cost)
         accounts[terms.requester] = requester
         provider = current(sender_address)
         accounts[sender_address] = dataclasses.replace(
             provider,
-            balance=provider.balance + cost - fee,
+            balance=provider.balance + cost,
             # Saturate: earnings are a statistic, not money; they must not overflow the codec.
             earned=min(amount_max, provider.earned + cost),
         )
@@ -329,8 +350,6 @@ def _transition(
         _require(
             time_ms > trade.terms.deadline_ms, "a refund is only valid after the trade's deadline"
         )
-        _require(sender.balance >= fee, f"balance {sender.balance} < fee {fee}")
-        accounts[sender_address] = dataclasses.replace(sender, balance=sender.balance - fee)
         requester_address = trade.terms.requester
         accounts[requester_address] = _release(
             trade, current(requester_address), trade.terms.max_cost
@@ -341,25 +360,50 @@ def _transition(
     elif isinstance(tx, Cancel):
         trade = _open_trade(view, tx.job_id)
         _require(sender_address == trade.terms.requester, "only the requester may cancel")
-        max_cost = trade.terms.max_cost
-        _require(sender.balance + max_cost >= fee, f"balance {sender.balance} < fee {fee}")
-        accounts[sender_address] = _release(trade, sender, max_cost - fee)
+        accounts[sender_address] = _release(trade, sender, trade.terms.max_cost)
         trades[tx.job_id] = dataclasses.replace(
             trade, status=TradeStatus.CANCELLED, closed_height=height
         )
     else:  # pragma: no cover - the codec only builds the kinds above
         raise InvalidTransaction(f"unknown transaction type {type(tx).__name__}")
-    final_sender = accounts[sender_address]
-    accounts[sender_address] = dataclasses.replace(final_sender, nonce=final_sender.nonce + 1)
+
+
+def _transition(
+    view: _Overlay,
+    tx: Transaction,
+    txh: TxHash,
+    *,
+    height: int,
+    time_ms: int,
+    check_nonce: bool = True,
+) -> tuple[dict[Address, Account], dict[JobId, Trade]]:
+    """The writes ``tx`` makes when it applies in full, or ``InvalidTransaction`` when it
+    would not (cannot be included, or its body fails); writes nothing to ``view``. What the
+    mempool admits and reaps: it never hands a proposer a transaction that would fail."""
+    accounts = {tx.signer: _charge(view, tx, check_nonce=check_nonce)}
+    trades: dict[JobId, Trade] = {}
+    _body(view, tx, txh, accounts, trades, height=height, time_ms=time_ms)
     return accounts, trades
 
 
-def check_transaction(state: LedgerState, tx: Transaction, *, check_nonce: bool = True) -> None:
+def check_transaction(
+    state: LedgerState, tx: Transaction, *, check_nonce: bool = True, body: bool = True
+) -> None:
     """Stateless then stateful checks of ``tx`` against ``state`` as if it were in the next
-    block at the state's time; raises ``InvalidTransaction`` with the reason."""
+    block at the state's time; raises ``InvalidTransaction`` with the reason.
+
+    With ``body=False`` only whether the transaction can be included at all: valid, the right
+    nonce (unless ``check_nonce=False``), a fee at least ``params.fee_min`` that the sender can
+    pay. A block records such a transaction as failed and changes nothing, so a mempool must
+    refuse it; one that passes this but whose body fails pays its fee and uses up its nonce.
+    """
     tx.validate(state.chain_id)
+    view = _Overlay(state)
+    if not body:
+        _charge(view, tx, check_nonce=check_nonce)
+        return
     _transition(
-        _Overlay(state),
+        view,
         tx,
         tx_hash(tx),
         height=state.height + 1,
@@ -410,13 +454,23 @@ def _apply(
         try:
             if verify_signatures and txh not in verified:
                 tx.validate(state.chain_id)
-            accounts, trades = _transition(view, tx, txh, height=height, time_ms=time_ms)
+            charged = _charge(view, tx, check_nonce=True)
         except InvalidTransaction as exc:
+            # Cannot be included: skipped, changes nothing (a mempool never admits these).
+            results.append(TxResult(txh, False, str(exc)))
+            continue
+        fees += tx.fee
+        accounts = {tx.signer: charged}
+        trades: dict[JobId, Trade] = {}
+        try:
+            _body(view, tx, txh, accounts, trades, height=height, time_ms=time_ms)
+        except InvalidTransaction as exc:
+            # The body failed: the fee is paid and the nonce used up, so it cannot be replayed.
+            view.accounts[tx.signer] = charged
             results.append(TxResult(txh, False, str(exc)))
             continue
         view.accounts.update(accounts)
         view.trades.update(trades)
-        fees += tx.fee
         results.append(TxResult(txh, True))
     if fees:
         proposer = view.account(block.proposer)
@@ -507,6 +561,7 @@ def genesis_state(
     time_ms: int,
     balances: Mapping[Address, int],
     validators: tuple[Validator, ...],
+    params: ChainParams = _NO_PARAMS,
 ) -> LedgerState:
     accounts = {address: Account(balance=balance) for address, balance in balances.items()}
     supply = sum(balances.values())
@@ -519,4 +574,5 @@ def genesis_state(
         trades={},
         validators=validators,
         supply=supply,
+        params=params,
     )

@@ -223,6 +223,7 @@ class Store(StoreAPI):
             trades=trades,
             validators=genesis.validators,
             supply=sum(a.balance for a in genesis.accounts),
+            params=genesis.params,
         )
         if state.root != head.state_root:
             raise StoreError(

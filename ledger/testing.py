@@ -15,6 +15,7 @@ from ledger.types import (
     AgreementTerms,
     Block,
     Cancel,
+    ChainParams,
     JobId,
     Receipt,
     Refund,
@@ -43,13 +44,19 @@ def job_id_for(label: str | int) -> JobId:
 
 
 def funded_genesis(
-    keys: Sequence[SigningKey], balance: int, *, chain_id: str = test_chain_id
+    keys: Sequence[SigningKey],
+    balance: int,
+    *,
+    chain_id: str = test_chain_id,
+    params: ChainParams | None = None,
 ) -> Genesis:
+    """Every key funded with ``balance``; ``params`` default to a genesis that names none."""
     return Genesis(
         chain_id=chain_id,
         genesis_time_ms=test_genesis_time_ms,
         accounts=tuple(GenesisAccount(k.address, balance) for k in keys),
         validators=(Validator(keys[0].address, 1),),
+        params=params or ChainParams(),
     )
 
 

@@ -38,10 +38,69 @@ wall_ms_max = 10 * 365 * 24 * 3600 * 1000
 """Longest usage a receipt may claim: ten years of wall time, far past any real job."""
 deadline_horizon_ms_max = 30 * 24 * 3600 * 1000
 """How far past a block's time an agreement's deadline may lie (bounds how long trades stay)."""
-transaction_bytes_max = 2048
-"""Largest encoded transaction; the largest kind (an agreement) is under 400 bytes."""
+transaction_bytes_max = 4096
+"""Largest encoded transaction; the largest kind (a slash carrying a 1 KiB output chunk and
+its Merkle proof) stays under 2.5 KiB."""
 block_transactions_max = 10_000
 block_bytes_max = 8 * 1024 * 1024
+
+
+day_ms = 24 * 3600 * 1000
+unbonding_delay_ms_max = 365 * day_ms
+"""Longest unbonding delay a genesis may set."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ChainParams:
+    """Chain-wide rules fixed in genesis (every node must agree on them).
+
+    The field defaults are the permissive rules of a chain whose genesis names none (no fee,
+    no bond); ``ChainParams.default()`` is what ``gpumesh init``, ``testnet init`` and ``dev``
+    write.
+    """
+
+    fee_min: int = 0
+    """Smallest fee any transaction may carry."""
+    provider_bond_min: int = 0
+    """Bond a provider must hold for an agreement naming it to be valid."""
+    unbonding_delay_ms: int = deadline_horizon_ms_max + day_ms
+    """How long unbonded stake stays slashable before it can return to the balance."""
+    charge_min: int = 0
+    """Least a settled or requester-cancelled trade pays its provider (capped by max_cost)."""
+    slash_amount: int = 0
+    """What one proven fault takes from a provider's bond (at most what it has)."""
+    evidence_window_ms: int = day_ms
+    """How long after its deadline a closed trade stays in the state, open to slash evidence."""
+
+    @classmethod
+    def default(cls) -> ChainParams:
+        """The network defaults a new genesis gets."""
+        return cls(
+            fee_min=1,
+            provider_bond_min=1_000_000,
+            unbonding_delay_ms=3 * day_ms,
+            charge_min=1,
+            slash_amount=1_000_000,
+            evidence_window_ms=day_ms,
+        )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these parameters, one message per problem (empty: valid)."""
+        found = [
+            f"params.{f.name} {getattr(self, f.name)} is outside 0..{amount_max}"
+            for f in dataclasses.fields(self)
+            if not 0 <= getattr(self, f.name) <= amount_max
+        ]
+        if not 0 < self.unbonding_delay_ms <= unbonding_delay_ms_max:
+            found.append(f"params.unbonding_delay_ms must be in 1..{unbonding_delay_ms_max}")
+        if not 0 <= self.evidence_window_ms < self.unbonding_delay_ms:
+            found.append("params.evidence_window_ms must be below params.unbonding_delay_ms")
+        return found
+
+    def deadline_horizon_ms(self) -> int:
+        """How far past a block's time an agreement's deadline may lie: a provider's bond must
+        stay slashable (bonded, or unbonding) until every trade's evidence window closes."""
+        return min(deadline_horizon_ms_max, self.unbonding_delay_ms - self.evidence_window_ms)
 
 
 class TxKind(enum.IntEnum):

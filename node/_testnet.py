@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ledger import SigningKey
+from ledger import ChainParams, SigningKey
 from node._config import ComputeSection, NodeConfig, NodeSection, P2PSection, RpcSection
 from node._home import Home, write_atomic
 from node.exceptions import TestnetError
@@ -158,6 +158,8 @@ def genesis_document(chain_id: str, keys: list[SigningKey], validators: int) -> 
         "genesis_time_ms": int(time.time() * 1000),
         "accounts": [{"address": k.address.hex(), "balance": genesis_balance} for k in keys],
         "validators": [{"address": k.address.hex(), "power": 10} for k in keys[:validators]],
+        # The network's rules: a minimum fee, a provider bond, slashing (ledger.ChainParams).
+        "params": dataclasses.asdict(ChainParams.default()),
     }
 
 

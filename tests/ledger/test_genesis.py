@@ -41,6 +41,12 @@ def test_write_load_round_trip_and_initial_state(tmp_path: Path) -> None:
         (lambda g: g.update(validators=[]), "validators"),
         (lambda g: g["validators"][0].update(power=0), r"validators\[0\].power"),
         (lambda g: [g["accounts"][i].update(balance=2**62) for i in range(3)], "total supply"),
+        (lambda g: g.update(params=[]), "params must be a dict"),
+        (lambda g: g["params"].update(fee_mni=1), r"params.fee_mni is not a chain parameter"),
+        (lambda g: g["params"].update(fee_min=-1), r"params.fee_min -1 is outside"),
+        (lambda g: g["params"].update(fee_min="1"), r"params.fee_min must be a int"),
+        (lambda g: g["params"].update(unbonding_delay_ms=0), r"params.unbonding_delay_ms"),
+        (lambda g: g["params"].update(evidence_window_ms=10**12), r"params.evidence_window_ms"),
     ],
 )
 def test_bad_genesis_names_the_key(mutate: object, message: str) -> None:
@@ -48,6 +54,20 @@ def test_bad_genesis_names_the_key(mutate: object, message: str) -> None:
     mutate(raw)  # type: ignore[operator]
     with pytest.raises(ledger.InvalidGenesis, match=message):
         ledger.Genesis.from_json(json.dumps(raw))
+
+
+def test_params_default_when_absent_and_round_trip() -> None:
+    raw = json.loads(factory.funded_genesis(KEYS, 1).to_json())
+    del raw["params"]
+    assert ledger.Genesis.from_json(json.dumps(raw)).params == ledger.ChainParams(), "defaults"
+    raw["params"] = {"fee_min": 3}
+    loaded = ledger.Genesis.from_json(json.dumps(raw))
+    assert loaded.params == ledger.ChainParams(fee_min=3), "one key given, the rest default"
+    assert loaded.initial_state().params.fee_min == 3, "the state carries the params"
+    assert loaded.hash() != factory.funded_genesis(KEYS, 1).hash(), "params are in the hash"
+    network = ledger.ChainParams.default()
+    assert network.fee_min >= 1 and network.provider_bond_min > 0, network
+    assert not network.problems(), network.problems()
 
 
 def test_garbage_is_not_a_genesis() -> None:
@@ -71,18 +91,27 @@ def test_garbage_is_not_a_genesis() -> None:
     ),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz-0123456789", min_size=1, max_size=64),
     st.integers(0, 2**62),
+    st.integers(0, 2**62),
+    st.integers(1, 10**10),
 )
 def test_genesis_json_and_codec_round_trip(
     accounts: list[tuple[bytes, int]],
     validators: list[tuple[bytes, int]],
     chain_id: str,
     time_ms: int,
+    fee_min: int,
+    unbonding_delay_ms: int,
 ) -> None:
     genesis = ledger.Genesis(
         chain_id=chain_id,
         genesis_time_ms=time_ms,
         accounts=tuple(ledger.GenesisAccount(ledger.Address(a), b) for a, b in accounts),
         validators=tuple(ledger.Validator(ledger.Address(a), p) for a, p in validators),
+        params=ledger.ChainParams(
+            fee_min=fee_min,
+            unbonding_delay_ms=unbonding_delay_ms,
+            evidence_window_ms=unbonding_delay_ms - 1,
+        ),
     )
     assert ledger.Genesis.from_json(genesis.to_json()) == genesis, "JSON round trip"
     assert ledger.decode(ledger.Genesis, ledger.encode(genesis)) == genesis, "codec round trip"

@@ -20,6 +20,8 @@ from ledger.types import deadline_horizon_ms_max
 
 KEYS = [factory.key_for(i, "model") for i in range(5)]
 START_BALANCE = 10_000
+FEE_MIN = 1
+PARAMS = ledger.ChainParams(fee_min=FEE_MIN)
 pending_max = 4
 """Transactions per block: small blocks keep one failure from failing a sender's whole queue."""
 
@@ -48,7 +50,7 @@ class Pending:
 class LedgerVersusModel(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
-        self.genesis = factory.funded_genesis(KEYS, START_BALANCE)
+        self.genesis = factory.funded_genesis(KEYS, START_BALANCE, params=PARAMS)
         self.state = self.genesis.initial_state()
         self.store = ledger.MemoryStore()
         self.balance = {i: START_BALANCE for i in range(len(KEYS))}
@@ -200,25 +202,36 @@ class LedgerVersusModel(RuleBasedStateMachine):
         self.time_ms += interval_ms
         fees = 0
         for p, result in zip(pending, results.tx_results, strict=True):
-            expected_ok = self._model_apply(p)
+            charged = self._model_charge(p)
+            expected_ok = charged and self._model_apply(p)
             assert result.ok == expected_ok, (
                 f"{p.kind} {p.args} from {p.sender}: ledger ok={result.ok} ({result.error}),"
-                f" model ok={expected_ok}"
+                f" model ok={expected_ok} (charged={charged})"
             )
-            if expected_ok:
+            if charged:
                 fees += p.fee
         self.balance[proposer] += fees
 
-    def _model_apply(self, p: Pending) -> bool:
-        """The rules, written out plainly. True when the transaction applies."""
-        s, fee, now = p.sender, p.fee, self.time_ms
-        if p.nonce != self.nonce[s]:
+    def _model_charge(self, p: Pending) -> bool:
+        """Whether the transaction can be included at all; if so its sender pays the fee and
+        uses up the nonce, whatever the body then does."""
+        s, fee = p.sender, p.fee
+        if p.kind == "agreement" and p.args["provider"] == s:
+            return False  # the stateless check refuses it: it is not even charged
+        if p.nonce != self.nonce[s] or fee < FEE_MIN or self.balance[s] < fee:
             return False
+        self.balance[s] -= fee
+        self.nonce[s] += 1
+        return True
+
+    def _model_apply(self, p: Pending) -> bool:
+        """The rules, written out plainly, after the fee was paid. True when the body applies."""
+        s, now = p.sender, self.time_ms
         if p.kind == "transfer":
             amount = p.args["amount"]
-            if self.balance[s] < amount + fee:
+            if self.balance[s] < amount:
                 return False
-            self.balance[s] -= amount + fee
+            self.balance[s] -= amount
             self.balance[p.args["recipient"]] += amount
         elif p.kind == "agreement":
             a = p.args
@@ -231,10 +244,10 @@ class LedgerVersusModel(RuleBasedStateMachine):
                 or a["provider"] == s
                 or not now < a["deadline"]
                 or a["deadline"] - now > deadline_horizon_ms_max
-                or self.balance[s] < a["max_cost"] + fee
+                or self.balance[s] < a["max_cost"]
             ):
                 return False
-            self.balance[s] -= a["max_cost"] + fee
+            self.balance[s] -= a["max_cost"]
             self.locked[s] += a["max_cost"]
             self.trades[a["job"]] = ModelTrade(
                 s, a["provider"], a["price"], a["gpus"], a["max_cost"], a["deadline"]
@@ -249,27 +262,23 @@ class LedgerVersusModel(RuleBasedStateMachine):
                 )
                 if s != trade.provider or now > trade.deadline_ms:
                     return False
-                if self.balance[s] + cost < fee:
-                    return False
                 self.locked[trade.requester] -= trade.max_cost
                 self.balance[trade.requester] += trade.max_cost - cost
-                self.balance[s] += cost - fee
+                self.balance[s] += cost
                 self.earned[s] += cost
                 trade.status = "settled"
             elif p.kind == "refund":
-                if now <= trade.deadline_ms or self.balance[s] < fee:
+                if now <= trade.deadline_ms:
                     return False
-                self.balance[s] -= fee
                 self.locked[trade.requester] -= trade.max_cost
                 self.balance[trade.requester] += trade.max_cost
                 trade.status = "refunded"
             else:
-                if s != trade.requester or self.balance[s] + trade.max_cost < fee:
+                if s != trade.requester:
                     return False
                 self.locked[s] -= trade.max_cost
-                self.balance[s] += trade.max_cost - fee
+                self.balance[s] += trade.max_cost
                 trade.status = "cancelled"
-        self.nonce[s] += 1
         return True
 
     # -- agreement ----------------------------------------------------------------------------

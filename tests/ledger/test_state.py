@@ -64,12 +64,44 @@ def test_replayed_and_out_of_order_nonces_are_rejected() -> None:
     assert state.account(REQUESTER.address).nonce == 1, "a failed tx must not move the nonce"
 
 
-def test_a_failed_transaction_changes_nothing_not_even_the_fee() -> None:
+def test_a_failed_body_pays_its_fee_and_uses_up_its_nonce() -> None:
     genesis = GENESIS.initial_state()
-    state, results = run(genesis, factory.transfer(REQUESTER, 0, THIRD.address, 100_000, fee=1))
+    overspend = factory.transfer(REQUESTER, 0, THIRD.address, 100_000, fee=1)
+    state, results = run(genesis, overspend)
     assert not results[0].ok and "balance" in results[0].error, results[0]
-    for key in (REQUESTER, THIRD, PROPOSER):
-        assert state.account(key.address) == genesis.account(key.address), "half applied"
+    assert state.account(REQUESTER.address) == ledger.Account(99_999, 0, 1), "fee and nonce"
+    assert state.account(THIRD.address) == genesis.account(THIRD.address), "half applied"
+    assert state.account(PROPOSER.address).balance == 100_001, "the proposer earns the fee"
+    state, results = run(state, overspend)
+    assert not results[0].ok and "already used" in results[0].error, "a failed tx replayed"
+    with pytest.raises(ledger.InvalidTransaction, match="already used"):
+        ledger.check_transaction(state, overspend, body=False)
+
+
+def test_a_transaction_that_cannot_pay_its_fee_is_skipped_and_refused() -> None:
+    params = ledger.ChainParams(fee_min=2)
+    broke = factory.key_for(9, "state")
+    genesis = factory.funded_genesis([REQUESTER, THIRD, broke], 100, params=params)
+    state = genesis.initial_state()
+    cheap = factory.transfer(REQUESTER, 0, THIRD.address, 1, fee=1)
+    unpaid = factory.transfer(broke, 0, THIRD.address, 0, fee=101)
+    failing = factory.transfer(THIRD, 0, REQUESTER.address, 100, fee=2)
+    for tx, message in [(cheap, "below the minimum fee 2"), (unpaid, "cannot pay the fee")]:
+        with pytest.raises(ledger.InvalidTransaction, match=message):
+            ledger.check_transaction(state, tx, body=False)
+    ledger.check_transaction(state, failing, body=False)  # can be included: it pays its fee
+    with pytest.raises(ledger.InvalidTransaction, match="balance 98 < amount 100"):
+        ledger.check_transaction(state, failing)
+    pool = ledger.Mempool(state)
+    for tx in (cheap, unpaid, failing):
+        with pytest.raises(ledger.MempoolRejected):
+            pool.add(tx)
+    new_state, _, results = factory.commit_next(None, state, [cheap, unpaid, failing], b"p" * 32)
+    assert [r.ok for r in results.tx_results] == [False, False, False], results
+    assert new_state.account(REQUESTER.address) == state.account(REQUESTER.address), "skipped"
+    assert new_state.account(broke.address) == state.account(broke.address), "skipped"
+    assert new_state.account(THIRD.address) == ledger.Account(98, 0, 1), "charged"
+    assert new_state.total_supply() == state.total_supply() == 300, "supply"
 
 
 def test_agreement_locks_escrow_and_receipt_settles_it() -> None:
@@ -100,10 +132,10 @@ def test_refund_only_after_the_deadline_by_anyone() -> None:
     state = open_trade(GENESIS.initial_state(), deadline_in_ms=5_000)
     state, results = run(state, factory.refund(THIRD, 0, JOB))
     assert not results[0].ok and "after the trade's deadline" in results[0].error, results[0]
-    state, results = run(state, factory.refund(THIRD, 0, JOB, fee=4), interval_ms=5_000)
+    state, results = run(state, factory.refund(THIRD, 1, JOB, fee=4), interval_ms=5_000)
     assert results[0].ok, results[0].error
     assert state.account(REQUESTER.address) == ledger.Account(100_000, 0, 1), "full refund"
-    assert state.account(THIRD.address) == ledger.Account(99_996, 0, 1), "refunder pays fee"
+    assert state.account(THIRD.address) == ledger.Account(99_996, 0, 2), "refunder pays fee"
 
 
 def test_cancel_by_the_requester_before_a_receipt() -> None:
@@ -113,26 +145,29 @@ def test_cancel_by_the_requester_before_a_receipt() -> None:
     state, results = run(state, factory.cancel(REQUESTER, 1, JOB))
     assert results[0].ok, results[0].error
     assert state.account(REQUESTER.address) == ledger.Account(100_000, 0, 2), "full refund"
-    state, results = run(state, factory.receipt(PROVIDER, 0, JOB, wall_ms=1))
+    state, results = run(state, factory.receipt(PROVIDER, 1, JOB, wall_ms=1))
     assert not results[0].ok and "cancelled" in results[0].error, results[0]
 
 
 def test_a_job_id_stays_taken_until_a_block_passes_the_closed_trades_deadline() -> None:
     state = open_trade(GENESIS.initial_state(), deadline_in_ms=5_000)
     state, _ = run(state, factory.cancel(REQUESTER, 1, JOB))
-    replay = factory.agreement(
-        REQUESTER,
-        PROVIDER,
-        2,
-        JOB,
-        price_per_gpu_second=10,
-        gpus=2,
-        max_cost=5_000,
-        deadline_ms=state.time_ms + 60_000,
-    )
-    state, results = run(state, replay)
+
+    def replay(nonce: int) -> ledger.Agreement:
+        return factory.agreement(
+            REQUESTER,
+            PROVIDER,
+            nonce,
+            JOB,
+            price_per_gpu_second=10,
+            gpus=2,
+            max_cost=5_000,
+            deadline_ms=state.time_ms + 60_000,
+        )
+
+    state, results = run(state, replay(2))
     assert not results[0].ok and "already has a trade" in results[0].error, results[0]
-    state, results = run(state, replay, interval_ms=10_000)
+    state, results = run(state, replay(3), interval_ms=10_000)
     assert results[0].ok, f"job id should be free after the old deadline: {results[0].error}"
 
 

@@ -146,7 +146,7 @@ def test_corrupt_bytes_in_the_store_are_a_clear_error(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_invalid_transactions_in_a_committed_block_write_no_account_change(
+def test_invalid_transactions_in_a_committed_block_write_only_their_charge(
     store: ledger.Store,
 ) -> None:
     state = GENESIS.initial_state()
@@ -164,8 +164,9 @@ def test_invalid_transactions_in_a_committed_block_write_no_account_change(
     assert not any(r.ok for r in results.tx_results), errors
     assert "outside" in errors[0] and "signature" in errors[1], errors
     assert "balance" in errors[2] and "signature" in errors[3], errors
-    for key in (REQUESTER, PROVIDER):
-        assert store.account(key.address) == ledger.Account(50_000), "an invalid tx wrote"
+    # Only the overspend could be included: it used up nonce 0 (with a fee of 0).
+    assert store.account(REQUESTER.address) == ledger.Account(50_000, 0, 1), "charge only"
+    assert store.account(PROVIDER.address) == ledger.Account(50_000), "an invalid tx wrote"
     for tx, error in zip(bad, errors, strict=True):
         record = store.transaction(ledger.tx_hash(tx))
         assert record is not None and record.error == error, "the failure is on record"
