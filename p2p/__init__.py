@@ -8,7 +8,9 @@ Where things live:
 - ``_reqresp``: request/response over streams with length-prefixed, size-capped frames.
 - ``_identity``: the node's Ed25519 seed as a libp2p key pair and peer id.
 - ``_stats``: the counters behind ``Mesh.statistics()``.
-- ``types``: ``PeerId``, ``PeerInfo``, ``PeerSource``, ``GossipMessage``, ``PeerEvent``.
+- ``_limits``: per-peer token-bucket rate limits and decaying ban scores.
+- ``types``: ``PeerId``, ``PeerInfo``, ``PeerSource``, ``GossipMessage``, ``PeerEvent``,
+  ``Verdict`` (a validator's ACCEPT / IGNORE / REJECT).
 - ``abc``: ``MeshAPI``; ``exceptions``: ``P2PError`` and its subclasses.
 - ``testing``: start N in-process meshes on loopback (tests, scripts, benchmarks).
 
@@ -36,7 +38,15 @@ from p2p.exceptions import (
     SignatureInvalid,
     StreamClosed,
 )
-from p2p.types import GossipMessage, PeerEvent, PeerEventKind, PeerId, PeerInfo, PeerSource
+from p2p.types import (
+    GossipMessage,
+    PeerEvent,
+    PeerEventKind,
+    PeerId,
+    PeerInfo,
+    PeerSource,
+    Verdict,
+)
 
 __all__ = [
     "MESHSUB_1_0",
@@ -67,6 +77,7 @@ __all__ = [
     "SignatureInvalid",
     "StreamClosed",
     "Validator",
+    "Verdict",
     "decode_envelope",
     "encode_envelope",
     "peer_id_of",

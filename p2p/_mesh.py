@@ -25,7 +25,7 @@ from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
-from libp2p.exceptions import BaseLibp2pError
+from libp2p.exceptions import BaseLibp2pError, ValidationError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
@@ -49,8 +49,9 @@ from p2p._envelope import (
     verify_envelope,
 )
 from p2p._identity import key_pair_from_seed, peer_id_bytes_of, peer_id_of, private_key_from_seed
+from p2p._limits import BanScores, TokenBucket, reason_weights
 from p2p._reqresp import Handler, RequestResponse
-from p2p._stats import Rejections, TopicCounters
+from p2p._stats import Rejections, TopicCounters, rejected_peers_tracked_max
 from p2p.abc import MeshAPI
 from p2p.exceptions import (
     ConfigError,
@@ -60,7 +61,15 @@ from p2p.exceptions import (
     P2PError,
     SignatureInvalid,
 )
-from p2p.types import GossipMessage, PeerEvent, PeerEventKind, PeerId, PeerInfo, PeerSource
+from p2p.types import (
+    GossipMessage,
+    PeerEvent,
+    PeerEventKind,
+    PeerId,
+    PeerInfo,
+    PeerSource,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) shadows trio's types; TaskStatus lives there.
@@ -71,8 +80,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("gpumesh.p2p")
 
-Validator = Callable[[GossipMessage], bool]
-"""A subscriber's extra check, run before a message is accepted and forwarded."""
+Validator = Callable[[GossipMessage], bool | Verdict]
+"""A subscriber's extra check, run before a message is accepted and forwarded: ``True`` or
+``Verdict.ACCEPT`` passes it, ``False`` or ``Verdict.REJECT`` rejects it (and scores the
+forwarding peer), ``Verdict.IGNORE`` drops it without blame."""
 
 topic_prefix = "/gpumesh"
 purpose_chars_max = 32
@@ -82,12 +93,6 @@ subscribers_per_topic_max = 16
 shutdown_disconnect_s = 2.0
 connection_slack = 16
 banned_peers_max = 1_024
-ban_reasons = frozenset(
-    {"malformed", "oversized", "bad_signature", "author_mismatch", "wrong_chain"}
-)
-"""Protocol-level faults an honest peer never forwards (it validates first). Validator
-rejections and timestamp faults are left out: honest peers may differ in those (versions,
-clocks), and banning them would split the network."""
 
 
 def topic_name(chain_id: str, purpose: str) -> str:
@@ -164,6 +169,21 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
     """
 
     corrupt_frames = 0
+
+    async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        """Run our (synchronous) topic validators on every copy that is not yet seen.
+
+        The stock version caches each verdict by message id for 5 minutes, so a second peer
+        forwarding a rejected message was never counted against, and a message we dropped
+        for a reason that was not the content's (a peer over its rate, an IGNORE) stayed
+        refused when an honest peer sent it later. It also formats the whole message into
+        each error text. Accepted messages are marked seen right after this, so nothing is
+        validated twice.
+        """
+        for topic_validator in self.get_msg_validators(msg):
+            assert not topic_validator.is_async, "the mesh registers only sync validators"
+            if not topic_validator.validator(msg_forwarder, msg):
+                raise ValidationError("rejected by a topic validator")
 
     async def continuously_read_stream(self, stream: Any) -> None:
         try:
@@ -256,6 +276,7 @@ class Mesh(MeshAPI):
             request_bytes_max=config.request_bytes_max,
             response_bytes_max=config.response_bytes_max,
             inbound_streams_max=config.inbound_streams_max,
+            inbound_streams_per_peer_max=config.inbound_streams_per_peer_max,
         )
         self._host.get_network().register_notifee(_Notifee(self))
         _disable_auto_connector(self._host.get_network())
@@ -272,6 +293,11 @@ class Mesh(MeshAPI):
         self._draining: set[str] = set()
         self._topic_counters: dict[str, TopicCounters] = {}
         self._rejections = Rejections()
+        self._ban_scores = BanScores(
+            config.gossip_ban_score_half_life_s, rejected_peers_tracked_max
+        )
+        self._topic_limits: dict[str, tuple[float, int]] = {}
+        self._buckets: dict[ID, dict[str, TokenBucket]] = {}
         self._banned: dict[ID, None] = {}
         self._publish_lock = trio.Lock()
         self._publish_next_s = 0.0
@@ -429,8 +455,10 @@ class Mesh(MeshAPI):
             self._nursery.start_soon(self._add_to_dht, peer)
 
     def _on_disconnected(self, peer: ID) -> None:
-        if self._host.get_network().get_connections(peer):
+        # A banned peer's redial may already be open (it is being closed): it is gone anyway.
+        if peer not in self._banned and self._host.get_network().get_connections(peer):
             return
+        self._buckets.pop(peer, None)
         state = self._connected.pop(peer, None)
         if state is None:
             return
@@ -594,12 +622,34 @@ class Mesh(MeshAPI):
         return topic_name(self.chain_id, purpose)
 
     def subscribe(
-        self, purpose: str, validator: Validator | None = None
+        self,
+        purpose: str,
+        validator: Validator | None = None,
+        *,
+        peer_rate_per_s: float | None = None,
+        peer_burst: int | None = None,
     ) -> trio.MemoryReceiveChannel[GossipMessage]:
-        """Receive validated messages of ``purpose`` from other nodes (not our own)."""
+        """Receive validated messages of ``purpose`` from other nodes (not our own).
+
+        ``peer_rate_per_s`` / ``peer_burst`` set this topic's per-peer token bucket
+        (default ``gossip_peer_rate_per_s`` / ``gossip_peer_burst``); the last call that
+        names them wins.
+        """
         if not purpose or "/" in purpose or len(purpose) > purpose_chars_max:
             raise P2PError(f"bad gossip purpose {purpose!r}")
+        if peer_rate_per_s is not None and not peer_rate_per_s > 0:
+            raise P2PError(f"peer_rate_per_s must be > 0 (got {peer_rate_per_s!r})")
+        if peer_burst is not None and peer_burst < 1:
+            raise P2PError(f"peer_burst must be >= 1 (got {peer_burst!r})")
         topic = self.topic(purpose)
+        if peer_rate_per_s is not None or peer_burst is not None:
+            rate, burst = self._limits_of(topic)
+            self._topic_limits[topic] = (
+                rate if peer_rate_per_s is None else peer_rate_per_s,
+                burst if peer_burst is None else peer_burst,
+            )
+            for buckets in self._buckets.values():
+                buckets.pop(topic, None)
         subscribers = self._subscribers.setdefault(topic, [])
         subscribers[:] = [s for s in subscribers if not _is_closed(s.send)]
         if len(subscribers) >= subscribers_per_topic_max:
@@ -643,29 +693,59 @@ class Mesh(MeshAPI):
     def _envelope_bytes_max(self) -> int:
         return self.config.gossip_message_bytes_max
 
+    def _limits_of(self, topic: str) -> tuple[float, int]:
+        return self._topic_limits.get(
+            topic, (self.config.gossip_peer_rate_per_s, self.config.gossip_peer_burst)
+        )
+
+    def _within_rate(self, forwarder: ID, topic: str) -> bool:
+        now = time.monotonic()
+        buckets = self._buckets.get(forwarder)
+        if buckets is None:
+            if forwarder not in self._connected:
+                # Not (or no longer) in the peer table: do not grow state for it.
+                return True
+            buckets = self._buckets[forwarder] = {}
+        bucket = buckets.get(topic)
+        if bucket is None:
+            rate, burst = self._limits_of(topic)
+            bucket = buckets[topic] = TokenBucket(rate, burst, now)
+        return bucket.take(now)
+
     def _validator_for(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
+        counters = self._topic_counters.setdefault(topic, TopicCounters())
+
         def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
-            reason = self._check(topic, msg)
+            ours = forwarder == self._id
+            if not ours and not self._within_rate(forwarder, topic):
+                reason: str | None = "rate_limited"
+                counters.rate_limited += 1
+            else:
+                reason = self._check(topic, msg)
             if reason is None:
                 return True
-            self._rejections.add(forwarder.to_base58(), reason)
-            if reason in ban_reasons:
-                self._maybe_ban(forwarder)
+            if ours:
+                return False
+            peer = forwarder.to_base58()
+            self._rejections.add(peer, reason)
+            weight = reason_weights.get(reason, 1.0)
+            if weight > 0:
+                score = self._ban_scores.add(peer, weight, time.monotonic())
+                if score >= self.config.gossip_ban_score_max:
+                    self._ban(forwarder, score)
             return False
 
         return validate
 
-    def _maybe_ban(self, peer: ID) -> None:
+    def _ban(self, peer: ID, score: float) -> None:
         if peer in self._banned or peer == self._id:
             return
         counts = self._rejections.of_peer(peer.to_base58())
-        if sum(counts.get(r, 0) for r in ban_reasons) < self.config.gossip_invalid_before_ban:
-            return
         if len(self._banned) >= banned_peers_max:
             self._banned.pop(next(iter(self._banned)))
         self._banned[peer] = None
         self._counters["peers_banned"] += 1
-        logger.warning("banning %s: %s", peer, counts)
+        logger.warning("banning %s (score %.1f): %s", peer, score, counts)
         # Pubsub drops its traffic from now on and tears its connection down; we also stop
         # dialing it and refuse it in _on_connected.
         self._pubsub.add_to_blacklist(peer)
@@ -705,13 +785,18 @@ class Mesh(MeshAPI):
                 if sub.validator is None:
                     continue
                 try:
-                    accepted = sub.validator(message)
+                    verdict = sub.validator(message)
                 except Exception:
                     # A validator bug must reject the message, not crash the node's reader.
                     logger.exception("gossip validator for %s raised", topic)
                     return "validator_error"
-                if not accepted:
+                if verdict is Verdict.IGNORE:
+                    return "validator_ignored"
+                if verdict is False or verdict is Verdict.REJECT:
                     return "validator_rejected"
+                assert verdict is True or verdict is Verdict.ACCEPT, (
+                    f"gossip validator for {topic} returned {verdict!r}"
+                )
         return None
 
     async def publish(self, purpose: str, type_tag: str, payload: bytes) -> bytes:
@@ -760,6 +845,10 @@ class Mesh(MeshAPI):
         """Rejected gossip counted against ``peer_id`` (the peer that forwarded it to us)."""
         return self._rejections.of_peer(peer_id)
 
+    def ban_score(self, peer_id: PeerId) -> float:
+        """``peer_id``'s current (decayed) ban score; it is banned at ``gossip_ban_score_max``."""
+        return self._ban_scores.score(peer_id, time.monotonic())
+
     def statistics(self) -> dict[str, Any]:
         now = time.monotonic()
         by_source: dict[str, int] = {s.value: 0 for s in PeerSource}
@@ -779,6 +868,9 @@ class Mesh(MeshAPI):
                     "out_total": c.outgoing.total,
                     "delivered_total": c.delivered,
                     "dropped_queue_full": c.dropped_queue_full,
+                    "rate_limited": c.rate_limited,
+                    "peer_rate_per_s": self._limits_of(topic)[0],
+                    "peer_burst": self._limits_of(topic)[1],
                 }
                 for topic, c in self._topic_counters.items()
             },
@@ -786,11 +878,9 @@ class Mesh(MeshAPI):
                 "by_reason": dict(self._rejections.by_reason),
                 "by_peer": {p: dict(c) for p, c in self._rejections.by_peer.items()},
             },
-            "requests": {
-                "inbound_served": self._reqresp.inbound_served,
-                "inbound_failed": self._reqresp.inbound_failed,
-                "inbound_refused_busy": self._reqresp.inbound_refused_busy,
-            },
+            "ban_scores": self._ban_scores.snapshot(now),
+            "banned": [p.to_base58() for p in self._banned],
+            "requests": self._reqresp.statistics(),
             **self._counters,
         }
 

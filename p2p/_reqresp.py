@@ -3,8 +3,9 @@
 Wire format, both directions: a 4-byte big-endian length, then that many bytes. A response
 frame starts with a status byte (0 = ok, 1 = the handler failed; the rest is a UTF-8 reason).
 Sizes are checked from the length prefix before anything is read, so a peer cannot make us
-buffer more than the limit. Inbound streams beyond ``inbound_streams_max`` are reset at once
-rather than queued, so a flood cannot pin memory.
+buffer more than the limit. Inbound streams beyond ``inbound_streams_max`` in all, or beyond
+``inbound_streams_per_peer_max`` from one peer, are reset at once rather than queued (and
+counted, per peer), so a flood cannot pin memory and one peer cannot starve the others.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ status_ok = 0
 status_error = 1
 error_reason_bytes_max = 512
 handler_timeout_s = 30.0
+refused_peers_tracked_max = 1_024
 
 
 async def _read_exactly(stream: INetStream, count: int) -> bytes:
@@ -82,13 +84,18 @@ class RequestResponse:
         request_bytes_max: int,
         response_bytes_max: int,
         inbound_streams_max: int,
+        inbound_streams_per_peer_max: int,
     ) -> None:
         self._host = host
         self._request_bytes_max = request_bytes_max
         self._response_bytes_max = response_bytes_max
         self._inbound = trio.Semaphore(inbound_streams_max)
+        self._per_peer_max = inbound_streams_per_peer_max
+        self._inbound_of: dict[PeerId, int] = {}
+        self._refused_of: dict[PeerId, int] = {}
         self._handlers: dict[str, Handler] = {}
         self.inbound_refused_busy = 0
+        self.inbound_refused_peer_busy = 0
         self.inbound_failed = 0
         self.inbound_served = 0
 
@@ -101,14 +108,36 @@ class RequestResponse:
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
 
+    def statistics(self) -> dict[str, object]:
+        return {
+            "inbound_served": self.inbound_served,
+            "inbound_failed": self.inbound_failed,
+            "inbound_refused_busy": self.inbound_refused_busy,
+            "inbound_refused_peer_busy": self.inbound_refused_peer_busy,
+            "inbound_in_flight_by_peer": dict(self._inbound_of),
+            "inbound_refused_by_peer": dict(self._refused_of),
+        }
+
+    def _refuse(self, peer: PeerId) -> None:
+        if peer in self._refused_of or len(self._refused_of) < refused_peers_tracked_max:
+            self._refused_of[peer] = self._refused_of.get(peer, 0) + 1
+
     async def _serve(self, protocol: str, stream: INetStream) -> None:
         peer = PeerId(stream.muxed_conn.peer_id.to_base58())
+        held = self._inbound_of.get(peer, 0)
+        if held >= self._per_peer_max:
+            self.inbound_refused_peer_busy += 1
+            self._refuse(peer)
+            await _reset_quietly(stream)
+            return
         try:
             self._inbound.acquire_nowait()
         except trio.WouldBlock:
             self.inbound_refused_busy += 1
-            await stream.reset()
+            self._refuse(peer)
+            await _reset_quietly(stream)
             return
+        self._inbound_of[peer] = held + 1
         try:
             with trio.fail_after(handler_timeout_s):
                 request = await read_frame(stream, self._request_bytes_max)
@@ -136,6 +165,11 @@ class RequestResponse:
             await _reset_quietly(stream)
         finally:
             self._inbound.release()
+            left = self._inbound_of[peer] - 1
+            if left:
+                self._inbound_of[peer] = left
+            else:
+                del self._inbound_of[peer]
 
     async def _reply_error(self, stream: INetStream, reason: str) -> None:
         self.inbound_failed += 1

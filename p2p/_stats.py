@@ -33,13 +33,14 @@ class RateMeter:
 
 
 class TopicCounters:
-    __slots__ = ("delivered", "dropped_queue_full", "incoming", "outgoing")
+    __slots__ = ("delivered", "dropped_queue_full", "incoming", "outgoing", "rate_limited")
 
     def __init__(self) -> None:
         self.incoming = RateMeter()
         self.outgoing = RateMeter()
         self.delivered = 0
         self.dropped_queue_full = 0
+        self.rate_limited = 0
 
 
 class Rejections:

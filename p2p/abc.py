@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from trio_typing import TaskStatus
 
-    from p2p.types import GossipMessage, PeerEvent, PeerId, PeerInfo
+    from p2p.types import GossipMessage, PeerEvent, PeerId, PeerInfo, Verdict
 
 
 class MeshAPI(abc.ABC):
@@ -37,7 +37,12 @@ class MeshAPI(abc.ABC):
 
     @abc.abstractmethod
     def subscribe(
-        self, purpose: str, validator: Callable[[GossipMessage], bool] | None = None
+        self,
+        purpose: str,
+        validator: Callable[[GossipMessage], bool | Verdict] | None = None,
+        *,
+        peer_rate_per_s: float | None = None,
+        peer_burst: int | None = None,
     ) -> trio.MemoryReceiveChannel[GossipMessage]: ...
 
     @abc.abstractmethod

@@ -59,8 +59,19 @@ class P2PConfig:
     """Kept longer than any message stays acceptable (age max + skew), so a message that
     libp2p replays to a (re)connecting peer is either still remembered as seen or rejected
     as too old: a subscriber never gets the same message twice."""
-    gossip_invalid_before_ban: int = 20
-    """Malformed/forged messages a peer may forward before we blacklist and disconnect it."""
+    gossip_ban_score_max: float = 20.0
+    """A peer whose ban score reaches this is blacklisted and disconnected. Every rejected
+    message adds its reason's weight (``p2p._limits.reason_weights``: 1 for a forgery or a
+    validator's REJECT, 0.1 for clock or size disagreements, 0.02 per rate-limited message)."""
+    gossip_ban_score_half_life_s: float = 60.0
+    """Ban scores halve this often, so rare honest disagreements never add up to a ban."""
+    gossip_peer_rate_per_s: float = 300.0
+    """New messages per second one peer may forward on one topic (a token bucket); beyond it
+    they are dropped and counted (``rate_limited``). An honest peer forwards the whole
+    network's traffic on a topic, so this bounds a topic's network-wide rate; a subscriber
+    may set its own per topic (``Mesh.subscribe(peer_rate_per_s=...)``)."""
+    gossip_peer_burst: int = 600
+    """The token bucket's depth: a burst one peer may forward at once on one topic."""
     gossip_publish_rate_max_per_s: float = 100.0
     """Publishes beyond this wait: libp2p's 32-deep per-peer queues drop silently when flooded."""
     subscription_queue_max: int = 1_024
@@ -70,6 +81,8 @@ class P2PConfig:
     response_bytes_max: int = 16 * 1024 * 1024
     request_timeout_s_default: float = 10.0
     inbound_streams_max: int = 64
+    inbound_streams_per_peer_max: int = 8
+    """Concurrent inbound request streams one peer may hold; more are reset and counted."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, why: str) -> None:
@@ -107,6 +120,15 @@ class P2PConfig:
         need(self.request_bytes_max >= 1, "request_bytes_max", "must be >= 1")
         need(self.response_bytes_max >= 1, "response_bytes_max", "must be >= 1")
         need(self.inbound_streams_max >= 1, "inbound_streams_max", "must be >= 1")
+        need(
+            1 <= self.inbound_streams_per_peer_max <= self.inbound_streams_max,
+            "inbound_streams_per_peer_max",
+            "must be 1..inbound_streams_max",
+        )
+        need(self.gossip_ban_score_max > 0, "gossip_ban_score_max", "must be > 0")
+        need(self.gossip_ban_score_half_life_s > 0, "gossip_ban_score_half_life_s", "must be > 0")
+        need(self.gossip_peer_rate_per_s > 0, "gossip_peer_rate_per_s", "must be > 0")
+        need(self.gossip_peer_burst >= 1, "gossip_peer_burst", "must be >= 1")
 
     @classmethod
     def default(cls) -> P2PConfig:

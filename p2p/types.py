@@ -42,6 +42,19 @@ class GossipMessage:
     message_id: bytes
 
 
+class Verdict(enum.StrEnum):
+    """A subscriber validator's answer (``True``/``False`` mean ACCEPT/REJECT).
+
+    ACCEPT: deliver and forward. REJECT: invalid; not forwarded, and it counts toward the
+    forwarding peer's ban score. IGNORE: not forwarded and not delivered, but not the peer's
+    fault (a stale or already-known item, one that depends on our local state): no score.
+    """
+
+    ACCEPT = "accept"
+    IGNORE = "ignore"
+    REJECT = "reject"
+
+
 class PeerEventKind(enum.StrEnum):
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"

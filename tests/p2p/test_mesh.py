@@ -319,7 +319,7 @@ async def test_peer_table_is_bounded_by_peers_max() -> None:
 
 
 async def test_peer_forwarding_forged_gossip_is_banned() -> None:
-    config = P2PConfig.for_tests(gossip_invalid_before_ban=3)
+    config = P2PConfig.for_tests(gossip_ban_score_max=2.5)
     async with open_meshes(1, config=config) as (victim,):
         victim.subscribe("blocks")
         topic = victim.topic("blocks")
