@@ -79,6 +79,17 @@ def host_allowed(header: str | None, extra_names: frozenset[str]) -> bool:
     return (name in _loopback_names or name in extra_names) and _port_re.match(rest) is not None
 
 
+def origin_allowed(origin: str, extra_names: frozenset[str], port: int) -> bool:
+    """Whether a browser's Origin header is the node's own origin: ``http://`` + a loopback
+    name (or a configured extra name) + our port. A page served elsewhere, or ``null``, is
+    refused: the bearer token alone would let any page the user has open script the node if
+    it ever learned the token."""
+    scheme, sep, rest = origin.strip().lower().partition("://")
+    if scheme != "http" or not sep or "/" in rest:
+        return False
+    return host_allowed(rest, extra_names) and rest.rsplit(":", 1)[-1] == str(port)
+
+
 class Counters:
     """Running counts. Each is written by one thread only, so no lock is needed."""
 
@@ -90,6 +101,7 @@ class Counters:
         self.subscriptions = 0
         self.notifications_queued = 0
         self.subscribers_dropped = 0
+        self.body_timeouts = 0
         # trio thread.
         self.calls = 0
         self.call_failures = 0
@@ -138,6 +150,7 @@ class HttpSide:
         self._stop: asyncio.Event | None = None
         self._stop_early = False
         self._http_in_flight = 0
+        self._bound_port = 0
         self._connections: set[_Connection] = set()
         self._subscribers: dict[str, dict[str, _Connection]] = {}
         self._closers: set[asyncio.Task[None]] = set()
@@ -216,11 +229,14 @@ class HttpSide:
         app.router.add_get("/ws", self._websocket)
         app.on_shutdown.append(self._close_websockets)
         # access_log=None: no per-request log line, and never a ?token= query in a log.
+        # aiohttp arms keepalive_timeout when a connection opens and after each response, and
+        # closes the connection if no whole request head arrived by then: our header timeout.
         runner = web.AppRunner(
             app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self._config.shutdown_timeout_s,
+            keepalive_timeout=self._config.header_read_timeout_s,
         )
         await runner.setup()
         try:
@@ -230,7 +246,8 @@ class HttpSide:
             except OSError as exc:
                 report(exc)
                 return
-            report(int(runner.addresses[0][1]))
+            self._bound_port = int(runner.addresses[0][1])
+            report(self._bound_port)
             await self._stop.wait()
         finally:
             await runner.cleanup()
@@ -258,6 +275,9 @@ class HttpSide:
     ) -> web.Response | None:
         if not host_allowed(request.headers.get(hdrs.HOST), self._allowed_hosts):
             return _http_error(403, FORBIDDEN, "forbidden: the Host header must be a loopback name")
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is not None and not origin_allowed(origin, self._allowed_hosts, self._bound_port):
+            return _http_error(403, FORBIDDEN, "forbidden: only the node's own origin may call")
         scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
         given: str | None = None
         if scheme.lower() == "bearer":
@@ -288,9 +308,15 @@ class HttpSide:
         self._http_in_flight += 1
         try:
             try:
-                body = await request.read()
+                async with asyncio.timeout(self._config.body_read_timeout_s):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(body_max)
+            except TimeoutError:
+                self._counters.body_timeouts += 1
+                response = _http_error(408, INVALID_REQUEST, "request body not received in time")
+                response.force_close()
+                return response
             text = await self._handle_body(body, None)
         finally:
             self._http_in_flight -= 1

@@ -37,6 +37,12 @@ class RpcConfig:
     websocket_heartbeat_s: float = 30.0
     """Ping period on WebSocket connections; a peer that does not answer within half of it is
     closed, so a dead or wedged client does not hold a connection slot forever."""
+    header_read_timeout_s: float = 10.0
+    """A connection that has not sent a whole request head this long after it opened (or
+    after its last response) is closed: half-open and slow-header connections cannot pile up."""
+    body_read_timeout_s: float = 10.0
+    """A request body not received in full within this is answered with HTTP 408 and the
+    connection closed, so stalled bodies cannot hold the in-flight slots."""
     shutdown_timeout_s: float = 0.5
     """Grace for in-flight HTTP requests and WebSocket close handshakes at shutdown."""
     slow_close_timeout_s: float = 2.0
@@ -68,6 +74,8 @@ class RpcConfig:
             subscriptions_per_connection_max=3,
             subscriber_queue_messages_max=8,
             publish_backlog_max=4096,
+            header_read_timeout_s=2.0,
+            body_read_timeout_s=2.0,
             shutdown_timeout_s=0.5,
             slow_close_timeout_s=5.0,
         )

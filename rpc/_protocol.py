@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Final
 
 # The codes JSON-RPC 2.0 defines.
@@ -44,11 +45,19 @@ def _reject_constant(name: str) -> Any:
     raise ParseError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf, which no JSON response can carry (not even as the id echoed back).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ParseError(f"{text[:32]} is not a finite number")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
-    """Parse ``body`` as strict JSON; raise ``ParseError`` for anything else."""
+    """Parse ``body`` as strict JSON (finite numbers only); raise ``ParseError`` otherwise."""
     try:
         text = body.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except ParseError:
         raise
     except (ValueError, RecursionError) as exc:

@@ -54,6 +54,7 @@ class RpcStatistics:
     subscribers_dropped: int
     events_published: int
     events_dropped: int
+    body_timeouts: int
 
 
 class RpcServer:
@@ -134,6 +135,7 @@ class RpcServer:
             subscribers_dropped=c.subscribers_dropped,
             events_published=c.events_published,
             events_dropped=c.events_dropped,
+            body_timeouts=c.body_timeouts,
         )
 
     def publish(self, topic: str, payload: Any) -> bool:
