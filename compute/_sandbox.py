@@ -9,10 +9,15 @@ Two sandbox kinds, picked by a runtime probe:
 - ``process``: a plain subprocess in its own session; same limits, no filesystem or network
   isolation, and a ``setsid`` escapee survives the group kill.
 
-Limits are set in the child (``setrlimit``) before exec; memory is also watched from outside
-(resident set of the whole process group) because ``RLIMIT_AS`` cannot be used with CUDA. When
-this daemon runs as root the job runs as ``sandbox_uid`` (default 65534, "nobody"), so the job
-cannot touch the node's files and ``RLIMIT_NPROC`` means something.
+Kernel limits hold over the job's whole process tree: each job runs in its own cgroup
+(``compute._cgroups``: v2, or the v1 ``memory``/``pids``/``cpuacct`` hierarchies) with its
+memory and process count capped and its CPU time summed; the child joins the cgroup between
+fork and exec, so nothing it starts can leave. ``setrlimit`` adds per-process caps (file size,
+CPU, core dumps). When the daemon runs as root each running job gets its own uid and gid from
+``job_uids``, owns its 0700 directory, and no other job (nor the node's files) is readable to
+it. The job directory's disk use is measured every ``disk_poll_ms`` and at the end, and a job
+over its cap fails ``disk_limit``; under bwrap ``/tmp`` is a tmpfs capped at ``tmp_bytes``.
+When the job ends its cgroup is killed and must be empty before its uid is used again.
 
 Output digest (carried by the receipt): the output files, each as ``OutputFile(path, size_bytes,
 sha256)`` with ``path`` relative to the output directory, '/'-separated, UTF-8; sorted by the
@@ -26,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
+import hashlib
 import logging
 import os
 import re
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import ledger
+from compute._cgroups import Cgroups, JobCgroup, probe_cgroups
 from compute.exceptions import JobSpecError, SandboxError
 from compute.types import SANDBOX_KINDS, JobId, OutputFile, SandboxKind
 
@@ -65,10 +72,19 @@ kill_wait_s = 2.0
 drain_grace_s = 1.0
 """After the job exits, how long its pipes may stay open (a lingering grandchild) before we stop."""
 memory_poll_ms = 100
+"""How often the job's cgroup is read (OOM kills, CPU time over the tree)."""
+disk_poll_ms = 250
+"""How often the job directory's disk use is measured (the overshoot bound: write rate x this)."""
+empty_poll_s = 0.005
 jobs_listed_max = 10_000
+job_dir_entries_max = 100_000
+"""Files and directories a job may create in its directory (inodes are disk too)."""
 address_space_slack_bytes = 256 * MIB
 probe_timeout_s = 10.0
 NOBODY_UID = 65534
+JOB_UID_FIRST = 1_900_000_000
+"""Default first uid (and gid) of the job range: far above any account or subuid range."""
+JOB_UIDS_COUNT = 1024
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -86,9 +102,15 @@ class JobLimits:
 
     wall_time_ms: int = 10 * 60 * 1000
     cpu_time_s: int = 10 * 60
+    """CPU time of the whole tree (cgroup), and of each process (``RLIMIT_CPU``)."""
     memory_bytes: int = 4096 * MIB
+    """Memory of the whole tree (cgroup): anonymous, page cache and tmpfs (``/tmp``) pages."""
     file_size_bytes: int = 1024 * MIB
     processes_max: int = 256
+    disk_bytes: int = 4096 * MIB
+    """Disk use of the job directory (inputs, outputs, scratch)."""
+    tmp_bytes: int = 256 * MIB
+    """Size of the job's private ``/tmp`` tmpfs (bwrap); also counted in ``memory_bytes``."""
     stdout_bytes_max: int = 1 * MIB
     stderr_bytes_max: int = 1 * MIB
     output_bytes_max: int = 1024 * MIB
@@ -161,6 +183,8 @@ class JobOutcome(enum.Enum):
     FILE_SIZE_LIMIT = "file_size_limit"
     STDOUT_LIMIT = "stdout_limit"
     OUTPUT_LIMIT = "output_limit"
+    DISK_LIMIT = "disk_limit"
+    PROCESS_LIMIT = "process_limit"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +205,12 @@ class JobResult:
     usage_gpu_ms: int
     gpu_uuids: tuple[str, ...]
     sandbox: SandboxKind
+    memory_peak_bytes: int = 0
+    cpu_ms: int = 0
+    disk_bytes: int = 0
+    uid: int | None = None
+    processes_left: int = 0
+    """Members of the job's cgroup still alive after the kill (0 unless the kernel failed us)."""
 
     @property
     def succeeded(self) -> bool:
@@ -204,6 +234,9 @@ class JobResult:
             "usage_gpu_ms": self.usage_gpu_ms,
             "gpu_uuids": list(self.gpu_uuids),
             "sandbox": self.sandbox,
+            "memory_peak_bytes": self.memory_peak_bytes,
+            "cpu_ms": self.cpu_ms,
+            "disk_bytes": self.disk_bytes,
         }
 
 
@@ -269,8 +302,6 @@ def _hash_file(path: Path, budget: int) -> tuple[int, bytes]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _OutputLimitError(f"output {path.name!r} is not a regular file")
-        import hashlib
-
         hasher = hashlib.sha256()
         size = 0
         while chunk := os.read(fd, MIB):
@@ -292,7 +323,7 @@ def probe_bwrap(*, sandbox_uid: int | None = None) -> str | None:
     exe = bwrap_path()
     if exe is None:
         return "bwrap is not installed"
-    argv = [exe, *_bwrap_base_args(), "--", "/bin/sh", "-c", "exit 0"]
+    argv = [exe, *_bwrap_base_args(MIB), "--", "/bin/sh", "-c", "exit 0"]
     try:
         done = subprocess.run(
             argv,
@@ -324,7 +355,7 @@ def _drop_privileges_fn(sandbox_uid: int | None) -> Callable[[], None]:
     return apply
 
 
-def _bwrap_base_args() -> list[str]:
+def _bwrap_base_args(tmp_bytes: int) -> list[str]:
     args = ["--unshare-all", "--die-with-parent", "--hostname", "gpumesh-job"]
     args += ["--ro-bind", "/usr", "/usr"]
     for top in ("bin", "lib", "lib32", "lib64", "sbin"):
@@ -334,38 +365,90 @@ def _bwrap_base_args() -> list[str]:
         elif host.is_dir():
             args += ["--ro-bind", str(host), f"/{top}"]
     args += ["--ro-bind", "/etc", "/etc", "--ro-bind-try", "/opt", "/opt"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
     return args
 
 
+def default_job_uids() -> range | None:
+    """The default job uid range when the daemon runs as root (jobs never run as root), else
+    ``None``: an unprivileged daemon cannot switch uids, its jobs run as itself."""
+    return range(JOB_UID_FIRST, JOB_UID_FIRST + JOB_UIDS_COUNT) if os.geteuid() == 0 else None
+
+
 def default_sandbox_uid() -> int | None:
-    """``nobody`` when the daemon runs as root (so jobs never run as root), else ``None``."""
-    return NOBODY_UID if os.geteuid() == 0 else None
+    """The uid the bwrap probe runs as: the first job uid when root, else ``None``."""
+    uids = default_job_uids()
+    return uids[0] if uids else None
 
 
-def _rss_of_group(pgid: int) -> int:
-    """Resident bytes of every process in group ``pgid`` (read from /proc)."""
-    page = os.sysconf("SC_PAGE_SIZE")
+class UidPool:
+    """Hands each running job its own uid (its gid is the same number) from a range.
+
+    A uid whose job left a process behind is never handed out again in this run.
+    """
+
+    def __init__(self, uids: range) -> None:
+        if not uids or uids[0] <= 0 or uids[-1] >= 2**32 - 1 or uids.step != 1:
+            raise SandboxError(f"[compute] job uid range {uids} must be non-empty, 1..2**32-2")
+        self.uids = uids
+        self._free = list(reversed(uids))
+        self._in_use: set[int] = set()
+        self._quarantined: set[int] = set()
+
+    def acquire(self) -> int:
+        if not self._free:
+            raise SandboxError(f"all {len(self.uids)} job uids are in use")
+        uid = self._free.pop()
+        self._in_use.add(uid)
+        return uid
+
+    def release(self, uid: int) -> None:
+        self._in_use.remove(uid)
+        self._free.append(uid)
+
+    def quarantine(self, uid: int) -> None:
+        self._in_use.remove(uid)
+        self._quarantined.add(uid)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "first": self.uids[0],
+            "count": len(self.uids),
+            "in_use": len(self._in_use),
+            "quarantined": sorted(self._quarantined),
+        }
+
+
+def disk_usage(path: Path, entries_max: int) -> tuple[int, int]:
+    """``(bytes allocated, entries)`` under ``path`` (not following links); stops counting
+    past ``entries_max`` entries (the caller fails the job then)."""
     total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    entries = 0
+    stack = [path]
+    while stack and entries <= entries_max:
         try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                raw = handle.read()
-        except OSError:
-            continue  # the process exited between listdir and open
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 21 and int(fields[2]) == pgid:
-            total += int(fields[21]) * page
-    return total
+            scan = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with scan:
+            for entry in scan:
+                entries += 1
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                total += info.st_blocks * 512
+                if stat.S_ISDIR(info.st_mode):
+                    stack.append(Path(entry.path))
+    return total, entries
 
 
 class _Run:
     """Mutable state of one running job; the first limit that trips names the outcome."""
 
-    def __init__(self, pgid: int) -> None:
+    def __init__(self, pgid: int, cgroup: JobCgroup) -> None:
         self.pgid = pgid
+        self.cgroup = cgroup
         self.failure: tuple[JobOutcome, str] | None = None
         self.stdout = bytearray()
         self.stderr = bytearray()
@@ -379,7 +462,8 @@ class _Run:
         try:
             os.killpg(self.pgid, signal.SIGKILL)
         except ProcessLookupError:
-            pass  # every member is already gone
+            pass  # every member of the group is already gone
+        self.cgroup.kill()  # and everything that left the group (setsid, double fork)
 
 
 class Executor:
@@ -390,21 +474,30 @@ class Executor:
         work_root: Path,
         *,
         sandbox: SandboxKind | None = None,
-        sandbox_uid: int | bool | None = True,
+        job_uids: range | bool | None = True,
+        sandbox_uid: bool | None = True,
+        cgroups: Cgroups | None = None,
         memory_poll_ms: int = memory_poll_ms,
+        disk_poll_ms: int = disk_poll_ms,
     ) -> None:
         """``sandbox=None`` means ``bwrap``, probed: ``SandboxError`` if it does not work here
         (there is no silent fallback; ``process`` must be asked for by name).
-        ``sandbox_uid=True`` means ``default_sandbox_uid()``."""
-        self._uid: int | None = (
-            default_sandbox_uid() if sandbox_uid is True else (sandbox_uid or None)
-        )
+        ``job_uids=True`` means ``default_job_uids()``; ``None`` runs jobs as this process's
+        uid (``sandbox_uid=None`` is the older spelling of that). ``cgroups=None`` probes them
+        (``SandboxError`` if neither v2 nor v1 is usable)."""
+        if sandbox_uid is None:
+            job_uids = None
+        uids = default_job_uids() if job_uids is True else (job_uids or None)
+        if uids is not None and os.geteuid() != 0:
+            raise SandboxError("[compute] job uids need the daemon to run as root")
+        self._uids = UidPool(uids) if uids is not None else None
         self._work_root = Path(work_root).absolute()
         self._memory_poll_s = memory_poll_ms / 1000
+        self._disk_poll_s = disk_poll_ms / 1000
         self._prepare_work_root()
         self.bwrap_error: str | None = None
         if sandbox is None:
-            self.bwrap_error = probe_bwrap(sandbox_uid=self._uid)
+            self.bwrap_error = probe_bwrap(sandbox_uid=uids[0] if uids else None)
             if self.bwrap_error:
                 raise SandboxError(
                     f"the bwrap sandbox does not work here ({self.bwrap_error}); install "
@@ -417,11 +510,27 @@ class Executor:
         if sandbox == "bwrap" and self._bwrap is None:
             raise SandboxError("sandbox 'bwrap' requested but bwrap is not installed")
         self.sandbox: SandboxKind = sandbox
+        # One parent per executor: two nodes on one machine may run the same job id.
+        tag = hashlib.sha256(str(self._work_root).encode()).hexdigest()[:12]
+        self.cgroups = cgroups if cgroups is not None else probe_cgroups(f"gpumesh-{tag}")
+        swept = self.cgroups.sweep()
+        if swept:
+            log.warning("killed and removed %d job cgroup(s) left by an earlier run", swept)
         self._jobs_run = 0
+        self._leftovers = 0
+
+    def close(self) -> None:
+        """Give back what the executor set up outside ``work_root`` (its cgroup parents)."""
+        self.cgroups.close()
+
+    @property
+    def job_uids(self) -> range | None:
+        return self._uids.uids if self._uids is not None else None
 
     @property
     def sandbox_uid(self) -> int | None:
-        return self._uid
+        """The first job uid (``None``: jobs run as this process's uid)."""
+        return self._uids.uids[0] if self._uids is not None else None
 
     @property
     def work_root(self) -> Path:
@@ -432,16 +541,17 @@ class Executor:
         info = self._work_root.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
             raise SandboxError(f"[compute] work_root {self._work_root} is not our own directory")
-        if self._uid is None:
+        if self._uids is None:
+            os.chmod(self._work_root, 0o700)
             return
+        # Traversable, not listable: a job finds its own directory only.
         os.chmod(self._work_root, 0o711)
-        # The job (as sandbox_uid) must be able to reach its directory through every parent.
         for parent in self._work_root.parents:
             mode = parent.stat().st_mode
             if not mode & stat.S_IXOTH:
                 raise SandboxError(
                     f"[compute] work_root {self._work_root}: {parent} is mode "
-                    f"{stat.S_IMODE(mode):o}, so sandbox uid {self._uid} cannot reach it; "
+                    f"{stat.S_IMODE(mode):o}, so job uids cannot reach it; "
                     "put work_root outside it (e.g. /var/tmp/gpumesh-jobs)"
                 )
 
@@ -460,7 +570,7 @@ class Executor:
             raise JobSpecError(f"bad job id {job_id!r}")
         shutil.rmtree(self.job_dir(job_id), ignore_errors=False)
 
-    def _setup_dir(self, job_id: JobId, spec: JobSpec) -> Path:
+    def _setup_dir(self, job_id: JobId, spec: JobSpec, uid: int | None = None) -> Path:
         job_dir = self.job_dir(job_id)
         try:
             job_dir.mkdir(mode=0o700)
@@ -472,12 +582,18 @@ class Executor:
             target = work / rel
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             target.write_bytes(data)
-        if self._uid is not None:
-            os.chown(job_dir, self._uid, self._uid)
+        if uid is not None:
+            os.chown(job_dir, uid, uid)
             for root, dirs, files in os.walk(job_dir):
                 for name in dirs + files:
-                    os.chown(os.path.join(root, name), self._uid, self._uid, follow_symlinks=False)
+                    os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
         return work
+
+    def _lock_dir(self, job_id: JobId) -> None:
+        # The uid goes back to the pool: whoever gets it next must not read this job's files.
+        job_dir = self.job_dir(job_id)
+        os.chown(job_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
+        os.chmod(job_dir, 0o700, follow_symlinks=False)
 
     def _env(
         self, job_id: JobId, spec: JobSpec, work: Path, gpu_uuids: Sequence[str]
@@ -500,10 +616,12 @@ class Executor:
         )
         return env
 
-    def _argv(self, spec: JobSpec, work: Path, gpu_minors: Sequence[int]) -> list[str]:
+    def _argv(
+        self, spec: JobSpec, work: Path, gpu_minors: Sequence[int], tmp_bytes: int
+    ) -> list[str]:
         if self._bwrap is None:
             return list(spec.argv)
-        args = [self._bwrap, *_bwrap_base_args(), "--bind", str(work), BWRAP_JOB_DIR]
+        args = [self._bwrap, *_bwrap_base_args(tmp_bytes), "--bind", str(work), BWRAP_JOB_DIR]
         args += ["--chdir", BWRAP_JOB_DIR]
         # Only the allocated GPUs' device nodes exist inside; the control nodes are shared.
         nodes = [f"/dev/nvidia{m}" for m in gpu_minors if m >= 0]
@@ -515,20 +633,35 @@ class Executor:
 
     @staticmethod
     def _limits_fn(
-        limits: JobLimits, *, address_space: bool, nproc: bool, uid: int | None
+        limits: JobLimits,
+        *,
+        address_space: bool,
+        uid: int | None,
+        cgroup_procs: Sequence[bytes],
     ) -> Callable[[], None]:
         cpu = limits.cpu_time_s
         as_bytes = 2 * limits.memory_bytes + address_space_slack_bytes
-        fsize = limits.file_size_bytes
+        fsize = min(limits.file_size_bytes, limits.disk_bytes)
         procs = limits.processes_max
+        pid_flags = os.O_WRONLY | os.O_CLOEXEC
 
         def apply() -> None:  # runs in the child between fork and exec: no allocation-heavy work
+            # First into the job's cgroup: everything from here on, and every descendant,
+            # is counted and capped there and cannot leave it.
+            me = str(os.getpid()).encode()
+            for path in cgroup_procs:
+                fd = os.open(path, pid_flags)
+                try:
+                    os.write(fd, me)
+                finally:
+                    os.close(fd)
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             if address_space:
                 resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
-            if nproc:
+            if uid is not None:
+                # The uid is this job's alone, so the per-uid process cap is per job too.
                 resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
             drop()
             # After the uid change (which clears it): if the daemon dies, the job's leader
@@ -543,29 +676,62 @@ class Executor:
     ) -> JobResult:
         """Run ``spec`` to completion (or a limit) and return what happened.
 
-        Cancelling the caller kills the job's whole process group before this returns.
+        Cancelling the caller kills the job's whole cgroup before this returns.
         """
         if not _JOB_ID.match(job_id):
             raise JobSpecError(f"job id {job_id!r} must match {_JOB_ID.pattern}")
         spec.validate()
+        uid = self._uids.acquire() if self._uids is not None else None
+        try:
+            # The directory first: it refuses a job id that is already here (maybe running).
+            work = await trio.to_thread.run_sync(self._setup_dir, job_id, spec, uid)
+            cgroup = self.cgroups.create(
+                job_id,
+                memory_bytes=spec.limits.memory_bytes,
+                processes_max=spec.limits.processes_max,
+            )
+        except (SandboxError, OSError):
+            if uid is not None and self._uids is not None:
+                self._uids.release(uid)
+            raise
+        try:
+            return await self._run_in(job_id, spec, allocation, uid, cgroup, work)
+        finally:
+            # Only an empty cgroup proves every process of the job is gone.
+            clean = cgroup.is_empty()
+            if clean:
+                cgroup.remove()
+            else:
+                self._leftovers += 1
+                log.error("job %s: processes left in %s; uid %s retired", job_id, cgroup.dirs, uid)
+            if uid is not None and self._uids is not None:
+                (self._uids.release if clean else self._uids.quarantine)(uid)
+
+    async def _run_in(
+        self,
+        job_id: JobId,
+        spec: JobSpec,
+        allocation: Allocation | None,
+        uid: int | None,
+        cgroup: JobCgroup,
+        work: Path,
+    ) -> JobResult:
         limits = spec.limits
         gpu_uuids: tuple[str, ...] = allocation.gpu_uuids if allocation else ()
         slots = allocation.slot_count if allocation else 1
         minors = allocation.gpu_minors if allocation else ()
-        work = await trio.to_thread.run_sync(self._setup_dir, job_id, spec)
         env = self._env(job_id, spec, work, gpu_uuids)
         preexec = self._limits_fn(
             limits,
             # CUDA reserves huge virtual ranges, so RLIMIT_AS would break every GPU job.
             address_space=not gpu_uuids,
-            # RLIMIT_NPROC counts all processes of the uid; only meaningful for a dedicated one.
-            nproc=self._uid is not None,
-            uid=self._uid,
+            uid=uid,
+            cgroup_procs=cgroup.procs_files,
         )
         started = time.monotonic()
         try:
             proc = await trio.lowlevel.open_process(
-                self._argv(spec, work, minors),
+                self._argv(spec, work, minors, limits.tmp_bytes),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -576,20 +742,31 @@ class Executor:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise SandboxError(f"cannot start job {job_id}: {exc}") from exc
-        state = _Run(proc.pid)
+        state = _Run(proc.pid, cgroup)
+        left = 0
         try:
-            await self._supervise(proc, state, limits)
+            await self._supervise(proc, state, limits, self.job_dir(job_id))
         finally:
             # Also on cancellation: SIGKILL is synchronous, reaping is shielded and bounded.
             state.kill()
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(kill_wait_s):
                     await proc.wait()
+                    while not cgroup.is_empty():  # the job ends when its last process does
+                        cgroup.kill()
+                        await trio.sleep(empty_poll_s)
+                left = len(cgroup.pids())
                 for stream in (proc.stdout, proc.stderr):
                     if stream is not None:
                         await stream.aclose()
+                if uid is not None:
+                    await trio.to_thread.run_sync(self._lock_dir, job_id)
         wall_ms = int((time.monotonic() - started) * 1000)
         self._jobs_run += 1
+        disk, entries = await trio.to_thread.run_sync(
+            disk_usage, self.job_dir(job_id), job_dir_entries_max
+        )
+        self._check_after(state, limits, disk, entries)
         outcome, reason, code, sig = self._classify(proc.returncode, state)
         out_dir = work / "out"
         files: tuple[OutputFile, ...] = ()
@@ -607,6 +784,9 @@ class Executor:
             files = ()
         except FileNotFoundError:
             files = ()  # the job removed its own output directory: it produced nothing
+        if outcome is not JobOutcome.SUCCEEDED and outcome is not JobOutcome.EXIT_NONZERO:
+            files = ()  # a job stopped at a limit delivers nothing
+        cpu_ns = cgroup.cpu_usage_ns()
         return JobResult(
             job_id=job_id,
             outcome=outcome,
@@ -622,9 +802,16 @@ class Executor:
             usage_gpu_ms=wall_ms * slots,
             gpu_uuids=gpu_uuids,
             sandbox=self.sandbox,
+            memory_peak_bytes=cgroup.memory_peak_bytes(),
+            cpu_ms=(cpu_ns or 0) // 1_000_000,
+            disk_bytes=disk,
+            uid=uid,
+            processes_left=left,
         )
 
-    async def _supervise(self, proc: trio.Process, state: _Run, limits: JobLimits) -> None:
+    async def _supervise(
+        self, proc: trio.Process, state: _Run, limits: JobLimits, job_dir: Path
+    ) -> None:
         async with trio.open_nursery() as nursery:
             drained = [trio.Event(), trio.Event()]
             nursery.start_soon(
@@ -633,14 +820,15 @@ class Executor:
             nursery.start_soon(
                 self._drain, proc.stderr, state.stderr, limits.stderr_bytes_max, state, drained[1]
             )
-            nursery.start_soon(self._watch_memory, state, limits.memory_bytes)
+            nursery.start_soon(self._watch_cgroup, state, limits)
+            nursery.start_soon(self._watch_disk, state, limits, job_dir)
             with trio.move_on_after(limits.wall_time_ms / 1000):
                 await proc.wait()
             if proc.returncode is None:
                 state.fail(
                     JobOutcome.TIMED_OUT, f"wall time exceeded {limits.wall_time_ms} ms; killed"
                 )
-            # The leader is gone; whatever it left behind in the group goes too.
+            # The leader is gone; whatever it left behind in the cgroup goes too.
             state.kill()
             with trio.move_on_after(drain_grace_s):
                 for event in drained:
@@ -668,16 +856,61 @@ class Executor:
         finally:
             done.set()
 
-    async def _watch_memory(self, state: _Run, memory_bytes: int) -> None:
+    async def _watch_cgroup(self, state: _Run, limits: JobLimits) -> None:
         while True:
-            rss = await trio.to_thread.run_sync(_rss_of_group, state.pgid)
-            if rss > memory_bytes:
-                state.fail(
-                    JobOutcome.MEMORY_LIMIT,
-                    f"resident memory {rss} bytes exceeded the cap of {memory_bytes}",
-                )
+            if self._check_cgroup(state, limits):
                 return
             await trio.sleep(self._memory_poll_s)
+
+    @staticmethod
+    def _check_cgroup(state: _Run, limits: JobLimits) -> bool:
+        """Fail the job if its tree went over the memory or CPU-time cap; True if it did."""
+        kills = state.cgroup.oom_kills()
+        if kills:
+            state.fail(
+                JobOutcome.MEMORY_LIMIT,
+                f"memory of the job's processes reached the cap of {limits.memory_bytes} "
+                f"bytes; the kernel killed {kills} of them",
+            )
+            return True
+        cpu_ns = state.cgroup.cpu_usage_ns()
+        if cpu_ns is not None and cpu_ns > limits.cpu_time_s * 1_000_000_000:
+            state.fail(
+                JobOutcome.CPU_TIME_LIMIT,
+                f"CPU time of the job's processes {cpu_ns // 1_000_000} ms exceeded the cap "
+                f"of {limits.cpu_time_s} s",
+            )
+            return True
+        return False
+
+    async def _watch_disk(self, state: _Run, limits: JobLimits, job_dir: Path) -> None:
+        while True:
+            await trio.sleep(self._disk_poll_s)
+            used, entries = await trio.to_thread.run_sync(disk_usage, job_dir, job_dir_entries_max)
+            if self._check_disk(state, limits, used, entries):
+                return
+
+    @staticmethod
+    def _check_disk(state: _Run, limits: JobLimits, used: int, entries: int) -> bool:
+        if entries > job_dir_entries_max:
+            state.fail(
+                JobOutcome.DISK_LIMIT, f"more than {job_dir_entries_max} files in the job directory"
+            )
+            return True
+        if used > limits.disk_bytes:
+            state.fail(
+                JobOutcome.DISK_LIMIT,
+                f"the job directory holds {used} bytes, over the cap of {limits.disk_bytes}",
+            )
+            return True
+        return False
+
+    def _check_after(self, state: _Run, limits: JobLimits, disk: int, entries: int) -> None:
+        # A job can go over a cap and exit between two polls: look once more at the end.
+        if state.failure is None:
+            self._check_cgroup(state, limits)
+        if state.failure is None:
+            self._check_disk(state, limits, disk, entries)
 
     def _classify(
         self, returncode: int | None, state: _Run
@@ -705,6 +938,14 @@ class Executor:
             return JobOutcome.KILLED_BY_SIGNAL, f"killed by {signal.Signals(sig).name}", code, sig
         if code == 0:
             return JobOutcome.SUCCEEDED, "exited 0", code, sig
+        refused = state.cgroup.processes_refused()
+        if refused:
+            return (
+                JobOutcome.PROCESS_LIMIT,
+                f"exited {code} after {refused} fork(s) were refused at the process cap",
+                code,
+                sig,
+            )
         tail = bytes(state.stderr[-4096:])
         if b"MemoryError" in tail or b"Cannot allocate memory" in tail or b"bad_alloc" in tail:
             return (
@@ -719,7 +960,9 @@ class Executor:
         return {
             "sandbox": self.sandbox,
             "bwrap_error": self.bwrap_error,
-            "sandbox_uid": self._uid,
+            "job_uids": self._uids.to_json() if self._uids is not None else None,
+            "cgroups": self.cgroups.to_json(),
             "work_root": str(self._work_root),
             "jobs_run": self._jobs_run,
+            "jobs_with_leftover_processes": self._leftovers,
         }

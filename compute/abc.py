@@ -1,9 +1,16 @@
-"""Interfaces of the compute package: the NVML seam and the publish callback."""
+"""Interfaces of the compute package: the NVML seam, the publish callback, the executor."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from compute._allocator import Allocation
+    from compute._sandbox import JobResult, JobSpec
+    from compute.types import JobId, SandboxKind
 
 PublishFn = Callable[[bytes], Awaitable[None]]
 """Hands encoded offer bytes to the gossip mesh (wired by the node)."""
@@ -43,3 +50,18 @@ class NvmlAPI(Protocol):
     def device_compute_capability(self, index: int) -> tuple[int, int]: ...
 
     def device_minor_number(self, index: int) -> int: ...
+
+
+class ExecutorAPI(Protocol):
+    """What the market needs of the sandboxed executor (``compute.Executor``; the market
+    simulation passes its own)."""
+
+    sandbox: SandboxKind
+
+    async def run(
+        self, job_id: JobId, spec: JobSpec, allocation: Allocation | None = None
+    ) -> JobResult: ...
+
+    def job_dir(self, job_id: JobId) -> Path: ...
+
+    def remove_job_dir(self, job_id: JobId) -> None: ...

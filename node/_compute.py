@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,20 @@ offer_prune_interval_s = 1.0
 
 def make_executor(config: ComputeSection, work_root: Path) -> compute.Executor:
     """The executor ``[compute]`` asks for; ``SandboxError`` if that sandbox does not work."""
-    kind: compute.SandboxKind = "process" if config.sandbox == "process" else "bwrap"
-    if kind == "bwrap":
-        return compute.Executor(work_root)  # probes bwrap, raises if it does not work
+    uids: range | None = None
+    if os.geteuid() == 0:
+        uids = range(config.job_uid_first, config.job_uid_first + config.job_uid_count)
+    if config.sandbox == "bwrap":
+        # Probes bwrap and cgroups; raises if either does not work. Unprivileged, every job
+        # runs as this daemon's uid, each in its own mount namespace.
+        return compute.Executor(work_root, job_uids=uids)
+    if uids is None:
+        raise compute.SandboxError(
+            'sandbox = "process" needs the daemon to run as root: without its own uid a job '
+            "could read this node's key and files"
+        )
     log.warning("sandbox = process: jobs run without filesystem or network isolation")
-    return compute.Executor(work_root, sandbox="process")
+    return compute.Executor(work_root, sandbox="process", job_uids=uids)
 
 
 def jobs_root(address: bytes) -> Path:

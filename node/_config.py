@@ -77,10 +77,18 @@ class ComputeSection:
     sandbox: str = "bwrap"
     """``"bwrap"``: provide only if bubblewrap works here (probed at start). ``"process"``:
     plain processes without filesystem or network isolation; must be chosen explicitly."""
+    job_uid_first: int = 1_900_000_000
+    """Each running job gets its own uid (and a gid of the same number) from
+    ``job_uid_first .. job_uid_first + job_uid_count - 1`` (the daemon must run as root)."""
+    job_uid_count: int = 1024
 
     def __post_init__(self) -> None:
         if self.price_per_gpu_second < 0:
             raise ConfigError("[compute] price_per_gpu_second must be >= 0")
+        if not 0 < self.job_uid_first or self.job_uid_first + self.job_uid_count >= 2**32 - 1:
+            raise ConfigError("[compute] job uids must lie in 1 .. 2**32 - 2")
+        if not 0 < self.job_uid_count <= 65536:
+            raise ConfigError("[compute] job_uid_count must be 1..65536")
         if self.sandbox not in ("bwrap", "process"):
             raise ConfigError('[compute] sandbox must be "bwrap" or "process"')
 

@@ -78,8 +78,9 @@ class Home:
         """Create the home with a fresh key (or ``key``) and ``config``; never overwrite a key."""
         if self.key_path.exists():
             raise HomeError(f"{self.key_path} already exists; refusing to overwrite a node key")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.data_dir.mkdir(exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.mkdir(exist_ok=True, mode=0o700)
+        self.make_private()
         key = key or SigningKey.generate()
         write_private(self.key_path, key.seed.hex() + "\n")
         write_atomic(self.config_path, config.to_toml())
@@ -101,9 +102,17 @@ class Home:
     def load_config(self) -> NodeConfig:
         return NodeConfig.load(self.config_path)
 
+    def make_private(self) -> None:
+        """Home and data 0700: the job store holds other people's inputs, the home the key
+        and the RPC cookie; no local user (nor a job's uid) may list or read them."""
+        for path in (self.root, self.data_dir):
+            if path.is_dir():
+                os.chmod(path, 0o700)
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the home's lock for the daemon's lifetime; a second daemon is refused."""
+        self.make_private()  # homes made by older versions were 0755
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

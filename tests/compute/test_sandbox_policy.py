@@ -99,3 +99,13 @@ def test_requester_can_require_a_sandbox_kind() -> None:
         Requirements(sandbox="chroot")
     decoded = ledger.decode(Requirements, ledger.encode(need_bwrap))
     assert decoded == need_bwrap, "the requirement travels in the signed job request"
+
+
+@pytest.mark.usefixtures("no_bwrap")
+def test_process_sandbox_refused_without_per_job_uids(
+    work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # an unprivileged daemon
+    svc = service(work_root, monkeypatch, sandbox="process")
+    assert svc.executor is None, "process jobs under the daemon's own uid could read its key"
+    assert "root" in str(svc.provider_refused)

@@ -1,0 +1,371 @@
+"""Kernel limits over a job's whole process tree: one cgroup per job.
+
+A cgroup holds every process the job starts, ``setsid`` and double-fork escapees included
+(membership is inherited at fork and only root can move a process out). Two layouts:
+
+- **v2** (unified): where ``memory`` and ``pids`` are in the daemon's cgroup's
+  ``cgroup.controllers``. Jobs live under ``<own cgroup>/<name>/<job>``; if the daemon's own
+  cgroup holds processes (v2 forbids controllers there), the daemon moves itself into a
+  ``<own cgroup>/gpumesh-node`` leaf first.
+- **v1**: the ``memory`` and ``pids`` hierarchies (and ``cpuacct`` when mounted) each get a
+  ``<own cgroup>/<name>/<job>`` directory. This is what a machine that mounts v1 beside an
+  empty v2 (this container, CI) uses.
+
+Memory: ``memory.max`` / ``memory.limit_in_bytes`` (+ swap off), the kernel OOM-kills inside the
+job only, and the kill count says "memory_limit". Processes: ``pids.max``. CPU time over the
+tree: ``cpu.stat`` / ``cpuacct.usage``, polled by the executor. Tmpfs pages the job writes
+(bwrap's ``/tmp``, ``/dev/shm``) are charged to its memory cgroup too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Literal
+
+from compute.exceptions import SandboxError
+
+log = logging.getLogger("gpumesh.compute.cgroups")
+
+CgroupVersion = Literal["v2", "v1"]
+V1_REQUIRED = ("memory", "pids")
+V1_OPTIONAL = ("cpuacct",)
+kill_passes_max = 1000
+"""SIGKILL passes over a v1 cgroup's members before giving up (each pass kills every member
+listed; a killed process cannot fork, so a fork bomb under ``pids.max`` drains in a few)."""
+NODE_LEAF = "gpumesh-node"
+
+
+def _parse_mounts(text: str) -> tuple[Path | None, dict[str, Path]]:
+    """``(cgroup2 mount point, {v1 controller: mount point})`` from ``/proc/mounts``."""
+    unified: Path | None = None
+    v1: dict[str, Path] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        where, kind, options = parts[1], parts[2], parts[3].split(",")
+        if kind == "cgroup2" and unified is None:
+            unified = Path(where)
+        elif kind == "cgroup":
+            for option in options:
+                if option in (*V1_REQUIRED, *V1_OPTIONAL) and option not in v1:
+                    v1[option] = Path(where)
+    return unified, v1
+
+
+def _parse_self(text: str) -> tuple[str | None, dict[str, str]]:
+    """``(v2 path, {v1 controller: path})`` of this process from ``/proc/self/cgroup``."""
+    unified: str | None = None
+    v1: dict[str, str] = {}
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        for name in controllers.split(","):
+            if name:
+                v1[name] = path
+    return unified, v1
+
+
+def _under(mount: Path, path: str) -> Path:
+    return mount / path.lstrip("/")
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read_int(path: Path, key: str | None = None) -> int:
+    """An integer file, or the value of ``key`` in a ``key value`` file; 0 if absent."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 0
+    if key is None:
+        value = text.strip()
+        return 2**63 - 1 if value == "max" else int(value or 0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cgroups:
+    """Where this daemon creates job cgroups: one parent per hierarchy (one for v2)."""
+
+    version: CgroupVersion
+    parents: tuple[tuple[str, Path], ...]
+    """``(controller, directory)``; v2 has the single entry ``("unified", dir)``."""
+
+    def parent(self, controller: str) -> Path | None:
+        for name, path in self.parents:
+            if name == controller:
+                return path
+        return None
+
+    def create(self, job: str, *, memory_bytes: int, processes_max: int) -> JobCgroup:
+        """A fresh cgroup for ``job`` with its limits set (an old one of that name is removed)."""
+        dirs = tuple((name, parent / job) for name, parent in self.parents)
+        cgroup = JobCgroup(self.version, dirs)
+        cgroup.remove_stale()
+        for _, path in dirs:
+            try:
+                path.mkdir(mode=0o755)
+            except OSError as exc:
+                cgroup.remove()
+                raise SandboxError(f"cannot create cgroup {path}: {exc}") from exc
+        try:
+            cgroup.set_limits(memory_bytes=memory_bytes, processes_max=processes_max)
+        except OSError as exc:
+            cgroup.remove()
+            raise SandboxError(f"cannot set the limits of cgroup {dirs[0][1]}: {exc}") from exc
+        return cgroup
+
+    def sweep(self) -> int:
+        """Kill and remove every job cgroup under our parents (left by a crashed daemon whose
+        jobs may still run); how many there were."""
+        names: set[str] = set()
+        for _, parent in self.parents:
+            names.update(p.name for p in parent.iterdir() if p.is_dir())
+        for job in sorted(names):
+            JobCgroup(self.version, tuple((n, p / job) for n, p in self.parents)).remove_stale()
+        return len(names)
+
+    def close(self) -> None:
+        """Remove our parent directories once no job cgroup is left in them."""
+        for _, parent in self.parents:
+            try:
+                parent.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                log.info("cgroup %s still holds job cgroups; left in place", parent)
+
+    def to_json(self) -> dict[str, object]:
+        return {"version": self.version, "parents": {n: str(p) for n, p in self.parents}}
+
+
+class JobCgroup:
+    """One job's cgroup (a directory per hierarchy under v1)."""
+
+    def __init__(self, version: CgroupVersion, dirs: tuple[tuple[str, Path], ...]) -> None:
+        self.version = version
+        self.dirs = dirs
+        self.memory_bytes = 0
+        self.procs_files: tuple[bytes, ...] = tuple(
+            os.fsencode(path / "cgroup.procs") for _, path in dirs
+        )
+        """What the child writes its pid into, between fork and exec."""
+
+    def _dir(self, controller: str) -> Path:
+        for name, path in self.dirs:
+            if name == controller or name == "unified":
+                return path
+        raise KeyError(controller)
+
+    def _has(self, controller: str) -> bool:
+        return any(name in (controller, "unified") for name, _ in self.dirs)
+
+    def set_limits(self, *, memory_bytes: int, processes_max: int) -> None:
+        self.memory_bytes = memory_bytes
+        if self.version == "v2":
+            path = self._dir("memory")
+            _write(path / "memory.max", str(memory_bytes))
+            if (path / "memory.swap.max").exists():
+                _write(path / "memory.swap.max", "0")
+            if (path / "memory.oom.group").exists():
+                _write(path / "memory.oom.group", "1")  # one OOM kill takes the whole job
+            _write(path / "pids.max", str(processes_max))
+            return
+        memory = self._dir("memory")
+        _write(memory / "memory.limit_in_bytes", str(memory_bytes))
+        if (memory / "memory.memsw.limit_in_bytes").exists():
+            _write(memory / "memory.memsw.limit_in_bytes", str(memory_bytes))  # no swap either
+        _write(self._dir("pids") / "pids.max", str(processes_max))
+
+    def pids(self) -> set[int]:
+        """Every live member (zombies are not members)."""
+        found: set[int] = set()
+        for _, path in self.dirs:
+            try:
+                text = (path / "cgroup.procs").read_text()
+            except FileNotFoundError:
+                continue
+            found.update(int(pid) for pid in text.split())
+        return found
+
+    def is_empty(self) -> bool:
+        return not self.pids()
+
+    def kill(self) -> None:
+        """SIGKILL every member, however it left the job's process group or session."""
+        if self.version == "v2":
+            kill_file = self._dir("memory") / "cgroup.kill"
+            if kill_file.exists():
+                try:
+                    _write(kill_file, "1")
+                except FileNotFoundError:
+                    return  # already removed
+                return
+        for _ in range(kill_passes_max):
+            members = self.pids()
+            if not members:
+                return
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # exited between the listing and the kill
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel killed for going over the memory cap."""
+        path = self._dir("memory")
+        if self.version == "v2":
+            events = path / "memory.events"
+            return _read_int(events, "oom_kill") + _read_int(events, "oom_group_kill")
+        return _read_int(path / "memory.oom_control", "oom_kill")
+
+    def memory_peak_bytes(self) -> int:
+        path = self._dir("memory")
+        if self.version == "v2":
+            return _read_int(path / "memory.peak")
+        return _read_int(path / "memory.max_usage_in_bytes")
+
+    def processes_refused(self) -> int:
+        """How many forks ``pids.max`` refused."""
+        return _read_int(self._dir("pids") / "pids.events", "max")
+
+    def cpu_usage_ns(self) -> int | None:
+        """CPU time of every process that ever ran in the job; None where it is not counted."""
+        if self.version == "v2":
+            return _read_int(self._dir("memory") / "cpu.stat", "usage_usec") * 1000
+        if not self._has("cpuacct"):
+            return None
+        return _read_int(self._dir("cpuacct") / "cpuacct.usage")
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroup directories; ``SandboxError`` if a process is left."""
+        for _, path in reversed(self.dirs):
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise SandboxError(f"cgroup {path} still has processes: {exc}") from exc
+                raise SandboxError(f"cannot remove cgroup {path}: {exc}") from exc
+
+    def remove_stale(self) -> None:
+        """A cgroup of the same name left by a crashed run: kill what is in it, remove it."""
+        if any(path.exists() for _, path in self.dirs):
+            log.warning("removing a stale job cgroup %s", self.dirs[0][1])
+            self.kill()
+            self.remove()
+
+
+def probe_cgroups(
+    name: str,
+    *,
+    mounts: Path = Path("/proc/mounts"),
+    own: Path = Path("/proc/self/cgroup"),
+) -> Cgroups:
+    """Set up ``<own cgroup>/<name>`` for job cgroups, v2 first, else v1.
+
+    Raises ``SandboxError`` naming what is missing when neither can be used.
+    """
+    unified_mount, v1_mounts = _parse_mounts(mounts.read_text())
+    unified_path, v1_paths = _parse_self(own.read_text())
+    problems: list[str] = []
+    if unified_mount is not None and unified_path is not None:
+        try:
+            return _setup_v2(unified_mount, unified_path, name)
+        except _Unusable as exc:
+            problems.append(f"cgroup v2 at {unified_mount}: {exc}")
+    else:
+        problems.append("no cgroup v2 mounted")
+    missing = [c for c in V1_REQUIRED if c not in v1_mounts or c not in v1_paths]
+    if missing:
+        problems.append(f"cgroup v1 has no {' or '.join(missing)} hierarchy mounted")
+    else:
+        try:
+            return _setup_v1(v1_mounts, v1_paths, name)
+        except _Unusable as exc:
+            problems.append(f"cgroup v1: {exc}")
+    raise SandboxError(
+        "no usable cgroups to limit jobs' memory and processes: " + "; ".join(problems)
+    )
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _setup_v2(mount: Path, own_path: str, name: str) -> Cgroups:
+    own = _under(mount, own_path)
+    controllers = (own / "cgroup.controllers").read_text().split()
+    lacking = [c for c in V1_REQUIRED if c not in controllers]
+    if lacking:
+        raise _Unusable(f"controllers {', '.join(lacking)} are not available to {own}")
+    wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in controllers)
+    try:
+        _enable(own, wanted)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise _Unusable(f"cannot enable controllers in {own}: {exc}") from exc
+        # "No internal processes": move this daemon into a leaf, then enable.
+        leaf = own / NODE_LEAF
+        try:
+            leaf.mkdir(exist_ok=True)
+            _write(leaf / "cgroup.procs", str(os.getpid()))
+            _enable(own, wanted)
+        except OSError as exc2:
+            raise _Unusable(
+                f"{own} holds other processes, so controllers cannot be enabled below it "
+                f"({exc2}); run the node in a cgroup of its own (systemd: Delegate=yes)"
+            ) from exc2
+    parent = own / name
+    try:
+        parent.mkdir(exist_ok=True)
+        _enable(parent, wanted)
+    except OSError as exc:
+        raise _Unusable(f"cannot create {parent}: {exc}") from exc
+    return Cgroups("v2", (("unified", parent),))
+
+
+def _enable(path: Path, wanted: str) -> None:
+    present = (path / "cgroup.subtree_control").read_text().split()
+    if all(c.lstrip("+") in present for c in wanted.split()):
+        return
+    _write(path / "cgroup.subtree_control", wanted)
+
+
+def _setup_v1(mounts: dict[str, Path], paths: dict[str, str], name: str) -> Cgroups:
+    parents: list[tuple[str, Path]] = []
+    for controller in (*V1_REQUIRED, *V1_OPTIONAL):
+        if controller not in mounts or controller not in paths:
+            continue
+        parent = _under(mounts[controller], paths[controller]) / name
+        try:
+            parent.mkdir(exist_ok=True)
+            if not os.access(parent / "cgroup.procs", os.W_OK):
+                raise PermissionError(errno.EACCES, "cgroup.procs is not writable", str(parent))
+        except OSError as exc:
+            if controller in V1_REQUIRED:
+                raise _Unusable(f"cannot create {parent}: {exc}") from exc
+            continue
+        parents.append((controller, parent))
+    return Cgroups("v1", tuple(parents))
