@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import trio
 
 import ledger
+from compute._sandbox import JobLimits
 from compute.exceptions import (
+    JobSpecError,
     OfferDecodeError,
     OfferInvalidError,
     OfferSignatureError,
@@ -74,6 +76,10 @@ class OfferConfig:
     tags: tuple[str, ...] = ()
     sandbox: SandboxKind = "bwrap"
     """The sandbox this node runs jobs in (the executor's kind); requesters may require one."""
+    job_memory_bytes_max: int = JobLimits.memory_bytes
+    """The most memory a requester may ask for (``Requirements.memory_bytes``); advertised."""
+    job_disk_bytes_max: int = JobLimits.disk_bytes
+    """The most job-directory disk a requester may ask for; advertised."""
     heartbeat_ms: int = 10_000
     ttl_ms: int = 30_000
     publish_interval_ms_min: int = 1_000
@@ -94,10 +100,31 @@ class OfferConfig:
             raise ValueError("[compute] publish_interval_ms_min must be 0..heartbeat_ms")
         if self.sandbox not in SANDBOX_KINDS:
             raise ValueError(f"[compute] sandbox must be one of {', '.join(SANDBOX_KINDS)}")
+        if not 0 < self.job_memory_bytes_max <= memory_bytes_max:
+            raise ValueError("[compute] job_memory_bytes_max out of range")
+        if not 0 < self.job_disk_bytes_max <= memory_bytes_max:
+            raise ValueError("[compute] job_disk_bytes_max out of range")
 
     @classmethod
     def for_tests(cls) -> OfferConfig:
         return cls(heartbeat_ms=1_000, ttl_ms=3_000, publish_interval_ms_min=100)
+
+    def job_limits(
+        self, wall_time_ms: int, memory_bytes: int = 0, disk_bytes: int = 0
+    ) -> JobLimits:
+        """The limits a job runs under: what the requester stated (0: this node's default),
+        never over the advertised maxima (``JobSpecError``)."""
+        if memory_bytes > self.job_memory_bytes_max or disk_bytes > self.job_disk_bytes_max:
+            raise JobSpecError(
+                f"the job asks for {memory_bytes} bytes memory / {disk_bytes} bytes disk; this "
+                f"node allows {self.job_memory_bytes_max} / {self.job_disk_bytes_max}"
+            )
+        default = JobLimits()
+        return JobLimits(
+            wall_time_ms=wall_time_ms,
+            memory_bytes=memory_bytes or min(default.memory_bytes, self.job_memory_bytes_max),
+            disk_bytes=disk_bytes or min(default.disk_bytes, self.job_disk_bytes_max),
+        )
 
     def price_for(self, model: str) -> int:
         for name, price in self.model_prices:
@@ -149,6 +176,8 @@ def build_offer(
         prices=tuple(prices),
         tags=tuple(config.tags),
         sandbox=sandbox,
+        job_memory_bytes_max=config.job_memory_bytes_max,
+        job_disk_bytes_max=config.job_disk_bytes_max,
     )
 
 
@@ -202,6 +231,10 @@ def validate_offer(offer: Offer, *, chain_id: str, now_ms: int) -> None:
         raise _invalid("cpu_cores out of range")
     if not 0 < offer.memory_bytes <= memory_bytes_max:
         raise _invalid("memory_bytes out of range")
+    if not 0 <= offer.job_memory_bytes_max <= memory_bytes_max:
+        raise _invalid("job_memory_bytes_max out of range")
+    if not 0 <= offer.job_disk_bytes_max <= memory_bytes_max:
+        raise _invalid("job_disk_bytes_max out of range")
     if not 0 <= offer.free_cpu_slots <= offer.total_cpu_slots <= slots_max:
         raise _invalid("CPU slots out of range (need 0 <= free <= total)")
     seen_index: set[int] = set()

@@ -113,6 +113,10 @@ class Offer:
     prices: tuple[ModelPrice, ...]
     tags: tuple[str, ...]
     sandbox: str
+    job_memory_bytes_max: int = 0
+    """The most memory a requester may ask a job to run with (``Requirements.memory_bytes``)."""
+    job_disk_bytes_max: int = 0
+    """The most disk a requester may ask for its job directory (``Requirements.disk_bytes``)."""
     signer: bytes = b""
     signature: bytes = b""
 
@@ -147,6 +151,8 @@ class Offer:
             "prices": {p.model: p.price_per_gpu_second for p in self.prices},
             "tags": list(self.tags),
             "sandbox": self.sandbox,
+            "job_memory_bytes_max": self.job_memory_bytes_max,
+            "job_disk_bytes_max": self.job_disk_bytes_max,
         }
 
 

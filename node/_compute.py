@@ -77,6 +77,8 @@ class ComputeService:
             price_per_gpu_second=config.price_per_gpu_second,
             tags=config.tags,
             sandbox=self.executor.sandbox if self.executor is not None else "bwrap",
+            job_memory_bytes_max=config.job_memory_bytes_max,
+            job_disk_bytes_max=config.job_disk_bytes_max,
         )
         self.publisher: compute.OfferPublisher | None = None
         if self.executor is not None:

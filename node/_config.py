@@ -81,6 +81,13 @@ class ComputeSection:
     """Each running job gets its own uid (and a gid of the same number) from
     ``job_uid_first .. job_uid_first + job_uid_count - 1`` (the daemon must run as root)."""
     job_uid_count: int = 1024
+    job_memory_bytes_max: int = 4 * 2**30
+    """Most memory a requester may ask a job to run with (advertised in the offer)."""
+    job_disk_bytes_max: int = 4 * 2**30
+    """Most disk a requester may ask for its job directory (advertised in the offer)."""
+    job_dir_retention_s: int = 24 * 3600
+    """A finished job's directory is deleted once its trade settled and its outputs were
+    fetched, or at the latest this long after the job ended (also swept at start)."""
 
     def __post_init__(self) -> None:
         if self.price_per_gpu_second < 0:
@@ -89,6 +96,10 @@ class ComputeSection:
             raise ConfigError("[compute] job uids must lie in 1 .. 2**32 - 2")
         if not 0 < self.job_uid_count <= 65536:
             raise ConfigError("[compute] job_uid_count must be 1..65536")
+        if self.job_memory_bytes_max <= 0 or self.job_disk_bytes_max <= 0:
+            raise ConfigError("[compute] job_memory_bytes_max and job_disk_bytes_max must be > 0")
+        if self.job_dir_retention_s < 0:
+            raise ConfigError("[compute] job_dir_retention_s must be >= 0")
         if self.sandbox not in ("bwrap", "process"):
             raise ConfigError('[compute] sandbox must be "bwrap" or "process"')
 

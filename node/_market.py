@@ -195,6 +195,8 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         bid_window_ms: int = 0,
         strategy: str = "cheapest",
         sandbox: str = "",
+        memory_bytes: int = 0,
+        disk_bytes: int = 0,
     ) -> dict[str, Any]:
         try:
             decoded_inputs = tuple(
@@ -213,6 +215,8 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
                 min_compute_capability=_version(min_compute_capability, "min_compute_capability"),
                 min_cuda_version=_version(min_cuda_version, "min_cuda_version"),
                 sandbox=sandbox,
+                memory_bytes=memory_bytes,
+                disk_bytes=disk_bytes,
             )
         except ValueError as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from None
@@ -300,6 +304,8 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             Param("bid_window_ms", "integer", False, "How long to collect bids."),
             Param("strategy", "string", False, "cheapest|soonest|least-loaded|reputation."),
             Param("sandbox", "string", False, 'Sandbox the provider must use: "bwrap"|"process".'),
+            Param("memory_bytes", "integer", False, "Memory cap of the job (0: provider default)."),
+            Param("disk_bytes", "integer", False, "Disk cap of the job dir (0: provider default)."),
         ),
         result=Result("object", "The job record."),
     )

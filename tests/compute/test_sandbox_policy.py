@@ -109,3 +109,28 @@ def test_process_sandbox_refused_without_per_job_uids(
     svc = service(work_root, monkeypatch, sandbox="process")
     assert svc.executor is None, "process jobs under the daemon's own uid could read its key"
     assert "root" in str(svc.provider_refused)
+
+
+def test_requester_limits_are_bounded_by_what_the_offer_advertises() -> None:
+    config = compute.OfferConfig(job_memory_bytes_max=1 << 30, job_disk_bytes_max=2 << 30)
+    limits = config.job_limits(5_000, memory_bytes=256 << 20, disk_bytes=1 << 30)
+    assert (limits.wall_time_ms, limits.memory_bytes, limits.disk_bytes) == (
+        5_000,
+        256 << 20,
+        1 << 30,
+    ), "the job runs under the limits its requester stated"
+    default = config.job_limits(5_000)
+    assert default.memory_bytes == 1 << 30, "no stated memory: the default, capped at the max"
+    with pytest.raises(compute.JobSpecError, match="allows"):
+        config.job_limits(5_000, memory_bytes=2 << 30)
+    allocator = compute.SlotAllocator(compute.simulated_devices("RTX4090:1"))
+    assert fit_on_node(Requirements(gpus=1, memory_bytes=1 << 30), allocator, config) is not None
+    assert fit_on_node(Requirements(gpus=1, memory_bytes=3 << 30), allocator, config) is None
+    assert fit_on_node(Requirements(gpus=1, disk_bytes=3 << 30), allocator, config) is None
+    offer = make_offer(KEY, chain_id=CHAIN, now_ms=NOW, simulate_gpus="RTX4090:1", config=config)
+    assert (offer.job_memory_bytes_max, offer.job_disk_bytes_max) == (1 << 30, 2 << 30)
+    compute.validate_offer(offer, chain_id=CHAIN, now_ms=NOW)
+    assert compute.decode_offer(ledger.encode(offer)) == offer
+    why = explain_unsatisfiable([offer], Requirements(gpus=1, memory_bytes=3 << 30), 10**6)
+    assert why is not None and "memory" in why, why
+    assert explain_unsatisfiable([offer], Requirements(gpus=1, memory_bytes=1 << 30), 10**6) is None
