@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -35,6 +34,7 @@ from ledger import (
     TxResult,
     build_block,
 )
+from node._tx_journal import TxJournal
 from p2p import P2PError, PeerId, RequestError
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ body_fetches_max = 8
 body_fetch_timeout_s = 10.0
 own_tx_rebroadcast_ms = 5000
 own_pending_max = 10_000
+"""Acknowledged transactions of this node not yet committed; more are refused (not dropped)."""
+journal_slack_records = 1024
+"""The journal is rewritten once it holds this many more records than twice the live ones."""
 future_block_drift_ms = 30_000
 transport_queue_max = 4096
 sync_request_timeout_s = 10.0
@@ -101,7 +104,7 @@ class LedgerApp(consensus.ApplicationAPI):
         self.genesis = genesis
         self.store = store
         self.state: LedgerState = store.load_state(genesis)
-        self.mempool = Mempool(self.state)
+        self.mempool = Mempool(self.state, committed=lambda txh: store.transaction(txh) is not None)
         self._validated: dict[bytes, tuple[Block, LedgerState, BlockResults]] = {}
         self._new_block = trio.Event()
         self.on_commit: Callable[[Block, BlockResults], None] | None = None
@@ -194,6 +197,14 @@ def apply_block_checked(
     if block.time_ms <= state.time_ms:
         raise InvalidBlock("block time does not increase")
     return ledger.apply_block(state, block, verified=verified)
+
+
+@dataclasses.dataclass(slots=True)
+class _JournalBatch:
+    txs: list[Transaction] = dataclasses.field(default_factory=list)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    error: OSError | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -358,7 +369,13 @@ class ChainService:
         self.transport = MeshTransport(mesh, self.chain_id)
         self._outbox: list[Transaction] = []
         self._outbox_wake = trio.Event()
-        self._own_pending: deque[tuple[bytes, Transaction]] = deque(maxlen=own_pending_max)
+        self._own_pending: dict[bytes, Transaction] = {}
+        """Acknowledged, journaled, not yet committed or dropped (insertion order)."""
+        self._journal = TxJournal(data_dir / "own_txs.journal")
+        self._journal_batch = _JournalBatch()
+        self._journal_wake = trio.Event()
+        self._journal_rewrite = False
+        self.journal_restored = 0
         self.gossip_rejected = 0
         self._commit_subscribers: list[trio.MemorySendChannel[CommitEvent]] = []
         self.commit_events_dropped = 0
@@ -369,7 +386,8 @@ class ChainService:
         store = LevelDBStore(self.data_dir / "ledger")
         try:
             self.app = LedgerApp(self.genesis, store)
-            self.app.on_commit = self._publish_commit
+            self.app.on_commit = self._on_commit
+            await self._restore_journal(self.app)
             self.driver = consensus.ConsensusDriver(
                 genesis=_consensus_genesis(self.genesis),
                 config=self.config,
@@ -393,6 +411,7 @@ class ChainService:
                 nursery.start_soon(self._pump_txs, txs_in)
                 nursery.start_soon(self._gossip_outbox)
                 nursery.start_soon(self._rebroadcast_own)
+                nursery.start_soon(self._journal_writer)
                 await nursery.start(driver.run)
                 task_status.started()
         finally:
@@ -417,7 +436,7 @@ class ChainService:
                     self.app.mempool.add(tx)
                     added += 1
                 except MempoolRejected as exc:
-                    if exc.reason not in ("duplicate", "stale_nonce", "nonce_taken"):
+                    if exc.reason in Mempool.peer_fault_reasons:
                         self.gossip_rejected += 1
             if added:
                 self.driver.notify_transactions()
@@ -448,13 +467,77 @@ class ChainService:
     async def _rebroadcast_own(self) -> None:
         while True:
             await trio.sleep(own_tx_rebroadcast_ms / 1000)
+            if self._own_pending:
+                self._outbox.extend(self._own_pending.values())
+                self._outbox_wake.set()
+
+    # -- the journal of acknowledged transactions ----------------------------------------------
+
+    async def _restore_journal(self, app: LedgerApp) -> None:
+        """Put the journaled transactions back (those the chain has not committed or made
+        stale meanwhile), queue them for gossip, and rewrite the journal to just those."""
+        for tx in await trio.to_thread.run_sync(self._journal.load):
+            try:
+                txh = app.mempool.add(tx, local=True)
+            except MempoolRejected as exc:
+                log.info("journaled tx not restored", extra={"reason": exc.reason})
+                continue
+            self._own_pending[txh] = tx
+        self.journal_restored = len(self._own_pending)
+        await trio.to_thread.run_sync(self._journal.rewrite, list(self._own_pending.values()))
+        if self._own_pending:
+            log.info("restored own pending transactions", extra={"txs": self.journal_restored})
+            self._outbox.extend(self._own_pending.values())
+            self._outbox_wake.set()
+
+    async def _journal_writer(self) -> None:
+        """The one task that writes the journal: appends in groups (one fsync for every
+        submission that arrived meanwhile) and rewrites it when it has grown."""
+        while True:
+            await self._journal_wake.wait()
+            self._journal_wake = trio.Event()
+            if self._journal_rewrite:
+                self._journal_rewrite = False
+                await trio.to_thread.run_sync(
+                    self._journal.rewrite, list(self._own_pending.values())
+                )
+            batch, self._journal_batch = self._journal_batch, _JournalBatch()
+            if not batch.txs:
+                continue
+            try:
+                await trio.to_thread.run_sync(self._journal.append, batch.txs)
+                # Here, not in the submitters: a rewrite must never run between the fsync
+                # and the transactions joining what it keeps.
+                self._own_pending.update(zip(batch.hashes, batch.txs, strict=True))
+            except OSError as exc:
+                batch.error = exc
+                log.error("cannot write the tx journal", extra={"err": repr(exc)})
+            finally:
+                batch.done.set()
+
+    async def _journal_append(self, txh: bytes, tx: Transaction) -> None:
+        batch = self._journal_batch
+        batch.txs.append(tx)
+        batch.hashes.append(txh)
+        self._journal_wake.set()
+        await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+
+    def _on_commit(self, block: Block, results: BlockResults) -> None:
+        if self._own_pending:
             assert self.app is not None
             mempool = self.app.mempool
-            still = [(h, tx) for h, tx in self._own_pending if h in mempool]
-            self._own_pending = deque(still, maxlen=own_pending_max)
-            if still:
-                self._outbox.extend(tx for _, tx in still)
-                self._outbox_wake.set()
+            for result in results.tx_results:
+                self._own_pending.pop(result.tx_hash, None)
+            gone = [h for h in self._own_pending if h not in mempool]
+            for txh in gone:
+                # Made stale or invalid by the block; mempool.dropped(txh) keeps the reason.
+                del self._own_pending[txh]
+            if self._journal.records > 2 * len(self._own_pending) + journal_slack_records:
+                self._journal_rewrite = True
+                self._journal_wake.set()
+        self._publish_commit(block, results)
 
     # -- API for RPC and the market --------------------------------------------------------
 
@@ -470,6 +553,11 @@ class ChainService:
     @property
     def state(self) -> LedgerState:
         return self._app().state
+
+    @property
+    def params(self) -> ledger.ChainParams:
+        """The chain's rules from genesis (fee_min, bonds, slashing)."""
+        return self.genesis.params
 
     def head(self) -> tuple[int, int]:
         """``(height, time_ms)`` of the last committed block (``(0, genesis time)`` before)."""
@@ -511,6 +599,9 @@ class ChainService:
         pending = app.mempool.get(tx_hash)
         if pending is not None:
             return TxStatus("pending", pending)
+        dropped = app.mempool.dropped(tx_hash)
+        if dropped is not None:
+            return TxStatus("evicted", error=dropped)
         return TxStatus("unknown")
 
     def mempool_statistics(self) -> ledger.MempoolStatistics:
@@ -537,11 +628,17 @@ class ChainService:
             alive.append(send)
         self._commit_subscribers = alive
 
-    def submit(self, tx: Transaction) -> bytes:
-        """Add a signed transaction to the mempool and gossip it; raises ``MempoolRejected``."""
+    async def submit(self, tx: Transaction) -> bytes:
+        """Add a signed transaction to the mempool, journal it (fsynced: on return it survives
+        a crash of this node), and gossip it; raises ``MempoolRejected`` (``own_full`` when
+        this node already holds ``own_pending_max`` acknowledged transactions)."""
         assert self.app is not None and self.driver is not None, "chain service not running"
-        tx_hash = self.app.mempool.add(tx)
-        self._own_pending.append((tx_hash, tx))
+        if len(self._own_pending) >= own_pending_max:
+            raise MempoolRejected(
+                "own_full", f"this node holds {own_pending_max} unconfirmed transactions"
+            )
+        tx_hash = self.app.mempool.add(tx, local=True)
+        await self._journal_append(tx_hash, tx)
         self._outbox.append(tx)
         self._outbox_wake.set()
         self.driver.notify_transactions()

@@ -142,7 +142,7 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         except DecodeError as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from None
         try:
-            digest = ready().submit(decoded)
+            digest = await ready().submit(decoded)
         except MempoolRejected as exc:
             raise RpcError(TX_REJECTED, f"rejected: {exc}", {"reason": exc.reason}) from None
         return {"tx_hash": digest.hex()}

@@ -111,7 +111,7 @@ class LedgerChain(market.ChainAPI):
     async def submit(self, tx_builder: Callable[[int], Transaction]) -> bytes:
         tx = tx_builder(self._chain.next_nonce(self._chain.key.address))
         try:
-            return self._chain.submit(tx)
+            return await self._chain.submit(tx)
         except MempoolRejected as exc:
             raise market.ChainRejected(str(exc)) from exc
 

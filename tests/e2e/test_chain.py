@@ -26,7 +26,7 @@ def send_transfer(home: Home, to: bytes, amount: int, chain_id: str) -> str:
     key = home.load_key()
     nonce = client(home).call("chain_account", {"address": key.address.hex()})["next_nonce"]
     tx = ledger.sign_object(
-        ledger.Transfer(nonce=nonce, fee=0, recipient=ledger.Address(to), amount=amount),
+        ledger.Transfer(nonce=nonce, fee=1, recipient=ledger.Address(to), amount=amount),
         key,
         chain_id,
     )

@@ -3,15 +3,18 @@ its bounded commit-event channel."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import trio
 
 import consensus
+import ledger
 from ledger import testing as lt
 from node import _chain
 from node._chain import ChainService
+from node._tx_journal import TxJournal
 from p2p import Mesh, P2PConfig
 
 chain_wait_s = 30.0
@@ -42,7 +45,7 @@ async def test_read_api_and_commit_events(tmp_path: Path, monkeypatch: pytest.Mo
             await gone.aclose()
 
             tx = lt.transfer(bob, chain.next_nonce(bob.address), alice.address, 5, fee=1)
-            txh = chain.submit(tx)
+            txh = await chain.submit(tx)
             assert chain.tx_status(txh).state == "pending"
             assert chain.next_nonce(bob.address) == 1, "a pending tx counts toward next_nonce"
             event = await events.receive()
@@ -60,9 +63,69 @@ async def test_read_api_and_commit_events(tmp_path: Path, monkeypatch: pytest.Mo
             assert chain.tx_status(b"\0" * 32).state == "unknown"
 
             tx2 = lt.transfer(bob, chain.next_nonce(bob.address), alice.address, 5, fee=1)
-            chain.submit(tx2)
+            await chain.submit(tx2)
             second = await events.receive()
             assert second.height == 2
             assert chain.commit_events_dropped == 1, "the laggard's second event is dropped"
             assert laggard.receive_nowait().height == 1
             nursery.cancel_scope.cancel()
+
+
+def start_chain(
+    genesis: ledger.Genesis, key: ledger.SigningKey, data_dir: Path
+) -> tuple[Mesh, ChainService]:
+    mesh = Mesh(key.seed, genesis.chain_id, P2PConfig.for_tests(dht=False))
+    chain = ChainService(
+        genesis=genesis,
+        data_dir=data_dir,
+        key=key,
+        mesh=mesh,
+        config=consensus.ConsensusConfig.for_tests(),
+    )
+    return mesh, chain
+
+
+async def test_acknowledged_transactions_survive_a_restart(tmp_path: Path) -> None:
+    alice, bob = lt.key_for(1), lt.key_for(2)
+    # Two validators, only one running: nothing commits, so the transactions stay pending.
+    genesis = dataclasses.replace(
+        lt.funded_genesis([alice, bob], 1_000_000),
+        validators=(ledger.Validator(alice.address, 1), ledger.Validator(bob.address, 1)),
+    )
+    sent = []
+    with trio.fail_after(chain_wait_s):
+        mesh, chain = start_chain(genesis, alice, tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mesh.run)
+            await nursery.start(chain.run)
+            for _ in range(3):
+                tx = lt.transfer(bob, chain.next_nonce(bob.address), alice.address, 5, fee=1)
+                sent.append(await chain.submit(tx))
+            nursery.cancel_scope.cancel()
+        mesh, chain = start_chain(genesis, alice, tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mesh.run)
+            await nursery.start(chain.run)
+            assert chain.journal_restored == 3
+            assert [chain.tx_status(h).state for h in sent] == ["pending"] * 3
+            assert chain.next_nonce(bob.address) == 3, "restored transactions hold their nonces"
+            nursery.cancel_scope.cancel()
+
+
+def test_the_journal_cuts_a_torn_tail(tmp_path: Path) -> None:
+    alice = lt.key_for(1)
+    journal = TxJournal(tmp_path / "j")
+    txs = [lt.transfer(alice, n, alice.address, 1, fee=1) for n in range(3)]
+    journal.append(txs[:2])
+    journal.append(txs[2:])
+    size = journal.path.stat().st_size
+    with journal.path.open("ab") as f:
+        f.write(b"\x00\x00\x01\x00torn")
+    assert TxJournal(journal.path).load() == txs
+    assert journal.path.stat().st_size == size, "the torn record is cut off"
+    data = bytearray(journal.path.read_bytes())
+    data[-1] ^= 0xFF  # corrupt the last record
+    journal.path.write_bytes(bytes(data))
+    assert TxJournal(journal.path).load() == txs[:2]
+    journal.rewrite(txs[1:2])
+    assert TxJournal(journal.path).load() == txs[1:2]
