@@ -518,6 +518,9 @@ class Executor:
             log.warning("killed and removed %d job cgroup(s) left by an earlier run", swept)
         self._jobs_run = 0
         self._leftovers = 0
+        self._running: set[JobId] = set()
+        self._release_when_done: set[JobId] = set()
+        self._removed = 0
 
     def close(self) -> None:
         """Give back what the executor set up outside ``work_root`` (its cgroup parents)."""
@@ -568,7 +571,40 @@ class Executor:
         """Delete a finished job's directory (after its outputs have been shipped)."""
         if not _JOB_ID.match(job_id):
             raise JobSpecError(f"bad job id {job_id!r}")
+        if job_id in self._running:
+            raise SandboxError(f"job {job_id} is still running; its directory stays")
         shutil.rmtree(self.job_dir(job_id), ignore_errors=False)
+        self._removed += 1
+
+    def release(self, job_id: JobId) -> bool:
+        """The job's outputs are no longer needed (fetched and settled, or the job failed):
+        delete its directory if there is one (a running job's when it ends); whether it went."""
+        if job_id in self._running:
+            self._release_when_done.add(job_id)
+            return False
+        try:
+            self.remove_job_dir(job_id)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sweep_job_dirs(self, retention_s: float, *, now_s: float | None = None) -> int:
+        """Delete the directories of jobs that ended more than ``retention_s`` ago (their
+        directory's mtime is set when the job ends); how many went. Run at start and
+        periodically, so a job whose outputs nobody fetched does not keep its disk."""
+        now = time.time() if now_s is None else now_s
+        removed = 0
+        for job_id in self.leftover_jobs():
+            if job_id in self._running:
+                continue
+            try:
+                ended = self.job_dir(job_id).lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if now - ended >= retention_s:
+                self.release(job_id)
+                removed += 1
+        return removed
 
     def _setup_dir(self, job_id: JobId, spec: JobSpec, uid: int | None = None) -> Path:
         job_dir = self.job_dir(job_id)
@@ -589,11 +625,13 @@ class Executor:
                     os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
         return work
 
-    def _lock_dir(self, job_id: JobId) -> None:
-        # The uid goes back to the pool: whoever gets it next must not read this job's files.
+    def _end_dir(self, job_id: JobId, uid: int | None) -> None:
         job_dir = self.job_dir(job_id)
-        os.chown(job_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
-        os.chmod(job_dir, 0o700, follow_symlinks=False)
+        if uid is not None:
+            # The uid goes back to the pool: whoever gets it next must not read these files.
+            os.chown(job_dir, os.geteuid(), os.getegid(), follow_symlinks=False)
+            os.chmod(job_dir, 0o700, follow_symlinks=False)
+        os.utime(job_dir, follow_symlinks=False)  # when the job ended: the retention clock
 
     def _env(
         self, job_id: JobId, spec: JobSpec, work: Path, gpu_uuids: Sequence[str]
@@ -681,6 +719,8 @@ class Executor:
         if not _JOB_ID.match(job_id):
             raise JobSpecError(f"job id {job_id!r} must match {_JOB_ID.pattern}")
         spec.validate()
+        if job_id in self._running:
+            raise SandboxError(f"job {job_id} is already running")
         uid = self._uids.acquire() if self._uids is not None else None
         try:
             # The directory first: it refuses a job id that is already here (maybe running).
@@ -694,9 +734,11 @@ class Executor:
             if uid is not None and self._uids is not None:
                 self._uids.release(uid)
             raise
+        self._running.add(job_id)
         try:
             return await self._run_in(job_id, spec, allocation, uid, cgroup, work)
         finally:
+            self._running.discard(job_id)
             # Only an empty cgroup proves every process of the job is gone.
             clean = cgroup.is_empty()
             if clean:
@@ -706,6 +748,9 @@ class Executor:
                 log.error("job %s: processes left in %s; uid %s retired", job_id, cgroup.dirs, uid)
             if uid is not None and self._uids is not None:
                 (self._uids.release if clean else self._uids.quarantine)(uid)
+            if job_id in self._release_when_done:
+                self._release_when_done.discard(job_id)
+                self.release(job_id)
 
     async def _run_in(
         self,
@@ -759,8 +804,7 @@ class Executor:
                 for stream in (proc.stdout, proc.stderr):
                     if stream is not None:
                         await stream.aclose()
-                if uid is not None:
-                    await trio.to_thread.run_sync(self._lock_dir, job_id)
+                await trio.to_thread.run_sync(self._end_dir, job_id, uid)
         wall_ms = int((time.monotonic() - started) * 1000)
         self._jobs_run += 1
         disk, entries = await trio.to_thread.run_sync(
@@ -965,4 +1009,6 @@ class Executor:
             "work_root": str(self._work_root),
             "jobs_run": self._jobs_run,
             "jobs_with_leftover_processes": self._leftovers,
+            "jobs_running": len(self._running),
+            "job_dirs_removed": self._removed,
         }

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 import compute
+from compute import market
 from node._json import to_json
 from p2p import P2PError
 from rpc import INVALID_PARAMS, Param, Result, RpcError
@@ -27,6 +28,12 @@ log = logging.getLogger("node.compute")
 OFFERS_PURPOSE = "offers"
 OFFER_TYPE_TAG = "gpumesh/offer/1"
 offer_prune_interval_s = 1.0
+job_dir_sweep_interval_s = 60.0
+RELEASE_STATES = frozenset(
+    {market.JobState.FAILED, market.JobState.CANCELLED, market.JobState.REFUNDED}
+)
+"""Provider states whose outputs nobody will fetch: the job directory goes at once. A DONE job
+keeps it until the market releases it (outputs fetched) or the retention runs out."""
 
 
 def make_executor(config: ComputeSection, work_root: Path) -> compute.Executor:
@@ -128,6 +135,8 @@ class ComputeService:
         return outcome.is_new
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.executor is not None:
+            await self.sweep_job_dirs()  # whatever a previous run left past its retention
         offers = self.mesh.subscribe(OFFERS_PURPOSE, validator=self._validate_offer)
         log.info(
             "compute ready",
@@ -141,6 +150,8 @@ class ComputeService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain, offers)
             nursery.start_soon(self._prune)
+            if self.executor is not None:
+                nursery.start_soon(self._sweep_periodically)
             if self.publisher is not None:
                 await nursery.start(self.publisher.run)  # type: ignore[arg-type]
             task_status.started()
@@ -149,6 +160,31 @@ class ComputeService:
         # The validator already stored each offer; the channel only has to be emptied.
         async for _ in channel:
             pass
+
+    async def sweep_job_dirs(self) -> int:
+        assert self.executor is not None
+        removed = await trio.to_thread.run_sync(
+            self.executor.sweep_job_dirs, self.config.job_dir_retention_s
+        )
+        if removed:
+            log.info("removed %d job directories past their retention", removed)
+        return removed
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await trio.sleep(job_dir_sweep_interval_s)
+            await self.sweep_job_dirs()
+
+    async def release_finished_jobs(self, events: trio.MemoryReceiveChannel[Any]) -> None:
+        """Delete a provider job's directory when the market is done with it (wired by the
+        daemon to ``MarketService.subscribe()``)."""
+        async with events:
+            async for record in events:
+                if self.executor is None or record.role is not market.Role.PROVIDER:
+                    continue
+                if record.state in RELEASE_STATES:
+                    job = compute.JobId(record.attempt_job_id.hex())
+                    await trio.to_thread.run_sync(self.executor.release, job)
 
     async def _prune(self) -> None:
         while True:

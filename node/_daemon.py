@@ -132,6 +132,9 @@ class Node:
                     await app_nursery.start(self.market_net.run)
                     await app_nursery.start(self.market.run)  # type: ignore[arg-type]
                     app_nursery.start_soon(self._forward_job_events)
+                    app_nursery.start_soon(
+                        self.compute.release_finished_jobs, self.market.subscribe()
+                    )
                     log.info(
                         "node ready",
                         extra={

@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +176,32 @@ async def test_job_cannot_read_or_overwrite_another_jobs_files(
     assert secret.read_text() == "finished-secret\n", "a job overwrote another job's outputs"
     if executor.sandbox_uid is not None:
         assert done.uid != result.uid, "two jobs shared a uid"
+
+
+async def test_job_dirs_are_released_and_swept(executor: compute.Executor) -> None:
+    kept = compute.JobId("kept-1")
+    result = await executor.run(kept, spec("head -c 100000 /dev/zero > out/big"))
+    assert result.succeeded, result.reason
+    assert executor.sweep_job_dirs(3600) == 0, "a fresh job's outputs stay for the retention"
+    assert executor.sweep_job_dirs(3600, now_s=time.time() + 3601) == 1
+    assert not executor.job_dir(kept).exists(), "the sweep deleted an expired job's directory"
+
+    done = compute.JobId("done-1")
+    await executor.run(done, spec("true"))
+    assert executor.release(done) and not executor.job_dir(done).exists()
+    assert executor.release(done) is False, "releasing twice is harmless"
+
+    running = compute.JobId("running-1")
+    started = executor.job_dir(running) / "work" / "out" / "started"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(executor.run, running, spec("touch out/started; sleep 30"))
+        with trio.fail_after(20):
+            for _ in range(1000):
+                if started.exists():
+                    break
+                await trio.sleep(0.02)
+        assert executor.sweep_job_dirs(0) == 0, "a running job's directory is never swept"
+        assert executor.release(running) is False, "released while running: deleted at the end"
+        assert executor.job_dir(running).exists()
+        nursery.cancel_scope.cancel()
+    assert not executor.job_dir(running).exists(), "the released job's directory outlived it"

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import compute
 import ledger
-from compute.market import Requirements, explain_unsatisfiable, fit_on_node
+from compute.market import JobState, Requirements, Role, explain_unsatisfiable, fit_on_node
 from compute.testing import make_offer
 from node._compute import ComputeService
 from node._config import ComputeSection
@@ -134,3 +135,28 @@ def test_requester_limits_are_bounded_by_what_the_offer_advertises() -> None:
     why = explain_unsatisfiable([offer], Requirements(gpus=1, memory_bytes=3 << 30), 10**6)
     assert why is not None and "memory" in why, why
     assert explain_unsatisfiable([offer], Requirements(gpus=1, memory_bytes=1 << 30), 10**6) is None
+
+
+async def test_node_deletes_job_dirs_the_market_is_done_with(
+    work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = service(work_root, monkeypatch, sandbox="process")
+    assert svc.executor is not None
+    failed, settled = b"\x01" * 32, b"\x02" * 32
+    for attempt in (failed, settled):
+        job = compute.JobId(attempt.hex())
+        await svc.executor.run(job, compute.JobSpec(("/bin/true",)))
+    send, receive = trio.open_memory_channel[Any](8)
+
+    class Event:
+        def __init__(self, attempt: bytes, state: JobState) -> None:
+            self.role, self.state, self.attempt_job_id = Role.PROVIDER, state, attempt
+
+    async with send:
+        await send.send(Event(failed, JobState.FAILED))
+        await send.send(Event(settled, JobState.DONE))
+    await svc.release_finished_jobs(receive)
+    assert not svc.executor.job_dir(compute.JobId(failed.hex())).exists(), "failed job kept"
+    assert svc.executor.job_dir(compute.JobId(settled.hex())).exists(), (
+        "a settled job keeps its outputs until fetched or past the retention"
+    )
