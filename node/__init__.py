@@ -6,7 +6,8 @@ Where things live:
 - ``_daemon``: ``Node`` (composes p2p, consensus, ledger, compute, rpc) and ``serve``.
 - ``_testnet``: local multi-node testnets (`gpumesh testnet ...`).
 - ``_logging``: plain or JSON structured logs with per-subsystem levels.
-- ``cli``: the `gpumesh` command.
+- ``cli``: the `gpumesh` command, built from ``commands`` (one module per group of
+  subcommands, each registering its own).
 
 ``node`` is the only package that imports all the others.
 """

@@ -1,0 +1,245 @@
+"""`gpumesh job ...`: submit, follow, inspect and cancel jobs."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from node._tables import render_pairs, render_table, short
+from node.commands._common import (
+    add_command,
+    call,
+    emit,
+    open_subscription,
+    parse_duration_ms,
+    parse_size,
+)
+from node.exceptions import NodeError
+
+if TYPE_CHECKING:
+    from node.commands._common import Subparsers
+
+FINAL_STATES = frozenset({"done", "failed", "cancelled", "refunded", "output_mismatch"})
+PROGRESS = ("bidding", "awarded", "locked", "running", "settling", "done")
+wait_max_s = 24 * 3600
+input_bytes_max = 8 * 1024 * 1024
+
+
+def register(sub: Subparsers) -> None:
+    p = sub.add_parser("job", help="submit and follow compute jobs")
+    jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    j = add_command(
+        jsub, "submit", cmd_submit, help="submit a job: gpumesh job submit [options] -- CMD ..."
+    )
+    j.add_argument("--gpus", type=int, default=0, help="GPUs needed (0: a CPU-only job)")
+    j.add_argument("--min-vram", default=None, help="per-GPU VRAM, e.g. 24GB")
+    j.add_argument("--model", default="", help="GPU model, e.g. A100-80GB")
+    j.add_argument("--cuda", default="", help="minimum CUDA version, e.g. 12.1")
+    j.add_argument(
+        "--max-price", type=int, default=1000, help="max price per GPU-second (default 1000)"
+    )
+    j.add_argument("--max-time", default="60s", help="wall-time limit, e.g. 90s, 10m")
+    j.add_argument("--deadline", default=None, help="settle within, e.g. 10m (default 1h)")
+    j.add_argument("--bid-window", default=None, help="how long to collect bids, e.g. 500ms")
+    j.add_argument(
+        "--strategy",
+        default="cheapest",
+        choices=["cheapest", "soonest", "least-loaded", "reputation"],
+    )
+    j.add_argument("--input", action="append", default=[], metavar="FILE", help="input file")
+    j.add_argument("--output-dir", type=Path, default=None, help="write outputs here")
+    j.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    j.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the command")
+
+    j = add_command(jsub, "status", cmd_status, help="a job's state, provider, price and receipt")
+    j.add_argument("job_id")
+    j = add_command(
+        jsub, "result", cmd_result, help="a finished job's outputs, stdout, stderr and receipt"
+    )
+    j.add_argument("job_id")
+    j.add_argument("--output-dir", type=Path, default=None)
+    j = add_command(jsub, "logs", cmd_logs, help="a job's stdout and stderr so far")
+    j.add_argument("job_id")
+    j = add_command(jsub, "cancel", cmd_cancel, help="cancel a job (refunds the escrow)")
+    j.add_argument("job_id")
+    j = add_command(jsub, "list", cmd_list, help="jobs on this node")
+    j.add_argument("--role", choices=["requester", "provider", "all"], default="all")
+
+
+def describe(job: dict[str, Any]) -> str:
+    pairs: list[tuple[str, Any]] = [("job", job.get("id")), ("state", job.get("state"))]
+    for key in ("provider", "price_per_gpu_second", "max_cost", "cost", "error"):
+        if job.get(key) not in (None, ""):
+            pairs.append((key.replace("_", " "), job[key]))
+    receipt = job.get("receipt")
+    if receipt:
+        pairs.append(("receipt", json.dumps(receipt)))
+    return render_pairs(pairs)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    jobs = call(args.home, "job_list", {"role": args.role})
+    rows = [
+        (
+            short(j["id"], 8),
+            j.get("role"),
+            j["state"],
+            short(j.get("provider") or "", 6),
+            j.get("cost"),
+        )
+        for j in jobs
+    ]
+    return emit(args, jobs, render_table(["JOB", "ROLE", "STATE", "PROVIDER", "COST"], rows))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = call(args.home, "job_status", {"job_id": args.job_id})
+    return emit(args, job, describe(job))
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = call(args.home, "job_cancel", {"job_id": args.job_id})
+    return emit(args, job, describe(job))
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    logs = call(args.home, "job_logs", {"job_id": args.job_id})
+    text = base64.b64decode(logs["stdout"]).decode(errors="replace")
+    err = base64.b64decode(logs["stderr"]).decode(errors="replace")
+    return emit(args, logs, text + (f"\n--- stderr ---\n{err}" if err else ""))
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    result = call(args.home, "job_result", {"job_id": args.job_id})
+    return emit(args, result, show_result(result, args.output_dir))
+
+
+def show_result(result: dict[str, Any], output_dir: Path | None) -> str:
+    lines = [f"state: {result['state']}"]
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in result["outputs"].items():
+            target = (output_dir / name).resolve()
+            if output_dir.resolve() not in target.parents:
+                raise NodeError(f"refusing to write output {name!r} outside {output_dir}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(data))
+        lines.append(f"{len(result['outputs'])} output files written to {output_dir}")
+    else:
+        lines.append("outputs: " + (", ".join(result["outputs"]) or "(none)"))
+    stdout = base64.b64decode(result["stdout"]).decode(errors="replace")
+    if stdout:
+        lines.append("--- stdout ---\n" + stdout.rstrip())
+    if result.get("receipt"):
+        lines.append("receipt: " + json.dumps(result["receipt"]))
+    return "\n".join(lines)
+
+
+def submit_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``job_submit`` params from the command line (flags added by other modules included)."""
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise NodeError("give the command after --, e.g. gpumesh job submit -- echo hi")
+    inputs: dict[str, str] = {}
+    total = 0
+    for name in args.input:
+        path = Path(name)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise NodeError(f"cannot read input {name}: {exc}") from None
+        total += len(data)
+        if total > input_bytes_max:
+            raise NodeError(f"inputs exceed {input_bytes_max} bytes")
+        inputs[path.name] = base64.b64encode(data).decode()
+    params: dict[str, Any] = {
+        "argv": command,
+        "inputs": inputs,
+        "gpus": args.gpus,
+        "model": args.model,
+        "min_cuda_version": args.cuda,
+        "max_price_per_gpu_second": args.max_price,
+        "max_wall_ms": parse_duration_ms(args.max_time),
+        "strategy": args.strategy,
+    }
+    if args.min_vram:
+        params["min_vram_bytes"] = parse_size(args.min_vram)
+    if args.deadline:
+        params["deadline_ms"] = int(time.time() * 1000) + parse_duration_ms(args.deadline)
+    if args.bid_window:
+        params["bid_window_ms"] = parse_duration_ms(args.bid_window)
+    return params
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    params = submit_params(args)
+    if not args.wait:
+        job = call(args.home, "job_submit", params)
+        return emit(args, job, describe(job))
+    import trio
+
+    job = trio.run(follow_submit, args.home, params, not args.json)
+    if job["state"] == "done":
+        result = call(args.home, "job_result", {"job_id": job["id"]})
+        if args.json:
+            job["result"] = result
+        else:
+            print(show_result(result, args.output_dir))
+    rc = emit(args, job, describe(job))
+    return rc if job["state"] == "done" else 1
+
+
+class _Progress:
+    """Prints one line per state change to stderr."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.started = time.monotonic()
+        self.last = ""
+
+    def see(self, job: dict[str, Any]) -> None:
+        state = str(job.get("state"))
+        if not self.show or state == self.last:
+            return
+        self.last = state
+        marks = (
+            " > ".join((f"[{p}]" if p == state else p) for p in PROGRESS)
+            if state in PROGRESS
+            else state
+        )
+        print(f"{time.monotonic() - self.started:7.2f}s  {marks}", file=sys.stderr, flush=True)
+
+
+async def follow_submit(home: Path, params: dict[str, Any], show: bool) -> dict[str, Any]:
+    """Submit a job and follow it on the node's ``jobs`` topic until it reaches a final state.
+
+    The subscription is open before the job is submitted, so no state change can be missed;
+    the job's own record is read once more after the final event, for the fields (receipt,
+    cost) that only ``job_status`` carries in full.
+    """
+    import trio
+
+    progress = _Progress(show)
+    with trio.move_on_after(wait_max_s) as scope:
+        async with open_subscription(home, "jobs") as events:
+            job: dict[str, Any] = await trio.to_thread.run_sync(call, home, "job_submit", params)
+            job_id = job["id"]
+            progress.see(job)
+            while job["state"] not in FINAL_STATES:
+                event = await events.next()
+                if event.get("id") == job_id and event.get("role", "requester") == "requester":
+                    job = event
+                    progress.see(job)
+    if scope.cancelled_caught:
+        raise NodeError(f"gave up waiting for the job after {wait_max_s} s")
+    final: dict[str, Any] = await trio.to_thread.run_sync(
+        call, home, "job_status", {"job_id": job_id}
+    )
+    return final
