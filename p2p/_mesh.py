@@ -33,6 +33,7 @@ from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStoreError
 from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -51,6 +52,7 @@ from p2p._envelope import (
 from p2p._identity import key_pair_from_seed, peer_id_bytes_of, peer_id_of, private_key_from_seed
 from p2p._limits import BanScores, TokenBucket, reason_weights
 from p2p._reqresp import Handler, RequestResponse
+from p2p._router import StrictNoSignGossipSub
 from p2p._stats import Rejections, TopicCounters, rejected_peers_tracked_max
 from p2p.abc import MeshAPI
 from p2p.exceptions import (
@@ -73,7 +75,6 @@ from p2p.types import (
 
 if TYPE_CHECKING:
     # trio-typing (a py-libp2p dependency) shadows trio's types; TaskStatus lives there.
-    from libp2p.pubsub.pb import rpc_pb2
     from trio_typing import TaskStatus
 
     from p2p.config import P2PConfig
@@ -170,6 +171,19 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
 
     corrupt_frames = 0
 
+    async def publish(self, topic_id: str | list[str], data: bytes) -> None:
+        """Publish in the StrictNoSign format unless libp2p's strict signing is on.
+
+        No ``from``, ``seqno``, ``signature`` or ``key``: stock peers configured for
+        StrictNoSign (js-libp2p's and go-libp2p's gossipsub, Ethereum clients) drop a message
+        that has any of them, and our envelope already carries the origin's signature.
+        """
+        if self.strict_signing:
+            await super().publish(topic_id, data)
+            return
+        topics = [topic_id] if isinstance(topic_id, str) else list(topic_id)
+        await self.push_msg(self.my_id, rpc_pb2.Message(data=data, topicIDs=topics))
+
     async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         """Run our (synchronous) topic validators on every copy that is not yet seen.
 
@@ -240,7 +254,7 @@ class Mesh(MeshAPI):
                 max_connections=config.peers_max + connection_slack,
             ),
         )
-        self._gossipsub = GossipSub(
+        gossipsub_options: dict[str, Any] = dict(
             protocols=[TProtocol(p) for p in config.gossip_protocols],
             degree=config.gossip_degree,
             degree_low=config.gossip_degree_low,
@@ -257,6 +271,11 @@ class Mesh(MeshAPI):
             spam_protection_enabled=False,
             # Every test and LAN peer may share one IP; diversity would refuse to form a mesh.
             eclipse_protection_enabled=False,
+        )
+        self._gossipsub = (
+            GossipSub(**gossipsub_options)
+            if config.gossip_strict_signing
+            else StrictNoSignGossipSub(id_of=_message_id_of, **gossipsub_options)
         )
         self._pubsub = _GuardedPubsub(
             self._host,
@@ -756,6 +775,14 @@ class Mesh(MeshAPI):
     def _check(self, topic: str, msg: rpc_pb2.Message) -> str | None:
         """None when ``msg`` may be delivered and forwarded, else the reason to reject it."""
         data = msg.data
+        if not self.config.gossip_strict_signing and (
+            msg.HasField("from_id")
+            or msg.HasField("seqno")
+            or msg.HasField("signature")
+            or msg.HasField("key")
+        ):
+            # StrictNoSign: the origin is our envelope's signer, nothing else may claim it.
+            return "signed_fields"
         if len(data) > self.config.gossip_message_bytes_max:
             return "oversized"
         try:
@@ -770,9 +797,10 @@ class Mesh(MeshAPI):
             verify_envelope(envelope)
         except SignatureInvalid:
             return "bad_signature"
-        # Without libp2p's strict signing, from_id is unauthenticated: tie it to our signer.
-        if msg.from_id != peer_id_bytes_of(envelope.sender):
-            return "author_mismatch"
+        if self.config.gossip_strict_signing:
+            # libp2p checked its signature over from_id: tie that peer to our signer.
+            if msg.from_id != peer_id_bytes_of(envelope.sender):
+                return "author_mismatch"
         now = _now_ms()
         if envelope.timestamp_ms > now + self.config.gossip_clock_skew_ms:
             return "from_future"
@@ -945,7 +973,10 @@ class _ForwardToOurs(logging.Handler):
 
 def _configure_libp2p_logging() -> None:
     root = logging.getLogger("libp2p")
-    if any(isinstance(h, _ForwardToOurs) for h in root.handlers):
+    # An application that routes libp2p's records itself (node/_logging makes the logger
+    # propagate to its one root handler) owns its levels: forwarding them as well, or resetting
+    # the levels it chose, would print each warning twice and ignore `libp2p=...`.
+    if root.propagate or any(isinstance(h, _ForwardToOurs) for h in root.handlers):
         return
     root.addHandler(_ForwardToOurs())
     root.setLevel(logging.WARNING)

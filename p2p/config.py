@@ -49,7 +49,9 @@ class P2PConfig:
     gossip_protocols: tuple[str, ...] = (MESHSUB_1_1, MESHSUB_1_0)
     """meshsub 1.2 (IDONTWANT) is left out by default: measured to cost throughput here."""
     gossip_strict_signing: bool = False
-    """libp2p's own message signing; redundant with our envelope signature (see docs/p2p.md)."""
+    """False (ours): the StrictNoSign wire format, no ``from``/``seqno``/``signature``/``key``
+    (our envelope is signed; ids are content hashes), which stock StrictNoSign peers such as
+    js-libp2p's read. True: py-libp2p's StrictSign, kept for the benchmark's raw mode."""
     libp2p_hot_path_caches: bool = True
     """Cache py-libp2p's per-RPC signed-peer-record work (see ``p2p/_tuning.py``)."""
     gossip_message_bytes_max: int = 1024 * 1024

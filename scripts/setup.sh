@@ -42,3 +42,21 @@ if sandbox_missing; then
   fi
   echo "setup: bubblewrap, setsid or /usr/bin/python3 missing; bwrap sandbox tests will skip" >&2
 fi
+# The js-libp2p interop test (tests/p2p/test_js_interop.py) runs a stock js-libp2p peer:
+# Node.js and npm from Debian, then the locked npm packages into tests/p2p/js_peer/node_modules.
+if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Node.js and npm for the js-libp2p interop test" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; } \
+    >"$log" 2>&1 || echo "setup: Node.js not installed; the js interop test cannot run" >&2
+fi
+js_peer=tests/p2p/js_peer
+if command -v npm >/dev/null 2>&1 &&
+   { [ ! -d "$js_peer/node_modules" ] || [ "$js_peer/package-lock.json" -nt "$js_peer/node_modules" ]; }; then
+  echo "setup: installing the js-libp2p interop peer's npm packages" >&2
+  if (cd "$js_peer" && npm ci --no-audit --no-fund) >"$log" 2>&1; then
+    touch "$js_peer/node_modules"
+  else
+    cat "$log" >&2
+    echo "setup: npm ci failed; the js interop test cannot run" >&2
+  fi
+fi
