@@ -1,7 +1,11 @@
 """Structured logs, plain or JSON, with per-subsystem levels.
 
-Subsystems are logger names: ``node``, ``p2p``, ``consensus``, ``ledger``, ``compute``, ``rpc``,
-and ``libp2p`` (py-libp2p's own, which it sets to not propagate: we attach our handler to it).
+Subsystems are the packages: ``node``, ``p2p``, ``consensus``, ``ledger``, ``compute``, ``rpc``,
+plus ``libp2p`` (py-libp2p's own). A level for a subsystem applies to every logger of it,
+whichever of the two names our packages use (``p2p`` and ``gpumesh.p2p``, ``compute`` and
+``gpumesh.compute``...). Every record reaches the one handler on the root logger exactly once:
+py-libp2p turns propagation off on import, so it is turned back on here and its own handlers
+removed (the mesh leaves a logger that propagates alone).
 """
 
 from __future__ import annotations
@@ -65,21 +69,43 @@ def parse_levels(spec: str) -> dict[str, int]:
     return levels
 
 
+library_prefix = "gpumesh."
+"""The prefix our packages' loggers may carry (``gpumesh.p2p``); levels apply to both names."""
+libp2p_level_default = logging.CRITICAL
+"""py-libp2p logs routine disconnects and empty DHT reads at WARNING and ERROR: off unless
+asked for (``libp2p=warning``)."""
+
+
+def logger_names(subsystem: str) -> tuple[str, ...]:
+    """The logger names a level for ``subsystem`` (or a dotted child of one) applies to."""
+    if subsystem.split(".", 1)[0] == "libp2p" or subsystem.startswith(library_prefix):
+        return (subsystem,)
+    return (subsystem, library_prefix + subsystem)
+
+
 def setup_logging(fmt: str = "plain", levels: str = "info", stream: TextIO | None = None) -> None:
+    """One handler on the root logger; ``levels`` like ``"info,p2p=debug,libp2p=error"``."""
     parsed = parse_levels(levels)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(parsed.get("", logging.INFO))
-    # py-libp2p logs routine disconnects at ERROR; keep it at WARNING-and-up unless asked.
-    libp2p_level = parsed.get("libp2p", logging.CRITICAL)
-    for name in SUBSYSTEMS:
-        logger = logging.getLogger(name)
-        logger.setLevel(parsed.get(name, libp2p_level if name == "libp2p" else root.level))
+    # Forget levels an earlier call (or a library) set, so this spec alone decides.
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        ours = name.split(".", 1)[0] in SUBSYSTEMS or name.startswith(library_prefix)
+        if ours:
+            logger.setLevel(logging.NOTSET)
+        if name == "libp2p" or name.startswith("libp2p."):
+            logger.handlers[:] = []
+            logger.propagate = True
+            logger.setLevel(logging.NOTSET)
     libp2p = logging.getLogger("libp2p")
-    libp2p.handlers[:] = [handler]
-    libp2p.propagate = False
+    libp2p.handlers[:] = []
+    libp2p.propagate = True
+    libp2p.setLevel(parsed.get("libp2p", libp2p_level_default))
     for name, level in parsed.items():
-        if name:
-            logging.getLogger(name).setLevel(level)
+        for logger_name in logger_names(name) if name else ():
+            logging.getLogger(logger_name).setLevel(level)

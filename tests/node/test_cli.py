@@ -164,7 +164,7 @@ def test_job_submit_wait_follows_every_state_to_done(
         ]
     )
     out = capsys.readouterr()
-    assert rc == 0, out.err
+    assert rc == 0, f"the job did not end done:\n{out.err}\n{out.out}"
     # Following the jobs topic sees every state; a poll would skip the short-lived ones.
     seen = [line.split("[", 1)[1].split("]", 1)[0] for line in out.err.splitlines() if "[" in line]
     assert seen == ["bidding", "awarded", "locked", "running", "settling", "done"], out.err
