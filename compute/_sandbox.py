@@ -343,6 +343,51 @@ def probe_bwrap(*, sandbox_uid: int | None = None) -> str | None:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+
+
+def _isolate_fn(tmp_bytes: int) -> Callable[[], None]:
+    """For the process sandbox under root, in the child before the uid drop: no network (a
+    fresh network namespace has only a downed ``lo``), private IPC, and a private mount
+    namespace whose ``/tmp`` and ``/dev/shm`` are tmpfs capped at ``tmp_bytes``."""
+    options = f"size={tmp_bytes},mode=1777".encode()
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            errno_ = ctypes.get_errno()
+            raise OSError(errno_, f"{what}: {os.strerror(errno_)}")
+
+    def apply() -> None:
+        check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC), "unshare")
+        check(_libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "make / rprivate")
+        for where in (b"/tmp", b"/dev/shm"):
+            if os.path.isdir(where):
+                flags = _MS_NOSUID | _MS_NODEV
+                check(_libc.mount(b"tmpfs", where, b"tmpfs", flags, options), f"mount {where!r}")
+
+    return apply
+
+
+def probe_process_isolation() -> str | None:
+    """Whether the process sandbox can isolate jobs here (root, namespaces, tmpfs mounts)."""
+    try:
+        done = subprocess.run(
+            ["/bin/sh", "-c", "exit 0"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=probe_timeout_s,
+            check=False,
+            preexec_fn=_isolate_fn(MIB),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"namespaces for the process sandbox do not work: {exc}"
+    return None if done.returncode == 0 else f"isolation probe exited {done.returncode}"
 
 
 def _drop_privileges_fn(sandbox_uid: int | None) -> Callable[[], None]:
@@ -510,6 +555,18 @@ class Executor:
         if sandbox == "bwrap" and self._bwrap is None:
             raise SandboxError("sandbox 'bwrap' requested but bwrap is not installed")
         self.sandbox: SandboxKind = sandbox
+        # The process sandbox with job uids runs as root: it can give each job a network,
+        # IPC and mount namespace of its own (no RPC port, a capped /tmp).
+        self._isolate = sandbox == "process" and self._uids is not None
+        if self._isolate:
+            if self._work_root.is_relative_to("/tmp") or self._work_root.is_relative_to("/dev/shm"):
+                raise SandboxError(
+                    f"[compute] work_root {self._work_root}: under /tmp, which each job gets "
+                    "a private one of; use e.g. /var/tmp/gpumesh-jobs"
+                )
+            problem = probe_process_isolation()
+            if problem:
+                raise SandboxError(problem)
         # One parent per executor: two nodes on one machine may run the same job id.
         tag = hashlib.sha256(str(self._work_root).encode()).hexdigest()[:12]
         self.cgroups = cgroups if cgroups is not None else probe_cgroups(f"gpumesh-{tag}")
@@ -642,7 +699,7 @@ class Executor:
             {
                 "PATH": SANDBOX_PATH,
                 "HOME": str(inside),
-                "TMPDIR": "/tmp" if self.sandbox == "bwrap" else str(inside),
+                "TMPDIR": "/tmp" if self.sandbox == "bwrap" or self._isolate else str(inside),
                 "LANG": env.get("LANG", "C.UTF-8"),
                 "GPUMESH_JOB_ID": job_id,
                 "GPUMESH_OUTPUT_DIR": str(inside / "out"),
@@ -676,6 +733,7 @@ class Executor:
         address_space: bool,
         uid: int | None,
         cgroup_procs: Sequence[bytes],
+        isolate: bool = False,
     ) -> Callable[[], None]:
         cpu = limits.cpu_time_s
         as_bytes = 2 * limits.memory_bytes + address_space_slack_bytes
@@ -693,6 +751,8 @@ class Executor:
                     os.write(fd, me)
                 finally:
                     os.close(fd)
+            if isolate_fn is not None:
+                isolate_fn()
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -707,6 +767,7 @@ class Executor:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
         drop = _drop_privileges_fn(uid)
+        isolate_fn = _isolate_fn(limits.tmp_bytes) if isolate else None
         return apply
 
     async def run(
@@ -772,6 +833,7 @@ class Executor:
             address_space=not gpu_uuids,
             uid=uid,
             cgroup_procs=cgroup.procs_files,
+            isolate=self._isolate,
         )
         started = time.monotonic()
         try:
@@ -1004,6 +1066,7 @@ class Executor:
         return {
             "sandbox": self.sandbox,
             "bwrap_error": self.bwrap_error,
+            "process_isolation": self._isolate,
             "job_uids": self._uids.to_json() if self._uids is not None else None,
             "cgroups": self.cgroups.to_json(),
             "work_root": str(self._work_root),

@@ -46,8 +46,8 @@ def need_bwrap() -> None:
 
 @pytest.fixture
 def work_root() -> Iterator[Path]:
-    # Not tmp_path: pytest's base dir is mode 0700, which the unprivileged job uid cannot cross.
-    root = Path(tempfile.mkdtemp(prefix="gpumesh-compute-", dir="/tmp"))
+    # Not tmp_path: its base is 0700 (job uids cannot cross it) and under /tmp (private to jobs).
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-compute-", dir="/var/tmp"))
     os.chmod(root, 0o711)
     yield root / "jobs"
     shutil.rmtree(root)

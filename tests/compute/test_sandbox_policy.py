@@ -31,7 +31,7 @@ NOW = 1_700_000_000_000
 
 @pytest.fixture
 def work_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="gpumesh-policy-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-policy-", dir="/var/tmp"))
     os.chmod(root, 0o711)
     yield root
     shutil.rmtree(root)
