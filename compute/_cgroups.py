@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +35,10 @@ log = logging.getLogger("gpumesh.compute.cgroups")
 CgroupVersion = Literal["v2", "v1"]
 V1_REQUIRED = ("memory", "pids")
 V1_OPTIONAL = ("cpuacct",)
-kill_passes_max = 1000
-"""SIGKILL passes over a v1 cgroup's members before giving up (each pass kills every member
-listed; a killed process cannot fork, so a fork bomb under ``pids.max`` drains in a few)."""
 NODE_LEAF = "gpumesh-node"
+stale_kill_passes_max = 400
+"""Kill passes over a stale cgroup (at start, no job running) before removing it fails."""
+stale_kill_pause_s = 0.005
 
 
 def _parse_mounts(text: str) -> tuple[Path | None, dict[str, Path]]:
@@ -221,15 +222,13 @@ class JobCgroup:
                 except FileNotFoundError:
                     return  # already removed
                 return
-        for _ in range(kill_passes_max):
-            members = self.pids()
-            if not members:
-                return
-            for pid in members:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass  # exited between the listing and the kill
+        # One pass: a process stays listed while it exits, so the caller re-checks (and kills
+        # what a fork raced in) until the cgroup is empty instead of spinning here.
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited between the listing and the kill
 
     def oom_kills(self) -> int:
         """How many processes the kernel killed for going over the memory cap."""
@@ -273,7 +272,11 @@ class JobCgroup:
         """A cgroup of the same name left by a crashed run: kill what is in it, remove it."""
         if any(path.exists() for _, path in self.dirs):
             log.warning("removing a stale job cgroup %s", self.dirs[0][1])
-            self.kill()
+            for _ in range(stale_kill_passes_max):
+                self.kill()
+                if self.is_empty():
+                    break
+                time.sleep(stale_kill_pause_s)
             self.remove()
 
 
