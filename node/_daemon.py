@@ -18,6 +18,7 @@ from node._chain import ChainService, CommitEvent
 from node._chain_rpc import block_json, register_chain_methods
 from node._compute import ComputeService
 from node._market import LedgerChain, MeshNet, register_market_methods
+from node._metrics import NodeMetrics
 from node.exceptions import ConfigError
 from p2p import Mesh, P2PConfig
 from rpc import TOPIC_JOBS, TOPIC_NEW_HEADS, TOPIC_PEERS, MethodRegistry, Result, RpcServer
@@ -95,6 +96,16 @@ class Node:
         register_chain_methods(self.registry, self.chain)
         self.compute.register_methods(self.registry)
         register_market_methods(self.registry, self.market)
+        self.metrics = NodeMetrics(
+            mesh=self.mesh, chain=self.chain, market=self.market, compute=self.compute, rpc=self.rpc
+        )
+        self.registry.register(
+            "admin_metrics",
+            self.metrics.render,
+            description="Every counter of this node in the Prometheus text format (also served "
+            "on GET /metrics).",
+            result=Result("string", "The Prometheus text exposition."),
+        )
 
     def _p2p_config(self) -> P2PConfig:
         c = self.config.p2p
@@ -131,6 +142,7 @@ class Node:
                     await app_nursery.start(self.compute.run)
                     await app_nursery.start(self.market_net.run)
                     await app_nursery.start(self.market.run)  # type: ignore[arg-type]
+                    await app_nursery.start(self.metrics.run)
                     app_nursery.start_soon(self._forward_job_events)
                     app_nursery.start_soon(
                         self.compute.release_finished_jobs, self.market.subscribe()

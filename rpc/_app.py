@@ -12,6 +12,7 @@ import asyncio
 import collections
 import functools
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
+from rpc._metrics import METRICS_METHOD, METRICS_PATH, metrics_content_type
 from rpc._protocol import (
     CLOSE_SLOW_SUBSCRIBER,
     FORBIDDEN,
@@ -107,6 +109,8 @@ class Counters:
         self.call_failures = 0
         self.events_published = 0
         self.events_dropped = 0
+        # Bounded: registered methods times the error codes they end with.
+        self.calls_by_method: collections.Counter[tuple[str, str]] = collections.Counter()
 
 
 class _Connection:
@@ -227,6 +231,7 @@ class HttpSide:
         app = web.Application(client_max_size=self._config.request_body_bytes_max)
         app.router.add_post("/", self._http)
         app.router.add_get("/ws", self._websocket)
+        app.router.add_get(METRICS_PATH, self._metrics)
         app.on_shutdown.append(self._close_websockets)
         # access_log=None: no per-request log line, and never a ?token= query in a log.
         # aiohttp arms keepalive_timeout when a connection opens and after each response, and
@@ -323,6 +328,22 @@ class HttpSide:
         if text is None:
             return web.Response(status=204)
         return web.Response(text=text, content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self._counters.http_requests += 1
+        denied = self._check_access(request, allow_query_token=False)
+        if denied is not None:
+            return denied
+        method = self._registry.get(METRICS_METHOD)
+        if method is None or method.handler is None:
+            return _http_error(404, METHOD_NOT_FOUND, "this node exports no metrics")
+        outcome = await self._call_into_trio(method, {})
+        if outcome.result_json is None:
+            return _http_error(503, outcome.code, outcome.message)
+        text = json.loads(outcome.result_json)
+        return web.Response(
+            body=str(text).encode(), headers={hdrs.CONTENT_TYPE: metrics_content_type}
+        )
 
     # -- JSON-RPC -----------------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ class RpcStatistics:
     events_published: int
     events_dropped: int
     body_timeouts: int
+    calls_by_method: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    """Finished calls by (method, result): ``ok`` or the JSON-RPC error code, e.g. ``-32602``."""
 
 
 class RpcServer:
@@ -136,6 +138,7 @@ class RpcServer:
             events_published=c.events_published,
             events_dropped=c.events_dropped,
             body_timeouts=c.body_timeouts,
+            calls_by_method=dict(c.calls_by_method),
         )
 
     def publish(self, topic: str, payload: Any) -> bool:
@@ -262,6 +265,8 @@ class RpcServer:
                     )
             if outcome.result_json is None:
                 self._counters.call_failures += 1
+            result = "ok" if outcome.result_json is not None else str(outcome.code)
+            self._counters.calls_by_method[method.name, result] += 1
         finally:
             deliver(outcome)
 

@@ -15,8 +15,6 @@ import pytest
 from node import _testnet
 from node.cli import build_parser, main
 from node.commands import MODULES
-from node.testing import free_port_block, wait_until
-from rpc import RpcClient
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ROOT / "node" / "commands"
@@ -76,35 +74,6 @@ def test_no_running_node_is_a_clear_error(
     assert "no running node" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def testnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_testnet.TestnetLayout]:
-    """node0 validates and sells a simulated GPU; node1 buys."""
-    directory = tmp_path_factory.mktemp("cli") / "net"
-    layout = _testnet.init_testnet(
-        directory,
-        2,
-        chain_id="cli-test",
-        validators=1,
-        providers=1,
-        simulate_gpus="A100-80GB:1",
-        base_port=free_port_block(4),
-    )
-    try:
-        _testnet.up(directory)
-        buyer = RpcClient.from_home(layout.nodes[1].home)
-        wait_until(
-            lambda: any(o["gpus"] for o in buyer.call("market_offers")),
-            timeout_s=30,
-            what="the provider's offer at the buyer",
-        )
-        wait_until(
-            lambda: buyer.call("chain_head")["height"] >= 1, timeout_s=30, what="a first block"
-        )
-        yield layout
-    finally:
-        _testnet.down(directory)
-
-
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
     rc = main([*argv, "--json"])
     out = capsys.readouterr()
@@ -118,7 +87,7 @@ def test_status_peers_chain_and_offers(
     home = str(testnet.nodes[1].home)
     info = run_json(capsys, "status", "--home", home)
     assert isinstance(info, dict)
-    assert info["chain_id"] == "cli-test"
+    assert info["chain_id"] == "node-test"
     assert info["address"] == testnet.nodes[1].address
     assert info["peer_count"] == 1
     peers = run_json(capsys, "peers", "--home", home)
