@@ -57,9 +57,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("uptime", duration(info["uptime_s"])),
             ("peers", info["peer_count"]),
             ("listening", ", ".join(info["listen_addrs"])),
+            ("compute", provider_text(info.get("compute") or {})),
         ]
     )
     return emit(args, info, text)
+
+
+def provider_text(provider: dict[str, Any]) -> str:
+    """Whether the node runs other people's jobs, in which sandbox, or why not."""
+    if provider.get("providing"):
+        sandbox = provider.get("sandbox")
+        weak = " (weaker: no filesystem isolation)" if sandbox == "process" else ""
+        return f"providing, sandbox {sandbox}{weak}"
+    if provider.get("refused"):
+        return f"not providing: {provider['refused']}"
+    return "not providing"
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -97,8 +109,8 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         for g in inv["gpus"]
     ]
     text = render_table(["#", "MODEL", "VRAM", "CC", "CUDA", "UUID"], rows)
-    text += f"\nsource: {inv['source']}, {inv['cpu_cores']} CPU cores, sandbox: "
-    text += f"{res['sandbox'].get('sandbox', '?')}"
+    text += f"\nsource: {inv['source']}, {inv['cpu_cores']} CPU cores; "
+    text += provider_text(res.get("provider") or {})
     if not inv["gpus"]:
         text = f"no GPUs (a CPU-only node): {inv.get('nvml_error') or inv['source']}\n" + text
     return emit(args, res, text)

@@ -51,6 +51,11 @@ def register(sub: Subparsers) -> None:
         default="cheapest",
         choices=["cheapest", "soonest", "least-loaded", "reputation"],
     )
+    j.add_argument(
+        "--sandbox", choices=["bwrap", "process"], default=None, help="require this sandbox"
+    )
+    j.add_argument("--memory", default=None, help="memory cap of the job, e.g. 2GB")
+    j.add_argument("--disk", default=None, help="disk cap of the job directory, e.g. 10GB")
     j.add_argument("--input", action="append", default=[], metavar="FILE", help="input file")
     j.add_argument("--output-dir", type=Path, default=None, help="write outputs here")
     j.add_argument("--wait", action="store_true", help="follow the job until it ends")
@@ -171,6 +176,12 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.min_vram:
         params["min_vram_bytes"] = parse_size(args.min_vram)
+    if args.sandbox:
+        params["sandbox"] = args.sandbox
+    if args.memory:
+        params["memory_bytes"] = parse_size(args.memory)
+    if args.disk:
+        params["disk_bytes"] = parse_size(args.disk)
     if args.deadline:
         params["deadline_ms"] = int(time.time() * 1000) + parse_duration_ms(args.deadline)
     if args.bid_window:

@@ -21,6 +21,9 @@ import ledger
 from compute.market import JobState, Requirements, Role, explain_unsatisfiable, fit_on_node
 from compute.testing import make_offer
 from node._compute import ComputeService
+from node.cli import build_parser
+from node.commands.info import provider_text
+from node.commands.job import submit_params
 from node._config import ComputeSection
 from node.exceptions import ConfigError
 
@@ -160,3 +163,15 @@ async def test_node_deletes_job_dirs_the_market_is_done_with(
     assert svc.executor.job_dir(compute.JobId(settled.hex())).exists(), (
         "a settled job keeps its outputs until fetched or past the retention"
     )
+
+
+def test_job_submit_flags_carry_sandbox_memory_and_disk() -> None:
+    argv = ["job", "submit", "--sandbox", "bwrap", "--memory", "2GB", "--disk", "10GB"]
+    args = build_parser().parse_args([*argv, "--", "/bin/true"])
+    params = submit_params(args)
+    assert params["sandbox"] == "bwrap"
+    assert (params["memory_bytes"], params["disk_bytes"]) == (2 << 30, 10 << 30)
+    plain = submit_params(build_parser().parse_args(["job", "submit", "--", "/bin/true"]))
+    assert "sandbox" not in plain and "memory_bytes" not in plain, "unset: provider defaults"
+    assert provider_text({"providing": False, "refused": "bwrap broke"}).endswith("bwrap broke")
+    assert "process" in provider_text({"providing": True, "sandbox": "process"})
