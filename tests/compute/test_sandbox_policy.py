@@ -21,10 +21,10 @@ import ledger
 from compute.market import JobState, Requirements, Role, explain_unsatisfiable, fit_on_node
 from compute.testing import make_offer
 from node._compute import ComputeService
+from node._config import ComputeSection
 from node.cli import build_parser
 from node.commands.info import provider_text
 from node.commands.job import submit_params
-from node._config import ComputeSection
 from node.exceptions import ConfigError
 
 KEY = ledger.SigningKey(b"\x07" * 32)
