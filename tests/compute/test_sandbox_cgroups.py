@@ -1,0 +1,67 @@
+"""Finding the cgroups to put jobs in: v2 where it has the controllers, v1 beside an empty v2
+(this machine and CI), a clear error where neither works. The real hierarchy is exercised by
+every executor test; here ``/proc/mounts`` and ``/proc/self/cgroup`` are given, over a plain
+directory standing in for a v2 cgroupfs (no kernel behaviour is claimed from it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import compute
+from compute._cgroups import probe_cgroups
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_v2_with_controllers_is_preferred(tmp_path: Path) -> None:
+    fs = tmp_path / "unified"
+    own = fs / "system.slice" / "gpumesh.service"
+    own.mkdir(parents=True)
+    write(own / "cgroup.controllers", "cpuset cpu io memory pids\n")
+    write(own / "cgroup.subtree_control", "")
+    (own / "gpumesh-t").mkdir()  # the kernel fills a new cgroup directory; here we do
+    write(own / "gpumesh-t" / "cgroup.subtree_control", "memory pids cpu")
+    mounts = write(tmp_path / "mounts", f"cgroup2 {fs} cgroup2 rw,nosuid 0 0\n")
+    self_cg = write(tmp_path / "self", "0::/system.slice/gpumesh.service\n")
+    cgroups = probe_cgroups("gpumesh-t", mounts=mounts, own=self_cg)
+    assert cgroups.version == "v2"
+    assert cgroups.parents == (("unified", own / "gpumesh-t"),)
+    assert (own / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+
+
+def test_v1_beside_an_empty_v2(tmp_path: Path) -> None:
+    fs = tmp_path / "cg"
+    for name in ("unified", "memory/box", "pids", "cpuacct"):
+        (fs / name).mkdir(parents=True)
+    write(fs / "unified" / "cgroup.controllers", "")
+    mounts = write(
+        tmp_path / "mounts",
+        f"cgroup {fs}/memory cgroup rw,memory 0 0\ncgroup {fs}/pids cgroup rw,pids 0 0\n"
+        f"cgroup {fs}/cpuacct cgroup rw,cpuacct 0 0\ncgroup2 {fs}/unified cgroup2 rw 0 0\n",
+    )
+    self_cg = write(tmp_path / "self", "4:memory:/box\n8:pids:/\n2:cpuacct:/\n0::/\n")
+    for name in ("memory/box/gpumesh-t", "pids/gpumesh-t", "cpuacct/gpumesh-t"):
+        (fs / name).mkdir()  # the kernel fills a new cgroup directory; here we do
+        write(fs / name / "cgroup.procs", "")
+    cgroups = probe_cgroups("gpumesh-t", mounts=mounts, own=self_cg)
+    assert cgroups.version == "v1", "an empty v2 has no memory controller: v1 is used"
+    assert dict(cgroups.parents) == {
+        "memory": fs / "memory/box/gpumesh-t",
+        "pids": fs / "pids/gpumesh-t",
+        "cpuacct": fs / "cpuacct/gpumesh-t",
+    }
+
+
+def test_no_usable_cgroups_is_a_clear_error(tmp_path: Path) -> None:
+    mounts = write(tmp_path / "mounts", "proc /proc proc rw 0 0\n")
+    self_cg = write(tmp_path / "self", "0::/\n")
+    with pytest.raises(compute.SandboxError) as caught:
+        probe_cgroups("gpumesh-t", mounts=mounts, own=self_cg)
+    message = str(caught.value)
+    assert "no cgroup v2 mounted" in message
+    assert "memory or pids" in message, message
