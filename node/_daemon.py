@@ -17,6 +17,7 @@ from ledger import Genesis, InvalidGenesis
 from node._chain import ChainService, CommitEvent
 from node._chain_rpc import block_json, register_chain_methods
 from node._compute import ComputeService
+from node._explorer import ExplorerIndex, register_explorer_methods
 from node._market import LedgerChain, MeshNet, register_market_methods
 from node._metrics import NodeMetrics
 from node.exceptions import ConfigError
@@ -99,6 +100,8 @@ class Node:
         self.metrics = NodeMetrics(
             mesh=self.mesh, chain=self.chain, market=self.market, compute=self.compute, rpc=self.rpc
         )
+        self.explorer = ExplorerIndex(self.chain, home.data_dir / "explorer")
+        register_explorer_methods(self.registry, self.chain, self.explorer)
         self.registry.register(
             "admin_metrics",
             self.metrics.render,
@@ -143,6 +146,7 @@ class Node:
                     await app_nursery.start(self.market_net.run)
                     await app_nursery.start(self.market.run)  # type: ignore[arg-type]
                     await app_nursery.start(self.metrics.run)
+                    await app_nursery.start(self.explorer.run)
                     app_nursery.start_soon(self._forward_job_events)
                     app_nursery.start_soon(
                         self.compute.release_finished_jobs, self.market.subscribe()
