@@ -28,6 +28,7 @@ empty array.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import enum
@@ -436,14 +437,16 @@ class UidPool:
         if not uids or uids[0] <= 0 or uids[-1] >= 2**32 - 1 or uids.step != 1:
             raise SandboxError(f"[compute] job uid range {uids} must be non-empty, 1..2**32-2")
         self.uids = uids
-        self._free = list(reversed(uids))
+        # First in, first out: a uid comes back only after every other one was used, so what
+        # a job left where any uid may write (the process sandbox's host dirs) outlives it long.
+        self._free = collections.deque(uids)
         self._in_use: set[int] = set()
         self._quarantined: set[int] = set()
 
     def acquire(self) -> int:
         if not self._free:
             raise SandboxError(f"all {len(self.uids)} job uids are in use")
-        uid = self._free.pop()
+        uid = self._free.popleft()
         self._in_use.add(uid)
         return uid
 
