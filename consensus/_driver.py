@@ -89,6 +89,8 @@ sync_idle_factor = 10
 actions_per_event_max = 100_000
 _other_peers = PeerId("*other*")
 verified_cache_max = 8192
+proposer_cache_max = 64
+"""Blocks whose named proposer we remember (proposals are re-sent; decoding is not free)."""
 """Recently verified (chain, message) digests. Gossip delivers duplicates and replays, and the
 simulation runs many nodes in one process; a signature check costs ~0.1-0.4 ms."""
 _verified: OrderedDict[bytes, None] = OrderedDict()
@@ -145,6 +147,8 @@ class DriverStatistics:
     sync_requests_sent: int = 0
     sync_requests_served: int = 0
     sync_failures: int = 0
+    sync_unproven_heads: int = 0
+    """Sync responses claiming a head above ours without the commit that proves it."""
     evidence_found: int = 0
 
 
@@ -201,6 +205,7 @@ class ConsensusDriver:
         self._last_rebroadcast_ms = 0
         self._sync_peer_index = 0
         self._preferred_sync_peer: PeerId | None = None
+        self._proposer_cache: dict[bytes, bytes] = {}
         self.stats = DriverStatistics()
 
     # --- public -----------------------------------------------------------------------------
@@ -272,7 +277,13 @@ class ConsensusDriver:
             if blocks and size > self.config.sync_response_bytes_max:
                 break
             blocks.append(SyncBlock(height, block, commit))
-        return encode(SyncResponse(head, tuple(blocks)))
+        head_commit: Commit | None = None
+        if blocks and blocks[-1].height == head:
+            head_commit = blocks[-1].commit
+        elif head > 0:
+            loaded = await self._app.load_block(head)
+            head_commit = None if loaded is None else loaded[1]
+        return encode(SyncResponse(head, tuple(blocks), head_commit))
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         records: list[WalRecord] = []
@@ -349,8 +360,9 @@ class ConsensusDriver:
             self.stats.messages_stale += 1
             return
         if message.height > height:
-            # The sender committed height-1 (or more): we are, or are about to be, behind.
-            self._best_known_height = max(self._best_known_height, message.height - 1)
+            # The sender says it committed height-1 (or more): we may be behind. A signature
+            # is no proof of a height (a faulty validator signs any), so ``best_known_height``
+            # moves only with a commit; this only asks a peer for blocks.
             self.stats.messages_future += 1
             if message.height == height + 1:
                 self._future.append(event)
@@ -532,11 +544,62 @@ class ConsensusDriver:
                 return f"proposal pol_round {message.pol_round} not in -1..round-1"
             if message.signer != self.validators.proposer(message.height, message.round):
                 return "proposal from a validator who is not this round's proposer"
+            if message.pol_round < 0:
+                # A fresh block: it must name its proposer (whom the block's fees pay).
+                named = self._named_proposer(message.signer, message.block_hash, message.block)
+                if named != message.signer:
+                    return "proposal's block names another proposer"
+            elif not self._proposer_fits(message.height, message.pol_round, message.block):
+                return "re-proposed block names a proposer of no round up to its pol_round"
         elif len(message.block_hash) not in (0, hash_bytes):
             return "vote block hash is neither nil nor 32 bytes"
         if not _verify_cached(message, self.chain_id):
             return "bad signature"
         return None
+
+    def _named_proposer(self, signer: bytes, block_hash: bytes, block: bytes) -> bytes | None:
+        key = signer + block_hash
+        named = self._proposer_cache.get(key)
+        if named is None:
+            try:
+                named = self._app.block_proposer(block)
+            except (InvalidBlock, LedgerError):
+                return None
+            if len(self._proposer_cache) >= proposer_cache_max:
+                self._proposer_cache.pop(next(iter(self._proposer_cache)))
+            self._proposer_cache[key] = named
+        return named
+
+    def _proposer_fits(self, height: int, last_round: int, block: bytes) -> bool:
+        """Whether ``block`` names the proposer of some round 0..``last_round`` of
+        ``height`` (a block re-proposed in a later round keeps its first proposer)."""
+        try:
+            named = self._app.block_proposer(block)
+        except (InvalidBlock, LedgerError):
+            return False
+        rounds = min(last_round + 1, self.validators.proposer_cycle_length)
+        return any(self.validators.proposer(height, r) == named for r in range(rounds))
+
+    def check_message(self, data: bytes) -> str | None:
+        """Why a consensus gossip message is invalid (undecodable, unknown signer, bad
+        signature, wrong proposer...), or None: the node's gossip validator, so the mesh
+        does not relay what the driver would drop. Stale messages are not invalid."""
+        try:
+            message = _decode_envelope(data, self.config.message_bytes_max)
+        except DecodeError as exc:
+            return f"undecodable: {exc}"
+        if message is None:
+            return "unknown message kind"
+        return self._problem(message)
+
+    def is_stale(self, data: bytes) -> bool:
+        """True for a decodable message of a height this node has committed (the gossip
+        validator need not relay it: block sync serves those heights)."""
+        try:
+            message = _decode_envelope(data, self.config.message_bytes_max)
+        except DecodeError:
+            return False
+        return message is not None and message.height <= self._committed_height
 
     def _bad(self, peer: PeerId, reason: str) -> None:
         self.stats.messages_bad += 1
@@ -660,7 +723,21 @@ class ConsensusDriver:
         return bool(response.blocks)
 
     async def _apply_sync(self, peer: PeerId, response: SyncResponse) -> None:
-        self._best_known_height = max(self._best_known_height, response.head_height)
+        head_commit = response.head_commit
+        if head_commit is not None and head_commit.height > self._best_known_height:
+            if head_commit.height != response.head_height:
+                self._bad(peer, "sync: head commit is not for the head height")
+                return
+            try:
+                verify_commit(head_commit, self.validators, self.chain_id)
+            except InvalidCommit as exc:
+                self._bad(peer, f"sync: head {exc}")
+                return
+            self._best_known_height = head_commit.height
+        elif response.head_height > max(self._best_known_height, self._committed_height):
+            # A height without its commit is not believed (a peer could keep us "catching up"
+            # forever); only the blocks it sent, each with a commit, count.
+            self.stats.sync_unproven_heads += 1
         for synced in response.blocks:
             if synced.height <= self._committed_height:
                 continue
@@ -671,6 +748,9 @@ class ConsensusDriver:
                 verify_commit(synced.commit, self.validators, self.chain_id)
             except InvalidCommit as exc:
                 self._bad(peer, f"sync: {exc}")
+                return
+            if not self._proposer_fits(synced.height, synced.commit.round, synced.block):
+                self._bad(peer, "sync: block names a proposer of no round up to its commit")
                 return
             if not await self._validate(synced.height, synced.block, synced.commit.block_hash):
                 self._bad(peer, "sync: block does not match its commit or is invalid")

@@ -66,6 +66,11 @@ class ValidatorSet:
         """More than 1/3 of the total power (the paper's f+1): at least one honest voter."""
         return 3 * power > self.total_power
 
+    @property
+    def proposer_cycle_length(self) -> int:
+        """Rounds after which the proposer rotation repeats."""
+        return len(self._cycle)
+
     def proposer(self, height: int, round_: int) -> Address:
         return self._cycle[(height + round_) % len(self._cycle)]
 

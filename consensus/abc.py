@@ -41,6 +41,11 @@ class ApplicationAPI(ABC):
         """A committed block and its commit, for serving block sync; None if not stored."""
 
     @abstractmethod
+    def block_proposer(self, block: bytes) -> bytes:
+        """The proposer address the block names (raise ``InvalidBlock`` if it does not
+        decode): the driver checks it against the round's proposer."""
+
+    @abstractmethod
     def has_transactions(self) -> bool:
         """True when the mempool holds transactions worth a block (no empty-block churn)."""
 

@@ -183,6 +183,12 @@ class SimApp(ApplicationAPI):
             return self.disk.blocks[height - 1]
         return None
 
+    def block_proposer(self, block: bytes) -> bytes:
+        try:
+            return decode(SimBlock, block).proposer
+        except DecodeError as exc:
+            raise InvalidBlock(f"block does not decode: {exc}") from exc
+
     def has_transactions(self) -> bool:
         return bool(self.mempool)
 

@@ -123,10 +123,12 @@ class SyncBlock:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SyncResponse:
-    """Blocks in height order and the responder's head height (how far there is to go)."""
+    """Blocks in height order and the responder's head height (how far there is to go), with
+    the commit that proves the head: a height is believed only with a commit for it."""
 
     head_height: int
     blocks: tuple[SyncBlock, ...]
+    head_commit: Commit | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

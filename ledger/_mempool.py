@@ -56,10 +56,11 @@ REJECT_REASONS = (
     "full",
 )
 """Every ``MempoolRejected.reason`` ``add`` raises."""
-PEER_FAULT_REASONS = frozenset({"too_large", "invalid", "fee_too_low", "unfunded", "nonce_gap"})
-"""Refusals that only a broken or hostile sender causes (a relay of honest gossip never does):
-the node scores the peer that relayed them. The others happen to honest relays (races with
-blocks, another node's view of the pool)."""
+PEER_FAULT_REASONS = frozenset({"too_large", "invalid", "fee_too_low"})
+"""Refusals that only a broken or hostile sender causes, whatever the receiver's state (a
+relay of honest gossip never does): the node scores the peer that relayed them. The others
+happen to honest relays: races with blocks, a receiver that is behind (a sender funded, or
+nonces used, in blocks it has not applied yet), another node's view of the pool."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from ledger import (
     build_block,
 )
 from node._tx_journal import TxJournal
-from p2p import P2PError, PeerId, RequestError
+from p2p import P2PError, PeerId, RequestError, Verdict
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Container
@@ -67,6 +67,13 @@ the stream across them, so two large concurrent publishes interleave and corrupt
 (measured: a protobuf DecodeError that stopped the host). One frame is 64 KiB."""
 bodies_cached_max = 32
 body_fetches_max = 8
+"""Body fetches running at once."""
+body_fetches_waiting_max = 32
+"""Body fetches started or waiting in all; a ``BodyRef`` beyond it is dropped and counted."""
+body_fetches_per_peer_max = 4
+"""Body fetches started or waiting for one announcing peer."""
+body_bytes_max = block_bytes_max + 64 * 1024
+"""The largest consensus message body a ``BodyRef`` may announce (a proposal with its block)."""
 body_fetch_timeout_s = 10.0
 own_tx_rebroadcast_ms = 5000
 own_pending_max = 10_000
@@ -179,6 +186,13 @@ class LedgerApp(consensus.ApplicationAPI):
             return None
         return ledger.encode(block), commit
 
+    def block_proposer(self, block: bytes) -> bytes:
+        try:
+            decoded = ledger.decode(Block, block, max_bytes=block_bytes_max + 64 * 1024)
+        except DecodeError as exc:
+            raise consensus.InvalidBlock(f"block does not decode: {exc}") from exc
+        return decoded.proposer
+
     def has_transactions(self) -> bool:
         return len(self.mempool) > 0
 
@@ -254,6 +268,8 @@ class MeshTransport(consensus.TransportAPI):
         )
         self._bodies: dict[bytes, bytes] = {}
         self._fetching: set[bytes] = set()
+        self._fetching_by_peer: dict[str, int] = {}
+        self.fetches_dropped = 0
         self._fetch_limit = trio.CapacityLimiter(body_fetches_max)
         self._nursery: trio.Nursery | None = None
         self.dropped = 0
@@ -297,8 +313,14 @@ class MeshTransport(consensus.TransportAPI):
         if cached is not None:
             self._push(message.sender_peer_id, cached)
             return
+        peer = message.sender_peer_id
+        waiting = self._fetching_by_peer.get(peer, 0)
+        if len(self._fetching) >= body_fetches_waiting_max or waiting >= body_fetches_per_peer_max:
+            self.fetches_dropped += 1
+            return
         self._fetching.add(ref.digest)
-        self._nursery.start_soon(self._fetch, message.sender_peer_id, ref)
+        self._fetching_by_peer[peer] = waiting + 1
+        self._nursery.start_soon(self._fetch, peer, ref)
 
     async def _fetch(self, peer: PeerId, ref: BodyRef) -> None:
         try:
@@ -317,6 +339,9 @@ class MeshTransport(consensus.TransportAPI):
             log.info("consensus body fetch failed", extra={"peer": peer, "err": repr(exc)})
         finally:
             self._fetching.discard(ref.digest)
+            left = self._fetching_by_peer.pop(peer) - 1
+            if left:
+                self._fetching_by_peer[peer] = left
 
     def _push(self, peer: str, data: bytes) -> None:
         try:
@@ -377,6 +402,7 @@ class ChainService:
         self._journal_rewrite = False
         self.journal_restored = 0
         self.gossip_rejected = 0
+        self.consensus_rejected = 0
         self._commit_subscribers: list[trio.MemorySendChannel[CommitEvent]] = []
         self.commit_events_dropped = 0
 
@@ -403,8 +429,8 @@ class ChainService:
 
             self.mesh.set_handler(sync_protocol(self.chain_id), serve_sync)
             self.mesh.set_handler(self.transport.body_protocol, self.transport.serve_body)
-            consensus_in = self.mesh.subscribe(CONSENSUS_PURPOSE)
-            txs_in = self.mesh.subscribe(TXS_PURPOSE)
+            consensus_in = self.mesh.subscribe(CONSENSUS_PURPOSE, self._validate_consensus)
+            txs_in = self.mesh.subscribe(TXS_PURPOSE, self._validate_txs)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.run)
                 nursery.start_soon(self._pump_consensus, consensus_in)
@@ -422,24 +448,73 @@ class ChainService:
             self.transport.deliver(message)
 
     async def _pump_txs(self, channel: trio.MemoryReceiveChannel[GossipMessage]) -> None:
-        assert self.app is not None and self.driver is not None
-        async for message in channel:
+        # The validator admitted the batch's transactions already; here only what is left:
+        # drain the subscription so it never fills.
+        async for _ in channel:
+            pass
+
+    def _validate_txs(self, message: GossipMessage) -> Verdict:
+        """The ``txs`` topic's gossip validator: admit each transaction to the mempool (so a
+        batch is checked once, here); a batch that does not decode, or carries a transaction
+        only a broken or hostile sender makes (bad signature, fee below the minimum, too
+        large), is rejected and counts toward the forwarder's ban score."""
+        if message.sender_peer_id == self.mesh.peer_id:
+            return Verdict.ACCEPT
+        if self.app is None or self.driver is None:
+            return Verdict.IGNORE
+        try:
+            batch = ledger.decode(TxBatch, message.payload, max_bytes=tx_batch_bytes_max)
+        except DecodeError as exc:
+            self.gossip_rejected += 1
+            log.info("bad tx batch", extra={"peer": message.sender_peer_id, "err": str(exc)})
+            return Verdict.REJECT
+        if not 0 < len(batch.txs) <= tx_batch_txs_max:
+            self.gossip_rejected += 1
+            return Verdict.REJECT
+        added = faults = 0
+        for tx in batch.txs:
             try:
-                batch = ledger.decode(TxBatch, message.payload, max_bytes=tx_batch_bytes_max)
-            except DecodeError as exc:
-                self.gossip_rejected += 1
-                log.info("bad tx batch", extra={"peer": message.sender_peer_id, "err": str(exc)})
-                continue
-            added = 0
-            for tx in batch.txs:
-                try:
-                    self.app.mempool.add(tx)
-                    added += 1
-                except MempoolRejected as exc:
-                    if exc.reason in Mempool.peer_fault_reasons:
-                        self.gossip_rejected += 1
-            if added:
-                self.driver.notify_transactions()
+                self.app.mempool.add(tx)
+                added += 1
+            except MempoolRejected as exc:
+                if exc.reason in Mempool.peer_fault_reasons:
+                    faults += 1
+        if added:
+            self.driver.notify_transactions()
+        if faults:
+            self.gossip_rejected += 1
+            return Verdict.REJECT
+        return Verdict.ACCEPT
+
+    def _validate_consensus(self, message: GossipMessage) -> Verdict:
+        """The ``consensus`` topic's gossip validator: what the driver would drop as invalid
+        (undecodable, not a validator, bad signature, not the round's proposer, a block that
+        names another proposer) is rejected and scored; messages for heights we committed
+        are not relayed (block sync serves those)."""
+        if message.sender_peer_id == self.mesh.peer_id:
+            return Verdict.ACCEPT
+        if message.type_tag == CONSENSUS_REF_TYPE_TAG:
+            try:
+                ref = ledger.decode(BodyRef, message.payload, max_bytes=128)
+            except DecodeError:
+                self.consensus_rejected += 1
+                return Verdict.REJECT
+            if len(ref.digest) != 32 or not 0 < ref.size <= body_bytes_max:
+                self.consensus_rejected += 1
+                return Verdict.REJECT
+            return Verdict.ACCEPT
+        if message.type_tag != CONSENSUS_TYPE_TAG:
+            self.consensus_rejected += 1
+            return Verdict.REJECT
+        driver = self.driver
+        if driver is None:
+            return Verdict.IGNORE
+        if driver.is_stale(message.payload):
+            return Verdict.IGNORE
+        if driver.check_message(message.payload) is not None:
+            self.consensus_rejected += 1
+            return Verdict.REJECT
+        return Verdict.ACCEPT
 
     async def _gossip_outbox(self) -> None:
         while True:

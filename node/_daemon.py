@@ -220,6 +220,9 @@ class Node:
             "consensus_queue_dropped": self.chain.transport.dropped,
             "consensus_body_fetch_failures": self.chain.transport.fetch_failures,
             "commit_events_dropped": self.chain.commit_events_dropped,
+            "consensus_gossip_rejected": self.chain.consensus_rejected,
+            "consensus_body_fetches_dropped": self.chain.transport.fetches_dropped,
+            "journal_restored": self.chain.journal_restored,
         }
         return stats
 

@@ -66,6 +66,13 @@ async def test_bad_input_is_dropped_and_counted_per_sender(
         vset = target.driver.validators
         good = sign_message(Vote(VoteType.PREVOTE, 1, 0, digest(b"x")), keys[1], CHAIN)
         non_proposer = next(k for k in keys if k.address != vset.proposer(1, 0))
+        proposer = next(k for k in keys if k.address == vset.proposer(1, 0))
+        proposer_r1 = next(k for k in keys if k.address == vset.proposer(1, 1))
+        third = vset.proposer(1, 2)
+        other = encode(SimBlock(1, b"", 5, non_proposer.address, ()))
+        # Re-proposed in round 1 with pol_round 0: its block was first proposed in round 0, so
+        # it must name round 0's proposer, not round 2's.
+        stranger = encode(SimBlock(1, b"", 5, third, ()))
         bad = {
             "garbage": b"\x93not msgpack at all",
             "garbage body": encode(Envelope(MessageKind.VOTE, b"\xc1")),
@@ -84,6 +91,12 @@ async def test_bad_input_is_dropped_and_counted_per_sender(
                 sign_message(Proposal(1, 0, -1, digest(b"b"), b"b"), non_proposer, CHAIN)
             ),
             "non-canonical": envelope(good) + b"\x00",
+            "block names another proposer": envelope(
+                sign_message(Proposal(1, 0, -1, digest(other), other), proposer, CHAIN)
+            ),
+            "re-proposal names no earlier proposer": envelope(
+                sign_message(Proposal(1, 1, 0, digest(stranger), stranger), proposer_r1, CHAIN)
+            ),
         }
         inbox = cluster.network.inboxes[target.peer_id]
         for data in bad.values():
@@ -264,7 +277,9 @@ async def test_follower_rejects_blocks_without_a_valid_commit(
                 while follower.driver.stats.bad_by_peer.get(PeerId("mallory"), 0) == before:  # noqa: ASYNC110
                     await trio.sleep(0.1)
             assert follower.app.height == 0, f"{name}: the follower must not apply the block"
-            assert follower.driver.status().catching_up, "the impostor claimed a higher head"
+            status = follower.driver.status()
+            assert not status.catching_up, "a head claimed without its commit is not believed"
+            assert follower.driver.stats.sync_unproven_heads > 0
         nursery.cancel_scope.cancel()
 
 

@@ -15,7 +15,7 @@ from ledger import testing as lt
 from node import _chain
 from node._chain import ChainService
 from node._tx_journal import TxJournal
-from p2p import Mesh, P2PConfig
+from p2p import GossipMessage, Mesh, P2PConfig, PeerId, Verdict
 
 chain_wait_s = 30.0
 
@@ -129,3 +129,65 @@ def test_the_journal_cuts_a_torn_tail(tmp_path: Path) -> None:
     assert TxJournal(journal.path).load() == txs[:2]
     journal.rewrite(txs[1:2])
     assert TxJournal(journal.path).load() == txs[1:2]
+
+
+def gossip(type_tag: str, payload: bytes, peer: str = "12D3KooWPeer") -> GossipMessage:
+    return GossipMessage("t", b"", PeerId(peer), type_tag, payload, 0, b"")
+
+
+async def test_gossip_validators_reject_junk_and_bound_body_fetches(tmp_path: Path) -> None:
+    alice, bob, mallory = lt.key_for(1), lt.key_for(2), lt.key_for(3)
+    genesis = dataclasses.replace(
+        lt.funded_genesis([alice, bob], 1_000_000),
+        validators=(ledger.Validator(alice.address, 1), ledger.Validator(bob.address, 1)),
+        params=ledger.ChainParams(fee_min=2),
+    )
+    with trio.fail_after(chain_wait_s):
+        mesh, chain = start_chain(genesis, alice, tmp_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mesh.run)
+            await nursery.start(chain.run)
+
+            def txs(*batch: ledger.Transaction) -> Verdict:
+                payload = ledger.encode(_chain.TxBatch(tuple(batch)))
+                return chain._validate_txs(gossip(_chain.TXS_TYPE_TAG, payload))
+
+            good = lt.transfer(bob, 0, alice.address, 1, fee=2)
+            assert txs(good) == Verdict.ACCEPT
+            assert chain.tx_status(ledger.tx_hash(good)).state == "pending"
+            assert txs(good) == Verdict.ACCEPT, "a duplicate is no fault"
+            assert txs(lt.transfer(bob, 1, alice.address, 1, fee=1)) == Verdict.REJECT
+            forged = dataclasses.replace(lt.transfer(bob, 1, alice.address, 1, fee=2), amount=9)
+            assert txs(forged) == Verdict.REJECT, "a bad signature"
+            unfunded = lt.transfer(mallory, 0, alice.address, 0, fee=2)
+            assert txs(unfunded) == Verdict.ACCEPT, "unfunded here may be funded elsewhere"
+            assert chain.tx_status(ledger.tx_hash(unfunded)).state == "unknown"
+            junk = chain._validate_txs(gossip(_chain.TXS_TYPE_TAG, b"\x93junk"))
+            assert junk == Verdict.REJECT
+            assert chain.gossip_rejected == 3
+
+            def cons(data: bytes, tag: str = _chain.CONSENSUS_TYPE_TAG) -> Verdict:
+                return chain._validate_consensus(gossip(tag, data))
+
+            vote = consensus.Vote(consensus.VoteType.PREVOTE, 1, 0, b"\x01" * 32)
+            envelope = consensus.Envelope(
+                consensus.MessageKind.VOTE,
+                ledger.encode(consensus.sign_message(vote, bob, genesis.chain_id)),
+            )
+            assert cons(ledger.encode(envelope)) == Verdict.ACCEPT
+            outsider = consensus.Envelope(
+                consensus.MessageKind.VOTE,
+                ledger.encode(consensus.sign_message(vote, mallory, genesis.chain_id)),
+            )
+            assert cons(ledger.encode(outsider)) == Verdict.REJECT, "not a validator"
+            assert cons(b"\x00garbage") == Verdict.REJECT
+            ref = _chain.BodyRef(b"\x02" * 32, _chain.body_bytes_max + 1)
+            assert cons(ledger.encode(ref), _chain.CONSENSUS_REF_TYPE_TAG) == Verdict.REJECT
+
+            for i in range(_chain.body_fetches_per_peer_max + 2):
+                ref = _chain.BodyRef(bytes([i]) * 32, 1000)
+                chain.transport.deliver_ref(
+                    gossip(_chain.CONSENSUS_REF_TYPE_TAG, ledger.encode(ref))
+                )
+            assert chain.transport.fetches_dropped == 2, "one peer's waiting fetches are capped"
+            nursery.cancel_scope.cancel()
