@@ -128,6 +128,9 @@ class LedgerChain(market.ChainAPI):
     def head(self) -> tuple[int, int]:
         return self._chain.head()
 
+    def fee_min(self) -> int:
+        return self._chain.params.fee_min
+
     async def wait_new_block(self) -> int:
         return await self._chain.wait_new_block()
 

@@ -1,8 +1,19 @@
 """compute.market: the job market, both sides of it, with no coordinator anywhere.
 
-Where things live:
-- ``_service``: ``MarketService`` (the one service the node composes), ``ProviderSide``, the
-  stream protocol names and ``attempt_job_id``.
+Where things live (built like ``consensus/``: pure decisions, thin drivers):
+- ``_service``: ``MarketService``, the one service the node composes: a thin shell that wires
+  the two roles' stream handlers (behind a fault barrier) and delegates the public API.
+- ``_requester``: ``Requester``, the requester side (submit, bids, award, lock, watch, cancel).
+- ``_provider``: ``Provider`` and ``ProviderSide``, the provider side (requests, bids, awards,
+  running the job).
+- ``_exchange``: the output and settle flow of both sides (``ProviderExchange`` serves outputs
+  and settles, ``RequesterExchange`` fetches and checks them).
+- ``_protocol``: every protocol decision as a pure function (bid admission and acceptance,
+  award acceptance, what a trade's state means for each side), and ``attempt_job_id``.
+- ``_checks``: pure manifest and input-name checks, run on both sides.
+- ``_transfers``: chunked, content-addressed input and output transfers.
+- ``_wire``: protocol names, decoding what peers send, the per-request fault barrier.
+- ``_context``: what both roles share (seams, events) and one role's records and drivers.
 - ``types``: wire messages (``JobRequest``, ``Bid``, ``Award``, ``CancelNotice``, ...), the
   stored ``JobRecord`` with its ``JobState``, ``JobSubmission``, ``MarketConfig``.
 - ``_store``: ``JobStore``, every job in LevelDB (one schema), and ``ProviderStats``.
@@ -14,7 +25,10 @@ Where things live:
 compute.market imports ``ledger`` and ``compute`` only; the node adapts p2p and the chain.
 """
 
+from compute.market._exchange import ProviderExchange, RequesterExchange
 from compute.market._matching import explain_unsatisfiable, fit_on_node, rank_bids
+from compute.market._provider import Provider
+from compute.market._requester import Requester
 from compute.market._service import (
     JOBS_PURPOSE,
     PROTOCOL_AWARD,
@@ -92,8 +106,12 @@ __all__ = [
     "MarketNetAPI",
     "MarketService",
     "NetError",
+    "Provider",
+    "ProviderExchange",
     "ProviderSide",
     "ProviderStats",
+    "Requester",
+    "RequesterExchange",
     "Requirements",
     "Role",
     "StoreCorrupt",

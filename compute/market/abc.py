@@ -76,6 +76,10 @@ class ChainAPI(abc.ABC):
     @abc.abstractmethod
     def account(self, address: bytes) -> Account: ...
 
+    def fee_min(self) -> int:
+        """The chain's minimum transaction fee (``ChainParams.fee_min``); 0 where it has none."""
+        return 0
+
     @abc.abstractmethod
     def head(self) -> tuple[int, int]:
         """``(height, time_ms)`` of the last committed block."""

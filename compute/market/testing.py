@@ -85,6 +85,9 @@ class LocalChain(ChainAPI):
     def head(self) -> tuple[int, int]:
         return self.state.height, self.state.time_ms
 
+    def fee_min(self) -> int:
+        return self.state.params.fee_min
+
     async def wait_new_block(self) -> int:
         await self._new_block.wait()
         return self.state.height

@@ -103,7 +103,9 @@ async def test_jobs_complete_and_settle_with_money_adding_up(tmp_path: Path) -> 
         )
         # Money: what providers earned is what the requester spent, and nothing was minted.
         state = cluster.chain.state
-        spent = BALANCE - state.account(requester.key.address).balance
+        mine = state.account(requester.key.address)
+        fees = mine.nonce * cluster.chain.fee_min()  # one fee per transaction it sent
+        spent = BALANCE - mine.balance - fees
         assert state.account(requester.key.address).locked == 0, "escrow left locked"
         earned = sum(state.account(n.key.address).earned for n in cluster.nodes[1:])
         costs = [r.cost for r in [*done, failed]]
@@ -185,8 +187,14 @@ async def test_cancel_kills_the_running_job_and_refunds_the_escrow(tmp_path: Pat
         assert record.state is JobState.CANCELLED, f"cancel ended {record.to_json()}"
         trade = cluster.chain.trade(record.attempt_job_id)
         assert trade is not None and trade.status is TradeStatus.CANCELLED, f"trade: {trade}"
+        # The provider is paid for the time it held the job (pro rata); the rest comes back.
         account = cluster.chain.account(requester.key.address)
-        assert (account.balance, account.locked) == (BALANCE, 0), f"escrow not returned: {account}"
+        paid = cluster.chain.account(provider.key.address).earned
+        assert paid == trade.paid and paid < trade.terms.max_cost, f"pro rata pay: {trade}"
+        fees = account.nonce * cluster.chain.fee_min()
+        assert (account.balance + paid + fees, account.locked) == (BALANCE, 0), (
+            f"escrow not returned: {account}"
+        )
         side = await cluster.wait_state(
             provider, record.attempt_job_id, {JobState.CANCELLED}, 10, role=Role.PROVIDER
         )

@@ -1,0 +1,458 @@
+"""The provider side: hear job requests, bid, accept an award (slots held, terms signed), wait
+for the trade to open, fetch the inputs, run the job in the sandbox, then hand over to the
+exchange (``_exchange.ProviderExchange``) to serve the outputs and settle.
+
+Life of a job here (keyed by the attempt's job id): awarded (slots held) -> locked (trade open
+on chain) -> running -> settling (receipt submitted) -> done. The decisions are the pure
+functions of ``_protocol``; each cheatable step is its own method (a simulated cheater
+overrides one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import trio
+
+import ledger
+from compute import NoCapacityError
+from compute._sandbox import JobLimits, JobSpec
+from compute.exceptions import ComputeError
+from compute.market._checks import check_manifest
+from compute.market._context import Drivers, JobBook
+from compute.market._exchange import ProviderExchange, exec_id
+from compute.market._matching import fit_on_node
+from compute.market._protocol import (
+    OpenStep,
+    award_refusal,
+    award_terms_refusal,
+    bid_again,
+    can_rerun,
+    open_step,
+    request_refusal,
+)
+from compute.market._transfers import fetch_inputs
+from compute.market._wire import (
+    JOBS_PURPOSE,
+    PROTOCOL_AWARD,
+    PROTOCOL_BID,
+    PROTOCOL_CANCEL,
+    PROTOCOL_LOGS,
+    PROTOCOL_OUTPUT,
+    PROTOCOL_OUTPUTS,
+    PROTOCOL_STATUS,
+    Mismatch,
+    decode_signed,
+)
+from compute.market.exceptions import InvalidManifest, MarketError, NetError
+from compute.market.types import (
+    Award,
+    Bid,
+    CancelNotice,
+    JobRecord,
+    JobRequest,
+    JobState,
+    Role,
+    RunResult,
+    Stamp,
+    log_bytes_max,
+)
+from ledger import AgreementTerms, TradeStatus
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from compute import Executor, Inventory, OfferConfig, SlotAllocator
+    from compute.market._context import Context
+    from compute.market.abc import Incoming
+
+log = logging.getLogger("gpumesh.compute.market")
+
+seen_requests_max = 4096
+bids_in_flight_max = 16
+awards_pending_per_requester_max = 8
+"""Awards one requester may hold here whose trade has not opened yet."""
+driver_passes_max = 10_000
+
+
+@dataclasses.dataclass
+class ProviderSide:
+    """What a providing node contributes: its devices, slots, sandbox and prices."""
+
+    executor: Executor
+    allocator: SlotAllocator
+    inventory: Inventory
+    offer_config: OfferConfig
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What this provider did with one gossiped request."""
+
+    request: JobRequest
+    reservation_expiry_ms: int
+    in_flight: bool = True
+    delivered: bool = False
+
+
+class Provider:
+    """The provider side of one node's market."""
+
+    exchange_cls: type[ProviderExchange] = ProviderExchange
+
+    def __init__(self, ctx: Context, side: ProviderSide) -> None:
+        self.ctx = ctx
+        self.side = side
+        self.book = JobBook(Role.PROVIDER, ctx, on_finish=self._release)
+        self.drivers = Drivers(self.book, ctx, self.drive)
+        self.exchange = self.exchange_cls(ctx, self.book, side.executor)
+        self.seen: OrderedDict[bytes, _Seen] = OrderedDict()
+        self.runs: dict[bytes, trio.CancelScope] = {}
+        self.bid_slots = trio.Semaphore(bids_in_flight_max)
+
+    def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:
+        """The stream protocols this side serves (to requesters)."""
+        return {
+            PROTOCOL_AWARD: self.on_award,
+            PROTOCOL_OUTPUTS: self.exchange.on_outputs,
+            PROTOCOL_OUTPUT: self.exchange.on_output,
+            PROTOCOL_LOGS: self.exchange.on_logs,
+            PROTOCOL_CANCEL: self.on_cancel,
+        }
+
+    def _release(self, record: JobRecord) -> None:
+        aid = exec_id(record.attempt_job_id)
+        if self.side.allocator.allocation(aid) is not None:
+            self.side.allocator.release(aid)
+
+    # ---- requests and bids ----
+
+    async def requests_loop(self) -> None:
+        receive = self.ctx.net.subscribe(JOBS_PURPOSE)
+        counters = self.ctx.counters
+        async with receive:
+            async for incoming in receive:
+                counters["requests_seen"] += 1
+                try:
+                    self.consider_request(incoming)
+                except MarketError as exc:
+                    counters["requests_rejected"] += 1
+                    log.debug("job request from %s rejected: %s", incoming.sender_peer_id, exc)
+                except Exception:
+                    # One bad request costs its own handling, never the gossip consumer.
+                    counters["requests_rejected"] += 1
+                    counters["handler_faults"] += 1
+                    log.exception("job request from %s broke", incoming.sender_peer_id)
+
+    def consider_request(self, incoming: Incoming) -> None:
+        ctx = self.ctx
+        request = decode_signed(JobRequest, incoming.payload, ctx.chain_id)
+        if request.signer == ctx.address:
+            return
+        now = ctx.clock_ms()
+        why = request_refusal(
+            request,
+            sender=incoming.sender,
+            chain_id=ctx.chain_id,
+            now_ms=now,
+            inputs_bytes_max=ctx.config.inputs_bytes_max,
+        )
+        if why is not None:
+            raise NetError(why)
+        job_id = ledger.hash_of(request)
+        seen = self.seen.get(job_id)
+        if seen is not None and not bid_again(
+            seen.in_flight, seen.delivered, seen.reservation_expiry_ms, now
+        ):
+            return
+        bid = self.make_bid(job_id, request, now)
+        if bid is None:
+            return
+        try:
+            self.bid_slots.acquire_nowait()
+        except trio.WouldBlock:
+            # Not recorded as seen: the requester's next round asks again and we bid then.
+            raise NetError("too many bids in flight") from None
+        self.seen[job_id] = _Seen(request, bid.reservation_expiry_ms)
+        while len(self.seen) > seen_requests_max:
+            self.seen.popitem(last=False)
+        assert ctx.nursery is not None
+        ctx.nursery.start_soon(self.send_bid, incoming.sender_peer_id, bid)
+
+    def make_bid(self, job_id: bytes, request: JobRequest, now_ms: int) -> Bid | None:
+        """This node's bid for ``request`` if it fits right now at an acceptable price."""
+        fit = fit_on_node(request.requirements, self.side.allocator, self.side.offer_config)
+        if fit is None:
+            return None
+        model, free, price = fit
+        if price > request.max_price_per_gpu_second:
+            return None
+        return self.ctx.sign(
+            Bid(
+                job_id=job_id,
+                price_per_gpu_second=price,
+                gpus=request.requirements.gpus,
+                model=model,
+                expected_start_ms=now_ms,
+                free_slots=free,
+                reservation_expiry_ms=now_ms + self.ctx.config.reservation_ms,
+            )
+        )
+
+    def _mark(self, job_id: bytes, *, delivered: bool) -> None:
+        seen = self.seen.get(job_id)
+        if seen is not None:
+            seen.in_flight = False
+            seen.delivered = delivered
+
+    async def send_bid(self, peer_id: str, bid: Bid) -> None:
+        try:
+            await self.ctx.request(peer_id, PROTOCOL_BID, ledger.encode(bid))
+            self.ctx.counters["bids_sent"] += 1
+            self._mark(bid.job_id, delivered=True)
+        except NetError as exc:
+            self._mark(bid.job_id, delivered=False)
+            log.debug("bid for %s refused: %s", bid.job_id.hex()[:16], exc)
+        except Exception:
+            self._mark(bid.job_id, delivered=False)
+            self.ctx.counters["handler_faults"] += 1
+            log.exception("sending the bid for %s broke", bid.job_id.hex()[:16])
+        finally:
+            self.bid_slots.release()
+
+    # ---- the award ----
+
+    async def on_award(self, peer_id: str, data: bytes) -> bytes:
+        ctx = self.ctx
+        award = decode_signed(Award, data, ctx.chain_id)
+        now = ctx.clock_ms()
+        why = award_refusal(award, chain_id=ctx.chain_id, own_address=ctx.address, now_ms=now)
+        if why is not None:
+            raise NetError(why)
+        try:
+            check_manifest(award.manifest, ctx.config.inputs_bytes_max)
+        except InvalidManifest as exc:
+            raise NetError(f"bad manifest: {exc}") from exc
+        aid = award.attempt_job_id
+        existing = self.book.get(aid)
+        if existing is not None:
+            if existing.terms is None or existing.state.terminal:
+                raise NetError("this attempt is already closed here")
+            return ledger.encode(existing.terms)
+        request = award.request
+        # An award holds slots until its trade opens: only for a requester that can pay, and
+        # only a few unopened ones per requester, so signed awards alone cannot lock us up.
+        if ctx.chain.account(award.signer).balance < award.max_cost + ctx.fee():
+            raise NetError("the requester's balance does not cover the escrow")
+        pending = self.book.count(
+            lambda r: r.state is JobState.AWARDED and r.counterparty == award.signer
+        )
+        if pending >= awards_pending_per_requester_max:
+            raise NetError(f"{pending} awards of yours are still waiting for their trades")
+        fit = fit_on_node(request.requirements, self.side.allocator, self.side.offer_config)
+        if fit is None:
+            self._mark(award.job_id, delivered=False)  # bid again when asked again
+            raise NetError("no free capacity for this job any more")
+        model, _, price = fit
+        why = award_terms_refusal(award, price)
+        if why is not None:
+            raise NetError(why)
+        try:
+            self.side.allocator.allocate(
+                exec_id(aid),
+                request.requirements.gpus,
+                model=None if request.requirements.gpus == 0 else model,
+                min_vram_bytes=request.requirements.min_vram_bytes,
+            )
+        except NoCapacityError as exc:
+            self._mark(award.job_id, delivered=False)
+            raise NetError(f"no capacity: {exc}") from exc
+        terms = ctx.sign(
+            AgreementTerms(
+                job_id=ledger.JobId(aid),
+                requester=ledger.Address(award.signer),
+                provider=ledger.Address(ctx.address),
+                price_per_gpu_second=award.price_per_gpu_second,
+                gpus=award.gpus,
+                max_cost=award.max_cost,
+                deadline_ms=award.deadline_ms,
+            )
+        )
+        record = JobRecord(
+            role=Role.PROVIDER,
+            job_id=award.job_id,
+            state=JobState.AWARDED,
+            request=request,
+            attempt=award.attempt,
+            attempt_job_id=aid,
+            counterparty=award.signer,
+            counterparty_peer_id=peer_id,
+            terms=terms,
+            stamps=(Stamp(JobState.AWARDED, now),),
+        )
+        # Persisted (with the manifest) before the signed terms leave this node.
+        self.book.add(record, manifest=award.manifest)
+        self.drivers.start(aid)
+        return ledger.encode(terms)
+
+    async def on_cancel(self, peer_id: str, data: bytes) -> bytes:
+        notice = decode_signed(CancelNotice, data, self.ctx.chain_id)
+        record = self.book.get(notice.attempt_job_id)
+        if record is None or notice.signer != record.counterparty:
+            raise NetError("no such job of yours here")
+        if record.state.terminal or record.state is JobState.SETTLING:
+            return b""
+        scope = self.runs.get(notice.attempt_job_id)
+        if scope is not None:
+            scope.cancel()
+        self.drivers.cancel(notice.attempt_job_id)
+        self.book.finish(record, JobState.CANCELLED, "cancelled by the requester")
+        return b""
+
+    # ---- the driver ----
+
+    async def drive(self, aid: bytes) -> None:
+        for _ in range(driver_passes_max):
+            record = self.book[aid]
+            if record.state.terminal:
+                return
+            if record.state is JobState.AWARDED:
+                await self.await_open(record)
+            elif record.state is JobState.LOCKED:
+                await self.run_job(record)
+            elif record.state is JobState.RUNNING:
+                await self.resume_running(record)
+            elif record.state is JobState.SETTLING:
+                await self.exchange.settle(record)
+        raise AssertionError(f"a provider driver made no progress in {driver_passes_max} passes")
+
+    def ensure_allocation(self, record: JobRecord) -> None:
+        allocator = self.side.allocator
+        if allocator.allocation(exec_id(record.attempt_job_id)) is not None:
+            return
+        req = record.request.requirements
+        try:
+            allocator.allocate(
+                exec_id(record.attempt_job_id), req.gpus, min_vram_bytes=req.min_vram_bytes
+            )
+        except NoCapacityError as exc:
+            raise MarketError(f"slots lost across a restart: {exc}") from exc
+
+    async def await_open(self, record: JobRecord) -> None:
+        ctx = self.ctx
+        self.ensure_allocation(record)
+        awarded_ms = next((s.at_ms for s in record.stamps if s.state is JobState.AWARDED), 0)
+        give_up_ms = awarded_ms + ctx.config.award_open_timeout_ms
+        while ctx.config.wait_for_open:
+            trade = ctx.chain.trade(record.attempt_job_id)
+            step = open_step(
+                trade.status if trade is not None else None,
+                trade is not None and trade.terms == record.terms,
+                ctx.clock_ms(),
+                give_up_ms,
+            )
+            if step is OpenStep.START:
+                break
+            if step is OpenStep.CLOSED:
+                assert trade is not None
+                status = trade.status.name.lower()
+                self.book.finish(record, JobState.CANCELLED, f"trade is {status}")
+                return
+            if step is OpenStep.GIVE_UP:
+                self.book.finish(record, JobState.FAILED, "the trade never opened on chain")
+                return
+            await ctx.wait_block()
+        self.book.update(record, state=JobState.LOCKED)
+
+    async def resume_running(self, record: JobRecord) -> None:
+        """A job that was running when this node stopped: re-run it if the deadline allows."""
+        assert record.terms is not None
+        now = self.ctx.clock_ms()
+        if not can_rerun(now, record.request.max_wall_ms, record.terms.deadline_ms):
+            self.book.finish(record, JobState.FAILED, "interrupted by a restart; no time to re-run")
+            return
+        # Stamp the second start explicitly: the state itself stays RUNNING.
+        record = self.book.update(record, stamps=(*record.stamps, Stamp(JobState.RUNNING, now)))
+        executor = self.side.executor
+        job_dir = executor.job_dir(exec_id(record.attempt_job_id))
+        if job_dir.exists():
+            await trio.to_thread.run_sync(executor.remove_job_dir, exec_id(record.attempt_job_id))
+        await self.run_job(record)
+
+    async def fetch_spec(self, record: JobRecord) -> JobSpec:
+        manifest = self.ctx.store.manifest(record.job_id)
+        if manifest is None or ledger.hash_of(manifest) != record.request.manifest_digest:
+            raise MarketError("the job's manifest is missing from the job store")
+        check_manifest(manifest, self.ctx.config.inputs_bytes_max)
+        try:
+            inputs = await fetch_inputs(
+                self.ctx, record.counterparty_peer_id, record.job_id, manifest
+            )
+        except Mismatch as exc:
+            raise MarketError(f"bad input from the requester: {exc}") from exc
+        limits = JobLimits(wall_time_ms=record.request.max_wall_ms)
+        return JobSpec(argv=manifest.argv, inputs=tuple(inputs), env=manifest.env, limits=limits)
+
+    async def run_job(self, record: JobRecord) -> None:
+        executor = self.side.executor
+        self.ensure_allocation(record)
+        spec = await self.fetch_spec(record)
+        if record.state is not JobState.RUNNING:
+            record = self.book.update(record, state=JobState.RUNNING)
+        self.ctx.start_soon(lambda: self.notify_running(record))
+        aid = record.attempt_job_id
+        allocation = self.side.allocator.allocation(exec_id(aid))
+        result = None
+        scope = trio.CancelScope()
+        self.runs[aid] = scope
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.watch_cancel_on_chain, aid, scope)
+                    try:
+                        result = await executor.run(exec_id(aid), spec, allocation)
+                    except ComputeError as exc:
+                        raise MarketError(f"the sandbox could not run the job: {exc}") from exc
+                    nursery.cancel_scope.cancel()
+        finally:
+            del self.runs[aid]
+            self._release(record)
+        if result is None:
+            trade = self.ctx.chain.trade(aid)
+            status = trade.status.name.lower() if trade is not None else "gone"
+            self.book.finish(record, JobState.CANCELLED, f"killed: the trade is {status}")
+            return
+        exit_status = result.exit_code if result.exit_code is not None else -(result.signal or 1)
+        run_result = RunResult(
+            outcome=result.outcome.value,
+            reason=result.reason,
+            exit_status=exit_status,
+            wall_ms=min(result.wall_ms, record.request.max_wall_ms),
+            outputs_digest=result.outputs_digest,
+            files=result.outputs,
+            stdout=result.stdout[:log_bytes_max],
+            stderr=result.stderr[:log_bytes_max],
+        )
+        self.book.update(record, state=JobState.SETTLING, result=run_result)
+
+    async def notify_running(self, record: JobRecord) -> None:
+        try:
+            await self.ctx.request(
+                record.counterparty_peer_id, PROTOCOL_STATUS, record.attempt_job_id
+            )
+        except NetError as exc:
+            log.debug("running notice not delivered: %s", exc)
+        except Exception:
+            self.ctx.counters["handler_faults"] += 1
+            log.exception("the running notice of %s broke", record.attempt_job_id.hex()[:16])
+
+    async def watch_cancel_on_chain(self, aid: bytes, scope: trio.CancelScope) -> None:
+        while True:
+            await self.ctx.wait_block()
+            trade = self.ctx.chain.trade(aid)
+            if trade is None or trade.status is not TradeStatus.OPEN:
+                scope.cancel()
+                return

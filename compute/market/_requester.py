@@ -1,0 +1,580 @@
+"""The requester side: submit a job, gather bids, award one, lock the escrow, watch the trade,
+refund or retry, cancel; and the stream handlers a provider calls on the requester.
+
+Life of a job here: bidding -> awarded -> locked -> running -> settling -> done (or failed,
+cancelled, refunded, output_mismatch). One driver task per job moves its persisted record one
+step at a time; the decisions are the pure functions of ``_protocol``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+import ledger
+from compute.market._checks import check_manifest
+from compute.market._context import Drivers, JobBook
+from compute.market._exchange import RequesterExchange
+from compute.market._matching import explain_unsatisfiable, rank_bids
+from compute.market._protocol import (
+    CancelStep,
+    WatchStep,
+    attempt_deadline,
+    attempt_job_id,
+    bid_refusal,
+    cancel_step,
+    retry_after_refund,
+    room_for_round,
+    terms_refusal,
+    watch_step,
+)
+from compute.market._transfers import serve_input
+from compute.market._wire import (
+    JOBS_PURPOSE,
+    PROTOCOL_AWARD,
+    PROTOCOL_BID,
+    PROTOCOL_CANCEL,
+    PROTOCOL_INPUT,
+    PROTOCOL_LOGS,
+    PROTOCOL_STATUS,
+    decode,
+    decode_signed,
+)
+from compute.market.exceptions import (
+    ChainRejected,
+    InvalidSubmission,
+    JobNotReady,
+    MarketError,
+    NetError,
+    UnknownJob,
+    Unsatisfiable,
+)
+from compute.market.types import (
+    STRATEGIES,
+    Award,
+    Bid,
+    BlobRequest,
+    CancelNotice,
+    InputRef,
+    JobManifest,
+    JobRecord,
+    JobRequest,
+    JobResultView,
+    JobState,
+    JobSubmission,
+    LogsInfo,
+    Role,
+    Stamp,
+    argv_items_max,
+    bids_per_job_max,
+    env_items_max,
+    input_files_max,
+    log_bytes_max,
+)
+from ledger import Agreement, AgreementTerms, Cancel, Refund
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from compute.market._context import Context
+
+log = logging.getLogger("gpumesh.compute.market")
+
+bid_windows_max = 2
+"""A bid window that closes with no bid at all is extended once before the job fails."""
+capacity_backoff_ms = 250
+capacity_backoff_ms_max = 3_000
+capacity_rounds_max = 2_000
+"""Waiting for capacity is bounded by the job's deadline; this only bounds the loop."""
+driver_passes_max = 10_000
+agreement_wait_blocks_max = 30
+
+
+class Requester:
+    """The requester side of one node's market."""
+
+    exchange_cls: type[RequesterExchange] = RequesterExchange
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.book = JobBook(Role.REQUESTER, ctx)
+        self.drivers = Drivers(self.book, ctx, self.drive)
+        self.exchange = self.exchange_cls(ctx, self.book)
+        self.bidding: set[bytes] = set()
+        """Jobs whose bid window is open right now (bids are persisted in their records)."""
+
+    def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:
+        """The stream protocols this side serves (to providers)."""
+        return {
+            PROTOCOL_BID: self.on_bid,
+            PROTOCOL_INPUT: self.on_input,
+            PROTOCOL_STATUS: self.on_status,
+        }
+
+    # ---- the public API ----
+
+    async def submit(self, submission: JobSubmission) -> JobRecord:
+        ctx = self.ctx
+        manifest, blobs = self.check_submission(submission)
+        active = self.book.count(lambda r: not r.state.terminal)
+        if active >= ctx.config.jobs_active_max:
+            raise InvalidSubmission(f"{active} jobs are already active (jobs_active_max)")
+        now = ctx.clock_ms()
+        reason = explain_unsatisfiable(
+            ctx.directory.offers(now),
+            submission.requirements,
+            submission.max_price_per_gpu_second,
+        )
+        if reason is not None:
+            raise Unsatisfiable(reason)
+        deadline = submission.deadline_ms or now + ctx.config.default_deadline_ms
+        if deadline <= now + submission.max_wall_ms:
+            raise InvalidSubmission("the deadline leaves less than max_wall_ms to run the job")
+        request = ctx.sign(
+            JobRequest(
+                chain_id=ctx.chain_id,
+                created_ms=now,
+                requirements=submission.requirements,
+                max_price_per_gpu_second=submission.max_price_per_gpu_second,
+                max_wall_ms=submission.max_wall_ms,
+                deadline_ms=deadline,
+                bid_window_ms=submission.bid_window_ms or ctx.config.bid_window_ms,
+                manifest_digest=ledger.hash_of(manifest),
+                inputs_bytes=sum(len(b) for b in blobs),
+            )
+        )
+        job_id = ledger.hash_of(request)
+        record = JobRecord(
+            role=Role.REQUESTER,
+            job_id=job_id,
+            state=JobState.BIDDING,
+            request=request,
+            strategy=submission.strategy,
+            attempt_job_id=job_id,
+            stamps=(Stamp(JobState.BIDDING, now),),
+        )
+        self.book.add(record, manifest=manifest, blobs=blobs)
+        self.drivers.start(job_id)
+        return record
+
+    def check_submission(self, sub: JobSubmission) -> tuple[JobManifest, list[bytes]]:
+        if not 0 < len(sub.argv) <= argv_items_max:
+            raise InvalidSubmission(f"the command must have 1..{argv_items_max} arguments")
+        if len(sub.env) > env_items_max or len(sub.inputs) > input_files_max:
+            raise InvalidSubmission(
+                f"at most {env_items_max} env vars and {input_files_max} input files"
+            )
+        total = sum(len(data) for _, data in sub.inputs)
+        if total > self.ctx.config.inputs_bytes_max:
+            raise InvalidSubmission(
+                f"inputs are {total} bytes; the limit is {self.ctx.config.inputs_bytes_max}"
+            )
+        if sub.strategy not in STRATEGIES:
+            raise InvalidSubmission(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if not 0 < sub.max_wall_ms <= 7 * 24 * 3600 * 1000:
+            raise InvalidSubmission("max_wall_ms must be in 1 ms .. 7 days")
+        if sub.max_price_per_gpu_second < 0 or not 0 <= sub.requirements.gpus <= 64:
+            raise InvalidSubmission("max price must be >= 0 and gpus 0..64")
+        if not 0 <= sub.bid_window_ms <= 60_000:
+            raise InvalidSubmission("bid_window_ms must be 0..60000")
+        refs = tuple(InputRef(name, ledger.digest(data), len(data)) for name, data in sub.inputs)
+        manifest = JobManifest(tuple(sub.argv), tuple(sub.env), refs)
+        check_manifest(manifest, self.ctx.config.inputs_bytes_max)
+        return manifest, [data for _, data in sub.inputs]
+
+    def get(self, job_id: bytes) -> JobRecord:
+        record = self.book.get(job_id)
+        if record is None:
+            raise UnknownJob(job_id.hex())
+        return record
+
+    async def cancel(self, job_id: bytes) -> JobRecord:
+        record = self.get(job_id)
+        if record.state.terminal:
+            return record
+        self.book.update(record, error="cancel requested", cancel_requested=True)
+        self.drivers.start(job_id, replace=True)
+        with trio.move_on_after(self.ctx.config.request_timeout_s * 3):
+            receive = self.ctx.events.subscribe()
+            async with receive:
+                record = self.get(job_id)
+                while not record.state.terminal:
+                    changed = await receive.receive()
+                    if changed.job_id == job_id and changed.role is Role.REQUESTER:
+                        record = changed
+        return self.get(job_id)
+
+    async def result(self, job_id: bytes) -> JobResultView:
+        record = self.get(job_id)
+        if record.state is not JobState.DONE:
+            raise JobNotReady(f"job {job_id.hex()[:16]} is {record.state.label}, not done")
+        outputs: dict[str, bytes] = {}
+        for file in record.outputs:
+            data = self.ctx.store.blob(file.sha256)
+            if data is None:
+                raise MarketError(f"output {file.path!r} is missing from the job store")
+            outputs[file.path] = data
+        result = record.result
+        return JobResultView(
+            job_id=job_id,
+            state=record.state,
+            outputs=outputs,
+            stdout=result.stdout if result else b"",
+            stderr=result.stderr if result else b"",
+            receipt=record.receipt,
+        )
+
+    async def logs(self, job_id: bytes) -> LogsInfo:
+        record = self.get(job_id)
+        if record.result is not None:
+            return LogsInfo(record.state.label, record.result.stdout, record.result.stderr)
+        if not record.counterparty_peer_id:
+            return LogsInfo(record.state.label, b"", b"")
+        data = await self.ctx.request(
+            record.counterparty_peer_id, PROTOCOL_LOGS, record.attempt_job_id
+        )
+        return decode(LogsInfo, data, 4 * log_bytes_max)
+
+    # ---- the driver ----
+
+    async def drive(self, job_id: bytes) -> None:
+        for _ in range(driver_passes_max):  # every pass moves the job or waits on the chain
+            record = self.book[job_id]
+            if record.state.terminal:
+                return
+            if record.cancel_requested:
+                await self.cancel_trade(record)
+            elif record.state is JobState.BIDDING:
+                await self.bid_round(record)
+            elif record.state is JobState.AWARDED:
+                await self.lock(record)
+            elif record.state in (JobState.LOCKED, JobState.RUNNING):
+                await self.watch_trade(record)
+            elif record.state is JobState.SETTLING:
+                await self.exchange.collect(record)
+        raise AssertionError(f"a requester driver made no progress in {driver_passes_max} passes")
+
+    async def bid_round(self, record: JobRecord) -> None:
+        ctx = self.ctx
+        request = record.request
+        job_id = record.job_id
+        self.bidding.add(job_id)
+        payload = ledger.encode(request)
+        # Gossip is best effort (a mesh still forming, a loaded peer): the request goes out
+        # again half way through the window, and a window with no bid at all is extended
+        # once. Providers bid once per job id, so a repeat costs one gossip message.
+        try:
+            for _ in range(bid_windows_max):
+                await ctx.net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+                await trio.sleep(request.bid_window_ms / 2000)
+                await ctx.net.publish(JOBS_PURPOSE, JobRequest.TYPE_TAG, payload)
+                await trio.sleep(request.bid_window_ms / 2000)
+                if self.book[job_id].bids:
+                    break
+        finally:
+            self.bidding.discard(job_id)
+        record = self.book[job_id]
+        if not record.bids and self.worth_waiting(record):
+            # Providers exist for this job but none had a free slot: a burst of jobs. Wait for
+            # capacity (backing off) until the deadline leaves no room, then ask again.
+            rounds = record.bid_rounds + 1
+            self.book.update(record, bid_rounds=rounds, error="waiting for a free provider slot")
+            await trio.sleep(min(capacity_backoff_ms_max, capacity_backoff_ms * rounds) / 1000)
+            return
+        if not record.bids:
+            self.book.finish(
+                record,
+                JobState.FAILED,
+                f"no bids within {bid_windows_max} windows of {request.bid_window_ms} ms for "
+                f"{request.requirements.describe()} at <= {request.max_price_per_gpu_second}",
+            )
+            return
+        await self.award_next(record, first=True)
+
+    def worth_waiting(self, record: JobRecord) -> bool:
+        """True when some live offer could take this job once a slot frees up, the price
+        fits, and the deadline still leaves room for another bid round and the run."""
+        request = record.request
+        now = self.ctx.clock_ms()
+        if record.bid_rounds >= capacity_rounds_max or not room_for_round(request, now):
+            return False
+        why = explain_unsatisfiable(
+            self.ctx.directory.offers(now), request.requirements, request.max_price_per_gpu_second
+        )
+        return why is None or why.startswith("all ")
+
+    def score(self, provider: bytes) -> float:
+        return self.ctx.store.provider_stats(provider).score()
+
+    def make_award(self, record: JobRecord, bid: Bid, attempt: int, deadline_ms: int) -> Award:
+        manifest = self.ctx.store.manifest(record.job_id)
+        if manifest is None:
+            raise MarketError("the job's manifest is missing from the job store")
+        request = record.request
+        return self.ctx.sign(
+            Award(
+                job_id=record.job_id,
+                request=request,
+                attempt=attempt,
+                attempt_job_id=attempt_job_id(record.job_id, attempt),
+                provider=bid.signer,
+                price_per_gpu_second=bid.price_per_gpu_second,
+                gpus=request.requirements.gpus,
+                max_cost=request.max_cost(bid.price_per_gpu_second),
+                deadline_ms=deadline_ms,
+                manifest=manifest,
+            )
+        )
+
+    async def award_next(self, record: JobRecord, *, first: bool) -> None:
+        """Award the best untried bid; on success the record is AWARDED with signed terms."""
+        ctx = self.ctx
+        request = record.request
+        peers = dict(zip((b.signer for b in record.bids), record.bid_peers, strict=True))
+        ranked = [
+            b
+            for b in rank_bids(record.bids, record.strategy, self.score)
+            if b.signer not in record.tried
+        ]
+        refusals: list[str] = []
+        attempt = record.attempt if first else record.attempt + 1
+        for bid in ranked:
+            deadline = attempt_deadline(request, ctx.clock_ms(), ctx.config.attempt_slack_ms)
+            if deadline is None:
+                refusals.append("no time left before the job's deadline")
+                break
+            award = self.make_award(record, bid, attempt, deadline)
+            record = self.book.update(record, tried=(*record.tried, bid.signer))
+            try:
+                data = await ctx.request(peers[bid.signer], PROTOCOL_AWARD, ledger.encode(award))
+                terms = decode(AgreementTerms, data)
+                terms.validate(ctx.chain_id)
+            except (NetError, ledger.LedgerError) as exc:
+                refusals.append(f"{bid.signer.hex()[:12]}: {exc}")
+                continue
+            why = terms_refusal(terms, award, ctx.address)
+            if why is not None:
+                refusals.append(f"{bid.signer.hex()[:12]}: {why}")
+                continue
+            self.book.update(
+                record,
+                state=JobState.AWARDED,
+                attempt=attempt,
+                attempt_job_id=award.attempt_job_id,
+                counterparty=bid.signer,
+                counterparty_peer_id=peers[bid.signer],
+                terms=terms,
+                agreement_tx=b"",
+                error="",  # a wait for capacity or an earlier refusal is history now
+            )
+            return
+        why = (
+            f"no provider took the job ({len(ranked)} bid(s) tried): " + "; ".join(refusals[:8])
+            if refusals
+            else record.error or "no untried bids left"
+        )
+        room = room_for_round(record.request, ctx.clock_ms())
+        if refusals and room and record.bid_rounds + 1 < capacity_rounds_max:
+            # Every bidder was full by the time of the award (a burst of jobs): ask again,
+            # the next round sees the slots that have freed up since.
+            self.book.update(
+                record,
+                state=JobState.BIDDING,
+                bids=(),
+                bid_peers=(),
+                tried=(),
+                error=why,
+                bid_rounds=record.bid_rounds + 1,
+            )
+            return
+        state = JobState.FAILED if first or not refusals else JobState.REFUNDED
+        self.book.finish(record, state, why)
+
+    async def lock(self, record: JobRecord) -> None:
+        ctx = self.ctx
+        terms = record.terms
+        assert terms is not None, "an awarded job has terms"
+        if record.agreement_tx:
+            # Resumed after a restart: an agreement sent before it may still be pending.
+            for _ in range(agreement_wait_blocks_max):
+                status = ctx.chain.tx_result(record.agreement_tx)
+                if status is None or status[0]:
+                    break
+                await ctx.wait_block()
+        trade = ctx.chain.trade(record.attempt_job_id)
+        if trade is None or trade.terms != terms:
+
+            def build(nonce: int) -> ledger.Transaction:
+                return ctx.sign(Agreement(nonce=nonce, fee=ctx.fee(), terms=terms))
+
+            def submitted(txh: bytes) -> None:
+                self.book.update(record, agreement_tx=txh)
+
+            try:
+                ok, error = await ctx.submit_and_commit(build, submitted)
+            except ChainRejected as exc:
+                ok, error = False, str(exc)
+            trade = ctx.chain.trade(record.attempt_job_id)
+            if not ok and (trade is None or trade.terms != terms):
+                self.book.finish(record, JobState.FAILED, f"the agreement was rejected: {error}")
+                return
+        if self.book[record.job_id].state is JobState.AWARDED:
+            self.book.update(record, state=JobState.LOCKED)
+
+    def refund_builder(self, aid: bytes) -> Callable[[int], ledger.Transaction]:
+        def build(nonce: int) -> ledger.Transaction:
+            tx = Refund(nonce=nonce, fee=self.ctx.fee(), job_id=ledger.JobId(aid))
+            return self.ctx.sign(tx)
+
+        return build
+
+    async def watch_trade(self, record: JobRecord) -> None:
+        ctx = self.ctx
+        terms = record.terms
+        assert terms is not None, "a locked job has terms"
+        aid = record.attempt_job_id
+        refund_tx: bytes | None = None
+        while True:
+            trade = ctx.chain.trade(aid)
+            if trade is None:
+                raise MarketError("the trade vanished from the chain")
+            status = None if refund_tx is None else ctx.chain.tx_result(refund_tx)
+            refund_live = status is not None and not (status[0] and not status[1])
+            step = watch_step(trade.status, ctx.chain.head()[1], terms.deadline_ms, refund_live)
+            if step is WatchStep.SETTLED:
+                self.book.update(
+                    record,
+                    state=JobState.SETTLING,
+                    receipt=ctx.chain.receipt(aid),
+                    receipt_tx=trade.receipt_tx,
+                    cost=trade.paid,
+                )
+                return
+            if step is WatchStep.CANCELLED:
+                self.book.finish(record, JobState.CANCELLED)
+                return
+            if step is WatchStep.REFUNDED:
+                await self.after_refund(record)
+                return
+            if step is WatchStep.SEND_REFUND:
+                try:
+                    refund_tx = await ctx.chain.submit(self.refund_builder(aid))
+                except ChainRejected as exc:
+                    log.info("refund of %s not accepted yet: %s", aid.hex()[:16], exc)
+            await ctx.wait_block()
+            record = self.book[record.job_id]
+            if record.cancel_requested:
+                return
+
+    async def after_refund(self, record: JobRecord) -> None:
+        provider = record.counterparty
+        stats = self.ctx.store.provider_stats(provider)
+        stats = dataclasses.replace(stats, refunded=stats.refunded + 1)
+        record = self.book.update(
+            record, error=f"provider {provider.hex()[:12]} missed the deadline"
+        )
+        self.ctx.store.put_with_stats(record, provider, stats)
+        if retry_after_refund(record.request, self.ctx.clock_ms(), record.bids, record.tried):
+            await self.award_next(record, first=False)
+            return
+        self.book.finish(record, JobState.REFUNDED, record.error)
+
+    async def cancel_trade(self, record: JobRecord) -> None:
+        ctx = self.ctx
+        aid = record.attempt_job_id
+        trade = ctx.chain.trade(aid) if record.terms is not None else None
+        if record.state is JobState.AWARDED and trade is None and record.agreement_tx:
+            # The agreement may still commit: wait for it (bounded) so it can be cancelled.
+            for _ in range(10):
+                status = ctx.chain.tx_result(record.agreement_tx)
+                if status is None or status[0]:
+                    break
+                await ctx.wait_block()
+            trade = ctx.chain.trade(aid)
+        if record.counterparty_peer_id:
+            notice = ctx.sign(CancelNotice(attempt_job_id=aid))
+            try:
+                await ctx.request(
+                    record.counterparty_peer_id, PROTOCOL_CANCEL, ledger.encode(notice)
+                )
+            except NetError as exc:
+                log.info("cancel notice to the provider failed (the chain decides): %s", exc)
+        step = cancel_step(trade.status if trade is not None else None)
+        if step is CancelStep.TOO_LATE:
+            # The receipt settled first; carry on and fetch the outputs.
+            self.book.update(record, cancel_requested=False, state=JobState.LOCKED)
+            return
+        if step is CancelStep.CLOSED:
+            self.book.finish(record, JobState.CANCELLED, "cancelled by the requester")
+            return
+
+        def build(nonce: int) -> ledger.Transaction:
+            return ctx.sign(Cancel(nonce=nonce, fee=ctx.fee(), job_id=ledger.JobId(aid)))
+
+        try:
+            await ctx.submit_and_commit(build, lambda _: None)
+        except ChainRejected as exc:
+            log.info("cancel tx of %s rejected: %s", aid.hex()[:16], exc)
+        trade = ctx.chain.trade(aid)
+        step = cancel_step(trade.status if trade is not None else None)
+        if step is CancelStep.TOO_LATE:
+            self.book.update(record, cancel_requested=False, state=JobState.LOCKED)
+            return
+        if step is CancelStep.SEND_CANCEL:
+            raise MarketError("the cancel transaction did not close the trade")
+        self.book.finish(record, JobState.CANCELLED, "cancelled by the requester")
+
+    # ---- handlers (a provider calls these) ----
+
+    async def on_bid(self, peer_id: str, data: bytes) -> bytes:
+        bid = decode_signed(Bid, data, self.ctx.chain_id)
+        record = self.book.get(bid.job_id)
+        accepting = (
+            bid.job_id in self.bidding and record is not None and record.state is JobState.BIDDING
+        )
+        why = (
+            "not accepting bids for this job"
+            if record is None
+            else bid_refusal(
+                bid,
+                record.request,
+                accepting=accepting,
+                bids=record.bids,
+                bids_max=bids_per_job_max,
+            )
+        )
+        if why is not None or record is None:
+            self.ctx.counters["bids_rejected"] += 1
+            raise NetError(why or "not accepting bids for this job")
+        # Persisted before the provider hears it was taken: a restart keeps every bid.
+        self.book.update(record, bids=(*record.bids, bid), bid_peers=(*record.bid_peers, peer_id))
+        self.ctx.counters["bids_received"] += 1
+        return b""
+
+    def job_for_peer(self, job_id: bytes, peer_id: str) -> JobRecord:
+        record = self.book.get(job_id)
+        if record is None or record.counterparty_peer_id != peer_id:
+            raise NetError("no such job awarded to you")
+        return record
+
+    async def on_input(self, peer_id: str, data: bytes) -> bytes:
+        ask = decode(BlobRequest, data)
+        self.job_for_peer(ask.job_id, peer_id)
+        return serve_input(self.ctx, self.ctx.store.manifest(ask.job_id), ask)
+
+    async def on_status(self, peer_id: str, data: bytes) -> bytes:
+        for record in self.book.records():
+            if (
+                record.attempt_job_id == data
+                and record.counterparty_peer_id == peer_id
+                and record.state in (JobState.AWARDED, JobState.LOCKED)
+            ):
+                # The provider starts only on an open trade, so its notice can overtake our
+                # own view of the agreement's commit: then the lock is stamped now as well.
+                if record.state is JobState.AWARDED:
+                    record = self.book.update(record, state=JobState.LOCKED)
+                self.book.update(record, state=JobState.RUNNING)
+        return b""

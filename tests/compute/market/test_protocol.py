@@ -1,0 +1,189 @@
+"""The market's pure protocol decisions, one by one (no network, no chain, no clock)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ledger
+from compute.market import Award, Bid, JobManifest, JobRequest, Requirements
+from compute.market._protocol import (
+    CancelStep,
+    OpenStep,
+    SettleStep,
+    WatchStep,
+    attempt_deadline,
+    attempt_job_id,
+    award_refusal,
+    award_terms_refusal,
+    bid_again,
+    bid_refusal,
+    can_pay,
+    can_rerun,
+    cancel_step,
+    open_step,
+    request_refusal,
+    retry_after_refund,
+    settle_step,
+    terms_refusal,
+    watch_step,
+)
+from ledger import AgreementTerms, TradeStatus
+from ledger.testing import key_for
+
+CHAIN = "market-protocol"
+REQUESTER = key_for(1, "market-protocol")
+PROVIDER = key_for(2, "market-protocol")
+MANIFEST = JobManifest(("true",), (), ())
+NOW = 1_000_000
+
+
+def _request(**changes: object) -> JobRequest:
+    values: dict[str, object] = {
+        "chain_id": CHAIN,
+        "created_ms": NOW,
+        "requirements": Requirements(gpus=1),
+        "max_price_per_gpu_second": 50,
+        "max_wall_ms": 10_000,
+        "deadline_ms": NOW + 60_000,
+        "bid_window_ms": 1_000,
+        "manifest_digest": ledger.hash_of(MANIFEST),
+        "inputs_bytes": 0,
+    }
+    values.update(changes)
+    return ledger.sign_object(JobRequest(**values), REQUESTER, CHAIN)  # type: ignore[arg-type]
+
+
+def _bid(job_id: bytes, **changes: object) -> Bid:
+    values: dict[str, object] = {
+        "job_id": job_id,
+        "price_per_gpu_second": 30,
+        "gpus": 1,
+        "model": "RTX4090",
+        "expected_start_ms": NOW,
+        "free_slots": 1,
+        "reservation_expiry_ms": NOW + 3_000,
+    }
+    values.update(changes)
+    return ledger.sign_object(Bid(**values), PROVIDER, CHAIN)  # type: ignore[arg-type]
+
+
+def _award(request: JobRequest, **changes: object) -> Award:
+    job_id = ledger.hash_of(request)
+    values: dict[str, object] = {
+        "job_id": job_id,
+        "request": request,
+        "attempt": 0,
+        "attempt_job_id": job_id,
+        "provider": PROVIDER.address,
+        "price_per_gpu_second": 30,
+        "gpus": 1,
+        "max_cost": request.max_cost(30),
+        "deadline_ms": NOW + 30_000,
+        "manifest": MANIFEST,
+    }
+    values.update(changes)
+    return ledger.sign_object(Award(**values), REQUESTER, CHAIN)  # type: ignore[arg-type]
+
+
+def test_bid_admission() -> None:
+    request = _request()
+    ok = {"chain_id": CHAIN, "now_ms": NOW, "inputs_bytes_max": 1024}
+    assert request_refusal(request, sender=REQUESTER.address, **ok) is None  # type: ignore[arg-type]
+    assert "signed" in str(request_refusal(request, sender=PROVIDER.address, **ok))  # type: ignore[arg-type]
+    late = _request(deadline_ms=NOW + 5_000)
+    assert request_refusal(late, sender=REQUESTER.address, **ok) == "too late to run"  # type: ignore[arg-type]
+    big = _request(inputs_bytes=4096)
+    assert "too large" in str(request_refusal(big, sender=REQUESTER.address, **ok))  # type: ignore[arg-type]
+    assert not bid_again(True, False, 0, NOW), "a bid in flight is not repeated"
+    assert not bid_again(False, True, NOW + 1, NOW), "a delivered, live bid is not repeated"
+    assert bid_again(False, True, NOW, NOW), "a lapsed reservation is bid again"
+    assert bid_again(False, False, NOW + 1, NOW), "a bid that never arrived is sent again"
+    assert can_pay(100, 0, 99, 1) and not can_pay(100, 1, 99, 1), "committed funds count"
+
+
+def test_bid_acceptance() -> None:
+    request = _request()
+    job_id = ledger.hash_of(request)
+    bid = _bid(job_id)
+    kw = {"accepting": True, "bids": (), "bids_max": 4}
+    assert bid_refusal(bid, request, **kw) is None  # type: ignore[arg-type]
+    assert "not accepting" in str(bid_refusal(bid, request, accepting=False, bids=(), bids_max=4))
+    pricey = _bid(job_id, price_per_gpu_second=51)
+    assert "max price" in str(bid_refusal(pricey, request, **kw))  # type: ignore[arg-type]
+    other = _bid(job_id, gpus=2)
+    assert "GPU count" in str(bid_refusal(other, request, **kw))  # type: ignore[arg-type]
+    dup = bid_refusal(bid, request, accepting=True, bids=(bid,), bids_max=4)
+    assert dup is not None and "duplicate" in dup
+
+
+def test_attempt_deadline_and_rounds() -> None:
+    request = _request()
+    assert attempt_deadline(request, NOW, 4_000) == NOW + 14_000
+    assert attempt_deadline(request, NOW + 50_000, 4_000) is None, "no time left to run"
+    assert attempt_job_id(b"j" * 32, 0) == b"j" * 32
+    assert attempt_job_id(b"j" * 32, 1) != attempt_job_id(b"j" * 32, 2)
+    bids = (_bid(ledger.hash_of(request)),)
+    assert retry_after_refund(request, NOW, bids, ())
+    assert not retry_after_refund(request, NOW, bids, (PROVIDER.address,)), "tried already"
+
+
+def test_award_acceptance() -> None:
+    request = _request()
+    award = _award(request)
+    kw = {"chain_id": CHAIN, "own_address": PROVIDER.address, "now_ms": NOW}
+    assert award_refusal(award, **kw) is None  # type: ignore[arg-type]
+    wrong = {**kw, "own_address": REQUESTER.address}
+    assert "another provider" in str(award_refusal(award, **wrong))  # type: ignore[arg-type]
+    bad_cost = _award(request, max_cost=1)
+    assert "max_cost" in str(award_refusal(bad_cost, **kw))  # type: ignore[arg-type]
+    other_manifest = _award(request, manifest=JobManifest(("false",), (), ()))
+    assert "manifest" in str(award_refusal(other_manifest, **kw))  # type: ignore[arg-type]
+    attempt = _award(request, attempt=1)
+    assert "attempt" in str(award_refusal(attempt, **kw))  # type: ignore[arg-type]
+    forged = dataclasses.replace(award, request=dataclasses.replace(request, max_wall_ms=1))
+    assert award_refusal(forged, **kw) is not None, "a changed request must not pass"  # type: ignore[arg-type]
+    late = _award(request, deadline_ms=NOW + 5_000)
+    assert "too little time" in str(award_refusal(late, **kw))  # type: ignore[arg-type]
+    assert award_terms_refusal(award, 31) is not None and award_terms_refusal(award, 30) is None
+
+
+def test_terms_must_be_what_was_awarded() -> None:
+    request = _request()
+    award = _award(request)
+    terms = ledger.sign_object(
+        AgreementTerms(
+            job_id=ledger.JobId(award.attempt_job_id),
+            requester=ledger.Address(REQUESTER.address),
+            provider=ledger.Address(PROVIDER.address),
+            price_per_gpu_second=30,
+            gpus=1,
+            max_cost=award.max_cost,
+            deadline_ms=award.deadline_ms,
+        ),
+        PROVIDER,
+        CHAIN,
+    )
+    assert terms_refusal(terms, award, REQUESTER.address) is None
+    greedy = dataclasses.replace(terms, price_per_gpu_second=31)
+    assert terms_refusal(greedy, award, REQUESTER.address) is not None
+
+
+def test_what_the_trade_means_for_each_side() -> None:
+    assert open_step(TradeStatus.OPEN, True, NOW, NOW + 1) is OpenStep.START
+    assert open_step(TradeStatus.CANCELLED, True, NOW, NOW + 1) is OpenStep.CLOSED
+    assert open_step(None, False, NOW, NOW + 1) is OpenStep.WAIT
+    assert open_step(TradeStatus.OPEN, False, NOW + 2, NOW + 1) is OpenStep.GIVE_UP
+    assert can_rerun(NOW, 1_000, NOW + 2_001) and not can_rerun(NOW, 1_000, NOW + 2_000)
+    deadline = NOW
+    assert watch_step(TradeStatus.OPEN, NOW, deadline, False) is WatchStep.WAIT
+    assert watch_step(TradeStatus.OPEN, NOW + 1, deadline, False) is WatchStep.SEND_REFUND
+    assert watch_step(TradeStatus.OPEN, NOW + 1, deadline, True) is WatchStep.WAIT
+    assert watch_step(TradeStatus.SETTLED, NOW, deadline, False) is WatchStep.SETTLED
+    assert watch_step(TradeStatus.REFUNDED, NOW, deadline, False) is WatchStep.REFUNDED
+    assert cancel_step(TradeStatus.OPEN) is CancelStep.SEND_CANCEL
+    assert cancel_step(TradeStatus.SETTLED) is CancelStep.TOO_LATE
+    assert cancel_step(None) is CancelStep.CLOSED
+    assert settle_step(TradeStatus.OPEN) is SettleStep.SUBMIT_RECEIPT
+    assert settle_step(TradeStatus.SETTLED) is SettleStep.DONE
+    assert settle_step(TradeStatus.CANCELLED) is SettleStep.CANCELLED
+    assert settle_step(TradeStatus.REFUNDED) is SettleStep.REFUNDED
