@@ -4,7 +4,8 @@ Where things live:
 - ``_codec``: the one canonical msgpack encoding (``encode``, ``decode``, ``hash_of``).
 - ``_keys``: Ed25519 keys, addresses and domain-separated signatures.
 - ``types``: transactions (``Transfer``, ``Agreement`` with provider-signed ``AgreementTerms``,
-  ``Receipt``, ``Refund``, ``Cancel``), ``Account``, ``Trade``, ``Block``, ``Commit``.
+  ``Receipt``, ``Refund``, ``Cancel``, ``Stake``, ``Unbond``), ``ChainParams``, ``Account``,
+  ``Trade``, ``Block``, ``Commit``.
 - ``_state``: ``LedgerState``, the pure ``apply_block``, ``build_block`` and ``state_root``.
 - ``_genesis``: ``Genesis`` (JSON in and out, the initial state).
 - ``_schema``: every key the store writes; ``_store``: ``LevelDBStore`` and ``MemoryStore``.
@@ -71,6 +72,7 @@ from ledger.types import (
     JobId,
     Receipt,
     Refund,
+    Stake,
     Trade,
     TradeStatus,
     Transaction,
@@ -78,6 +80,7 @@ from ledger.types import (
     TxHash,
     TxKind,
     TxResult,
+    Unbond,
     Validator,
     tx_hash,
 )
@@ -118,6 +121,7 @@ __all__ = [
     "SignatureError",
     "SignedObject",
     "SigningKey",
+    "Stake",
     "Store",
     "StoreAPI",
     "StoreError",
@@ -129,6 +133,7 @@ __all__ = [
     "TxKind",
     "TxRecord",
     "TxResult",
+    "Unbond",
     "Validator",
     "apply_block",
     "build_block",

@@ -1,7 +1,8 @@
 """Genesis: the chain id, the initial allocations (the only mint) and the validator set.
 
 The JSON form is ``{"chain_id": str, "genesis_time_ms": int, "accounts": [{"address": hex,
-"balance": int}], "validators": [{"address": hex, "power": int}], "params": {...}}``.
+"balance": int, "bonded": int}], "validators": [{"address": hex, "power": int}], "params": {...}}``.
+An account's ``bonded`` (stake a provider starts with, slashable) is optional (0).
 ``params`` (``ChainParams``) is optional, and so is each of its keys: a missing one takes the
 field's default (the permissive rules of a chain without fees or bonds); an unknown key is an
 error, so a typo cannot silently give a chain the wrong rules.
@@ -30,6 +31,7 @@ validators_max = 1000
 class GenesisAccount:
     address: Address
     balance: int
+    bonded: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,7 +56,9 @@ class Genesis:
             seen.add(account.address)
             if not 0 <= account.balance <= amount_max:
                 raise InvalidGenesis(f"accounts[{i}].balance is outside 0..{amount_max}")
-        if sum(a.balance for a in self.accounts) > amount_max:
+            if not 0 <= account.bonded <= amount_max:
+                raise InvalidGenesis(f"accounts[{i}].bonded is outside 0..{amount_max}")
+        if self.supply() > amount_max:
             raise InvalidGenesis(f"the total supply exceeds {amount_max}")
         if not 0 < len(self.validators) <= validators_max:
             raise InvalidGenesis(f"validators must hold 1..{validators_max} entries")
@@ -71,6 +75,10 @@ class Genesis:
         if problems:
             raise InvalidGenesis("; ".join(problems))
 
+    def supply(self) -> int:
+        """All the money there will ever be: every allocation, bonds included."""
+        return sum(a.balance + a.bonded for a in self.accounts)
+
     def hash(self) -> BlockHash:
         """What block 1's ``prev_hash`` must be: the hash of the canonical genesis."""
         return BlockHash(hash_of(self))
@@ -83,6 +91,7 @@ class Genesis:
             {a.address: a.balance for a in self.accounts},
             self.validators,
             self.params,
+            {a.address: a.bonded for a in self.accounts if a.bonded},
         )
 
     def to_json(self) -> str:
@@ -91,7 +100,9 @@ class Genesis:
                 "chain_id": self.chain_id,
                 "genesis_time_ms": self.genesis_time_ms,
                 "accounts": [
-                    {"address": a.address.hex(), "balance": a.balance} for a in self.accounts
+                    {"address": a.address.hex(), "balance": a.balance}
+                    | ({"bonded": a.bonded} if a.bonded else {})
+                    for a in self.accounts
                 ],
                 "validators": [
                     {"address": v.address.hex(), "power": v.power} for v in self.validators
@@ -117,6 +128,7 @@ class Genesis:
                 GenesisAccount(
                     _address(_expect(a, dict, f"accounts[{i}]"), f"accounts[{i}]"),
                     _expect_int(a.get("balance"), f"accounts[{i}].balance"),
+                    _expect_int(a.get("bonded", 0), f"accounts[{i}].bonded"),
                 )
                 for i, a in enumerate(_expect(obj.get("accounts"), list, "accounts"))
             ),

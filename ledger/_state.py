@@ -32,21 +32,22 @@ from ledger.types import (
     JobId,
     Receipt,
     Refund,
+    Stake,
     Trade,
     TradeStatus,
     Transaction,
     Transfer,
     TxHash,
     TxResult,
+    Unbond,
     Validator,
     amount_max,
     block_transactions_max,
-    deadline_horizon_ms_max,
     tx_hash,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Container, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
 bucket_count = 256
 _NO_PARAMS = ChainParams()
@@ -132,8 +133,9 @@ class LedgerState:
         return self.accounts.get(Address(address)) or _EMPTY_ACCOUNT
 
     def total_supply(self) -> int:
-        """Balances plus locked escrow over every account: constant after genesis."""
-        return sum(a.balance + a.locked for a in self.accounts.values())
+        """Balances, escrow, bonds and unbonding stake over every account: constant after
+        genesis."""
+        return sum(a.total() for a in self.accounts.values())
 
     def _with_changes(
         self,
@@ -278,6 +280,38 @@ def _charge(view: _Overlay, tx: Transaction, *, check_nonce: bool) -> Account:
     return dataclasses.replace(sender, balance=sender.balance - fee, nonce=sender.nonce + 1)
 
 
+def _with_balance(account: Account, balance: int) -> Account:
+    """``account`` with a new balance, built directly (the transfer path is the hot one)."""
+    return Account(
+        balance,
+        account.locked,
+        account.nonce,
+        account.earned,
+        account.bonded,
+        account.unbonding,
+        account.unbond_release_ms,
+        account.completed,
+        account.failed,
+        account.slashed,
+    )
+
+
+def _slash(provider: Account, amount: int) -> tuple[Account, int]:
+    """Take up to ``amount`` from the provider's stake, bond first, then unbonding stake (it
+    stays slashable until released): the new account (``slashed`` counted) and what was taken."""
+    taken = min(amount, provider.bonded + provider.unbonding)
+    from_bond = min(taken, provider.bonded)
+    return (
+        dataclasses.replace(
+            provider,
+            bonded=provider.bonded - from_bond,
+            unbonding=provider.unbonding - (taken - from_bond),
+            slashed=provider.slashed + 1,
+        ),
+        taken,
+    )
+
+
 def _body(
     view: _Overlay,
     tx: Transaction,
@@ -292,80 +326,159 @@ def _body(
     hold the charged sender); raises ``InvalidTransaction`` when the body does not apply, and
     then the caller drops everything but the charge."""
     sender_address = tx.signer
+    params = view.base.params
 
     def current(address: Address) -> Account:
         return accounts.get(address) or view.account(address)
 
     sender = accounts[sender_address]
     if isinstance(tx, Transfer):
-        # The hot path (most transactions): accounts built directly.
         amount = tx.amount
         _require(sender.balance >= amount, f"balance {sender.balance} < amount {amount}")
-        accounts[sender_address] = Account(
-            sender.balance - amount, sender.locked, sender.nonce, sender.earned
-        )
+        accounts[sender_address] = _with_balance(sender, sender.balance - amount)
         recipient = current(tx.recipient)
-        accounts[tx.recipient] = Account(
-            recipient.balance + amount, recipient.locked, recipient.nonce, recipient.earned
-        )
+        accounts[tx.recipient] = _with_balance(recipient, recipient.balance + amount)
     elif isinstance(tx, Agreement):
         terms = tx.terms
         existing = view.trade(terms.job_id)
         _require(
             existing is None
-            or (existing.status is not TradeStatus.OPEN and existing.terms.deadline_ms < time_ms),
+            or (
+                existing.status is not TradeStatus.OPEN
+                and existing.terms.deadline_ms + params.evidence_window_ms < time_ms
+            ),
             f"job {terms.job_id.hex()} already has a trade",
         )
         _require(time_ms < terms.deadline_ms, "the deadline has already passed")
+        horizon = params.deadline_horizon_ms()
         _require(
-            terms.deadline_ms - time_ms <= deadline_horizon_ms_max,
-            f"the deadline is more than {deadline_horizon_ms_max} ms ahead",
+            terms.deadline_ms - time_ms <= horizon,
+            f"the deadline is more than {horizon} ms ahead",
+        )
+        bonded = current(terms.provider).bonded
+        _require(
+            bonded >= params.provider_bond_min,
+            f"the provider's bond {bonded} is below the minimum {params.provider_bond_min}",
         )
         max_cost = terms.max_cost
         _require(sender.balance >= max_cost, f"balance {sender.balance} < max_cost {max_cost}")
         accounts[sender_address] = dataclasses.replace(
             sender, balance=sender.balance - max_cost, locked=sender.locked + max_cost
         )
-        trades[terms.job_id] = Trade(terms=terms, status=TradeStatus.OPEN, opened_height=height)
+        trades[terms.job_id] = Trade(
+            terms=terms, status=TradeStatus.OPEN, opened_height=height, opened_time_ms=time_ms
+        )
     elif isinstance(tx, Receipt):
         trade = _open_trade(view, tx.job_id)
         terms = trade.terms
         _require(sender_address == terms.provider, "only the trade's provider may send a receipt")
         _require(time_ms <= terms.deadline_ms, "the deadline passed before the receipt")
-        cost = terms.cost(tx.wall_ms)
-        requester = _release(trade, current(terms.requester), terms.max_cost - cost)
-        accounts[terms.requester] = requester
-        provider = current(sender_address)
-        accounts[sender_address] = dataclasses.replace(
-            provider,
-            balance=provider.balance + cost,
-            # Saturate: earnings are a statistic, not money; they must not overflow the codec.
-            earned=min(amount_max, provider.earned + cost),
-        )
+        cost = terms.cost(tx.wall_ms, params.charge_min)
+        _pay(accounts, current, trade, cost, completed=1)
         trades[tx.job_id] = dataclasses.replace(
             trade, status=TradeStatus.SETTLED, closed_height=height, paid=cost, receipt_tx=txh
         )
     elif isinstance(tx, Refund):
         trade = _open_trade(view, tx.job_id)
-        _require(
-            time_ms > trade.terms.deadline_ms, "a refund is only valid after the trade's deadline"
-        )
-        requester_address = trade.terms.requester
-        accounts[requester_address] = _release(
-            trade, current(requester_address), trade.terms.max_cost
-        )
+        terms = trade.terms
+        _require(time_ms > terms.deadline_ms, "a refund is only valid after the trade's deadline")
+        requester_address = terms.requester
+        accounts[requester_address] = _release(trade, current(requester_address), terms.max_cost)
+        # The award was abandoned: the provider neither settled nor gave it up in time.
+        provider, taken = _slash(current(terms.provider), params.slash_amount)
+        accounts[terms.provider] = dataclasses.replace(provider, failed=provider.failed + 1)
+        _share_slash(accounts, current, taken, requester_address, sender_address, terms.provider)
         trades[tx.job_id] = dataclasses.replace(
-            trade, status=TradeStatus.REFUNDED, closed_height=height
+            trade, status=TradeStatus.REFUNDED, closed_height=height, slashed=True
         )
     elif isinstance(tx, Cancel):
         trade = _open_trade(view, tx.job_id)
-        _require(sender_address == trade.terms.requester, "only the requester may cancel")
-        accounts[sender_address] = _release(trade, sender, trade.terms.max_cost)
+        terms = trade.terms
+        if sender_address == terms.requester:
+            # Pays for the time the provider held the job, however the requester got what
+            # it wanted (it cannot have the outputs: they are sealed until a receipt).
+            cost = terms.cost(time_ms - trade.opened_time_ms, params.charge_min)
+            _pay(accounts, current, trade, cost, completed=0)
+        else:
+            _require(sender_address == terms.provider, "only the requester or provider may cancel")
+            cost = 0
+            accounts[terms.requester] = _release(trade, current(terms.requester), terms.max_cost)
+            provider = current(sender_address)
+            accounts[sender_address] = dataclasses.replace(provider, failed=provider.failed + 1)
         trades[tx.job_id] = dataclasses.replace(
-            trade, status=TradeStatus.CANCELLED, closed_height=height
+            trade, status=TradeStatus.CANCELLED, closed_height=height, paid=cost
         )
+    elif isinstance(tx, Stake):
+        amount = tx.amount
+        _require(sender.balance >= amount, f"balance {sender.balance} < stake {amount}")
+        accounts[sender_address] = dataclasses.replace(
+            sender, balance=sender.balance - amount, bonded=sender.bonded + amount
+        )
+    elif isinstance(tx, Unbond):
+        account = sender
+        claimed = account.unbonding > 0 and time_ms >= account.unbond_release_ms
+        if claimed:
+            account = dataclasses.replace(
+                account,
+                balance=account.balance + account.unbonding,
+                unbonding=0,
+                unbond_release_ms=0,
+            )
+        amount = tx.amount
+        if amount:
+            _require(account.bonded >= amount, f"bond {account.bonded} < unbond {amount}")
+            account = dataclasses.replace(
+                account,
+                bonded=account.bonded - amount,
+                unbonding=account.unbonding + amount,
+                unbond_release_ms=time_ms + params.unbonding_delay_ms,
+            )
+        else:
+            _require(claimed, "no unbonding stake has matured yet")
+        accounts[sender_address] = account
     else:  # pragma: no cover - the codec only builds the kinds above
         raise InvalidTransaction(f"unknown transaction type {type(tx).__name__}")
+
+
+def _pay(
+    accounts: dict[Address, Account],
+    current: Callable[[Address], Account],
+    trade: Trade,
+    cost: int,
+    *,
+    completed: int,
+) -> None:
+    """Close ``trade``'s escrow: ``cost`` to the provider, the rest back to the requester."""
+    terms = trade.terms
+    assert 0 <= cost <= terms.max_cost, "cost is capped by the escrow"
+    accounts[terms.requester] = _release(trade, current(terms.requester), terms.max_cost - cost)
+    provider = current(terms.provider)
+    accounts[terms.provider] = dataclasses.replace(
+        provider,
+        balance=provider.balance + cost,
+        # Saturate: earnings are a statistic, not money; they must not overflow the codec.
+        earned=min(amount_max, provider.earned + cost),
+        completed=provider.completed + completed,
+    )
+
+
+def _share_slash(
+    accounts: dict[Address, Account],
+    current: Callable[[Address], Account],
+    taken: int,
+    requester: Address,
+    sender: Address,
+    provider: Address,
+) -> None:
+    """Half of a slash to the harmed requester, half to whoever brought the evidence; all of
+    it to the requester when it sent the evidence itself or the provider did (a provider must
+    not get back part of its own slash)."""
+    to_sender = 0 if sender in (requester, provider) else taken // 2
+    harmed = current(requester)
+    accounts[requester] = _with_balance(harmed, harmed.balance + taken - to_sender)
+    if to_sender:
+        reporter = current(sender)
+        accounts[sender] = _with_balance(reporter, reporter.balance + to_sender)
 
 
 def _transition(
@@ -434,14 +547,16 @@ def _apply(
     view = _Overlay(state)
     time_ms = block.time_ms
     height = block.height
-    # Closed trades stay in the state until a block's time is past their deadline, so their
-    # job ids (and the provider's signed terms) cannot be replayed before then; after it an
+    # Closed trades stay in the state until a block's time is past their deadline plus the
+    # evidence window, so their job ids (and the provider's signed terms) cannot be replayed
+    # before then, and slash evidence against them can still be judged; after it an
     # agreement over those terms is invalid anyway. The rule depends only on the trades and
     # block times, so the store rebuilds the same set from its trade table (see _store).
     removed = frozenset(
         job_id
         for job_id, trade in state.trades.items()
-        if trade.status is not TradeStatus.OPEN and trade.terms.deadline_ms < time_ms
+        if trade.status is not TradeStatus.OPEN
+        and trade.terms.deadline_ms + state.params.evidence_window_ms < time_ms
     )
     for job_id in removed:
         view.trades[job_id] = None
@@ -562,9 +677,14 @@ def genesis_state(
     balances: Mapping[Address, int],
     validators: tuple[Validator, ...],
     params: ChainParams = _NO_PARAMS,
+    bonds: Mapping[Address, int] | None = None,
 ) -> LedgerState:
-    accounts = {address: Account(balance=balance) for address, balance in balances.items()}
-    supply = sum(balances.values())
+    bonds = bonds or {}
+    accounts = {
+        address: Account(balance=balance, bonded=bonds.get(address, 0))
+        for address, balance in balances.items()
+    }
+    supply = sum(a.total() for a in accounts.values())
     return LedgerState(
         chain_id=chain_id,
         height=0,

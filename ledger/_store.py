@@ -210,7 +210,7 @@ class Store(StoreAPI):
             # deadline (see ledger._state); a trade closed by the head block is still there.
             if (
                 trade.status is TradeStatus.OPEN
-                or trade.terms.deadline_ms >= head.time_ms
+                or trade.terms.deadline_ms + genesis.params.evidence_window_ms >= head.time_ms
                 or trade.closed_height == head.height
             ):
                 trades[JobId(key[1:])] = trade
@@ -222,7 +222,7 @@ class Store(StoreAPI):
             accounts=accounts,
             trades=trades,
             validators=genesis.validators,
-            supply=sum(a.balance for a in genesis.accounts),
+            supply=genesis.supply(),
             params=genesis.params,
         )
         if state.root != head.state_root:

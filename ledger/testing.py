@@ -11,6 +11,7 @@ from ledger._genesis import Genesis, GenesisAccount
 from ledger._keys import Address, SigningKey, sign_object
 from ledger._state import BlockResults, LedgerState, apply_block, build_block
 from ledger.types import (
+    NO_GROUP,
     Agreement,
     AgreementTerms,
     Block,
@@ -19,8 +20,11 @@ from ledger.types import (
     JobId,
     Receipt,
     Refund,
+    Stake,
     TradeStatus,
+    Transaction,
     Transfer,
+    Unbond,
     Validator,
 )
 
@@ -49,12 +53,14 @@ def funded_genesis(
     *,
     chain_id: str = test_chain_id,
     params: ChainParams | None = None,
+    bonded: int = 0,
 ) -> Genesis:
-    """Every key funded with ``balance``; ``params`` default to a genesis that names none."""
+    """Every key funded with ``balance`` and a bond of ``bonded``; ``params`` default to a
+    genesis that names none."""
     return Genesis(
         chain_id=chain_id,
         genesis_time_ms=test_genesis_time_ms,
-        accounts=tuple(GenesisAccount(k.address, balance) for k in keys),
+        accounts=tuple(GenesisAccount(k.address, balance, bonded) for k in keys),
         validators=(Validator(keys[0].address, 1),),
         params=params or ChainParams(),
     )
@@ -84,6 +90,7 @@ def agreement(
     max_cost: int,
     deadline_ms: int,
     fee: int = 0,
+    group_id: bytes = NO_GROUP,
     chain_id: str = test_chain_id,
 ) -> Agreement:
     terms = AgreementTerms(
@@ -94,6 +101,8 @@ def agreement(
         gpus=gpus,
         max_cost=max_cost,
         deadline_ms=deadline_ms,
+        group_id=group_id,
+        manifest_digest=hashlib.sha256(b"manifest/" + job_id).digest(),
     )
     signed_terms = sign_object(terms, provider, chain_id)
     return sign_object(Agreement(nonce=nonce, fee=fee, terms=signed_terms), requester, chain_id)
@@ -132,9 +141,21 @@ def cancel(
     return sign_object(Cancel(nonce=nonce, fee=fee, job_id=job_id), key, chain_id)
 
 
+def stake(
+    key: SigningKey, nonce: int, amount: int, *, fee: int = 0, chain_id: str = test_chain_id
+) -> Stake:
+    return sign_object(Stake(nonce=nonce, fee=fee, amount=amount), key, chain_id)
+
+
+def unbond(
+    key: SigningKey, nonce: int, amount: int, *, fee: int = 0, chain_id: str = test_chain_id
+) -> Unbond:
+    return sign_object(Unbond(nonce=nonce, fee=fee, amount=amount), key, chain_id)
+
+
 def next_block(
     state: LedgerState,
-    txs: Sequence[Transfer | Agreement | Receipt | Refund | Cancel],
+    txs: Sequence[Transaction],
     proposer: bytes,
     *,
     interval_ms: int = block_interval_ms,
@@ -148,7 +169,7 @@ def next_block(
 def commit_next(
     store: StoreAPI | None,
     state: LedgerState,
-    txs: Sequence[Transfer | Agreement | Receipt | Refund | Cancel],
+    txs: Sequence[Transaction],
     proposer: bytes,
     *,
     interval_ms: int = block_interval_ms,
@@ -163,7 +184,7 @@ def commit_next(
 
 def scripted_transactions(
     keys: Sequence[SigningKey], state: LedgerState, seed: int, count: int
-) -> list[Transfer | Agreement | Receipt | Refund | Cancel]:
+) -> list[Transaction]:
     """``count`` transactions for the block after ``state``, a pure function of the seed and
     the state: transfers, agreements, receipts, refunds and cancels, a few of them invalid.
     Two processes that replay the same seed build the same chain."""
@@ -171,7 +192,7 @@ def scripted_transactions(
     nonces = {k.address: state.account(k.address).nonce for k in keys}
     open_jobs = sorted(j for j, t in state.trades.items() if t.status is TradeStatus.OPEN)
     by_address = {k.address: k for k in keys}
-    txs: list[Transfer | Agreement | Receipt | Refund | Cancel] = []
+    txs: list[Transaction] = []
     for i in range(count):
         roll = rng.random()
         if roll < 0.1 and open_jobs:
@@ -180,7 +201,7 @@ def scripted_transactions(
             provider, requester = by_address[terms.provider], by_address[terms.requester]
             choice = rng.random()
             if choice < 0.6:
-                tx: Transfer | Agreement | Receipt | Refund | Cancel = receipt(
+                tx: Transaction = receipt(
                     provider, nonces[provider.address], job_id, wall_ms=rng.randrange(100_000)
                 )
                 nonces[provider.address] += 1

@@ -25,6 +25,8 @@ TxHash = NewType("TxHash", bytes)
 BlockHash = NewType("BlockHash", bytes)
 
 _UNSIGNED = Address(b"")
+NO_GROUP = bytes(32)
+"""``AgreementTerms.group_id`` of a trade that belongs to no group."""
 """The signer field before signing; ``sign_object`` fills it in."""
 address_bytes = 32
 job_id_bytes = 32
@@ -63,13 +65,13 @@ class ChainParams:
     """Smallest fee any transaction may carry."""
     provider_bond_min: int = 0
     """Bond a provider must hold for an agreement naming it to be valid."""
-    unbonding_delay_ms: int = deadline_horizon_ms_max + day_ms
+    unbonding_delay_ms: int = deadline_horizon_ms_max
     """How long unbonded stake stays slashable before it can return to the balance."""
     charge_min: int = 0
     """Least a settled or requester-cancelled trade pays its provider (capped by max_cost)."""
     slash_amount: int = 0
     """What one proven fault takes from a provider's bond (at most what it has)."""
-    evidence_window_ms: int = day_ms
+    evidence_window_ms: int = 0
     """How long after its deadline a closed trade stays in the state, open to slash evidence."""
 
     @classmethod
@@ -109,6 +111,8 @@ class TxKind(enum.IntEnum):
     RECEIPT = 3
     REFUND = 4
     CANCEL = 5
+    STAKE = 6
+    UNBOND = 7
 
 
 class TradeStatus(enum.IntEnum):
@@ -133,12 +137,31 @@ def _check_bytes(name: str, value: bytes, size: int) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Account:
-    """One account's state. ``earned`` sums what the account was paid as a provider."""
+    """One account's state. ``earned`` sums what the account was paid as a provider.
+
+    Money: ``balance`` (spendable), ``locked`` (escrow of its open trades as a requester),
+    ``bonded`` (a provider's stake, slashable) and ``unbonding`` (stake on its way back to the
+    balance, still slashable, released from ``unbond_release_ms``). The counts ``completed``,
+    ``failed`` and ``slashed`` are the provider's on-chain reputation.
+    """
 
     balance: int = 0
     locked: int = 0
     nonce: int = 0
     earned: int = 0
+    bonded: int = 0
+    unbonding: int = 0
+    unbond_release_ms: int = 0
+    completed: int = 0
+    """Trades it settled with a receipt."""
+    failed: int = 0
+    """Trades it gave up (provider cancel) or abandoned past the deadline."""
+    slashed: int = 0
+    """Proven faults it was slashed for."""
+
+    def total(self) -> int:
+        """Every unit of money the account holds, in any form (what supply counts)."""
+        return self.balance + self.locked + self.bonded + self.unbonding
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,11 +176,18 @@ class AgreementTerms:
     gpus: int
     max_cost: int
     deadline_ms: int
+    group_id: bytes = NO_GROUP
+    """The logical job: every attempt or replica of one job shares it (``NO_GROUP``: none,
+    which no outvote evidence can name)."""
+    manifest_digest: bytes = bytes(hash_bytes)
+    """SHA-256 of the job's canonical manifest: what the provider agreed to run."""
     signer: Address = _UNSIGNED
     signature: bytes = b""
 
     def validate(self, chain_id: str) -> None:
         _check_bytes("terms.job_id", self.job_id, job_id_bytes)
+        _check_bytes("terms.group_id", self.group_id, hash_bytes)
+        _check_bytes("terms.manifest_digest", self.manifest_digest, hash_bytes)
         _check_bytes("terms.requester", self.requester, address_bytes)
         _check_bytes("terms.provider", self.provider, address_bytes)
         _check(self.requester != self.provider, "requester and provider must differ")
@@ -171,9 +201,11 @@ class AgreementTerms:
             "the provider's signature over the terms does not verify",
         )
 
-    def cost(self, wall_ms: int) -> int:
-        """What the requester pays for ``wall_ms`` of usage: CPU-only jobs count one slot."""
-        return min(self.max_cost, self.price_per_gpu_second * max(self.gpus, 1) * wall_ms // 1000)
+    def cost(self, wall_ms: int, charge_min: int = 0) -> int:
+        """What the requester pays for ``wall_ms`` of usage: CPU-only jobs count one slot,
+        rounded up to a whole unit, at least ``charge_min``, at most ``max_cost``."""
+        usage = -(-self.price_per_gpu_second * max(self.gpus, 1) * wall_ms // 1000)
+        return min(self.max_cost, max(charge_min, usage))
 
 
 def _signed_body(obj: object) -> bytes:
@@ -281,7 +313,8 @@ class Receipt(_TxBase):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Refund(_TxBase):
-    """Returns a trade's escrow to the requester once a block's time is past the deadline."""
+    """Closes a trade still open past its deadline (an abandoned award), sent by anyone: full
+    refund to the requester, and the provider is slashed (see ``ledger._state``)."""
 
     TYPE_TAG: ClassVar[str] = "gpumesh/tx/refund/1"
     KIND: ClassVar[TxKind] = TxKind.REFUND
@@ -300,7 +333,9 @@ class Refund(_TxBase):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(_TxBase):
-    """Closes an open trade before any receipt: sent by the requester, full refund."""
+    """Closes an open trade before any receipt. By the requester: the provider is paid for the
+    block time since the trade opened (``terms.cost``), the rest refunded. By the provider:
+    full refund, and the provider's ``failed`` count goes up."""
 
     TYPE_TAG: ClassVar[str] = "gpumesh/tx/cancel/1"
     KIND: ClassVar[TxKind] = TxKind.CANCEL
@@ -317,13 +352,54 @@ class Cancel(_TxBase):
         self._verify_signature(chain_id)
 
 
-Transaction = Transfer | Agreement | Receipt | Refund | Cancel
-TRANSACTION_TYPES: tuple[type[Transfer | Agreement | Receipt | Refund | Cancel], ...] = (
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Stake(_TxBase):
+    """Moves ``amount`` of the sender's balance into its bond."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/stake/1"
+    KIND: ClassVar[TxKind] = TxKind.STAKE
+    kind: TxKind = TxKind.STAKE
+    nonce: int
+    fee: int
+    amount: int
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check(1 <= self.amount <= amount_max, f"amount {self.amount} is outside 1..{amount_max}")
+        self._verify_signature(chain_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Unbond(_TxBase):
+    """Releases matured unbonding stake to the balance, then starts unbonding ``amount`` of the
+    bond (released ``unbonding_delay_ms`` later); ``amount`` 0 only claims."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/unbond/1"
+    KIND: ClassVar[TxKind] = TxKind.UNBOND
+    kind: TxKind = TxKind.UNBOND
+    nonce: int
+    fee: int
+    amount: int
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check_amount("amount", self.amount)
+        self._verify_signature(chain_id)
+
+
+Transaction = Transfer | Agreement | Receipt | Refund | Cancel | Stake | Unbond
+TRANSACTION_TYPES: tuple[type[Transaction], ...] = (
     Transfer,
     Agreement,
     Receipt,
     Refund,
     Cancel,
+    Stake,
+    Unbond,
 )
 
 
@@ -344,6 +420,10 @@ class Trade:
     """What the provider was paid (settled trades only)."""
     receipt_tx: bytes = b""
     """Hash of the receipt transaction that settled it (settled trades only)."""
+    opened_time_ms: int = 0
+    """Block time of the agreement: a requester's cancel pays for the time since."""
+    slashed: bool = False
+    """Whether the provider was already slashed for this trade (once per trade)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

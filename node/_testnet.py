@@ -24,6 +24,8 @@ from node.exceptions import TestnetError
 nodes_max = 128
 bootstrap_peers_per_node = 3
 genesis_balance = 10**12
+genesis_bond = 10 * ChainParams.default().provider_bond_min
+"""Every genesis account's bond (beside its balance): any node may provide from the start."""
 start_timeout_s = 30.0
 stop_timeout_s = 10.0
 
@@ -156,7 +158,10 @@ def genesis_document(chain_id: str, keys: list[SigningKey], validators: int) -> 
     return {
         "chain_id": chain_id,
         "genesis_time_ms": int(time.time() * 1000),
-        "accounts": [{"address": k.address.hex(), "balance": genesis_balance} for k in keys],
+        "accounts": [
+            {"address": k.address.hex(), "balance": genesis_balance, "bonded": genesis_bond}
+            for k in keys
+        ],
         "validators": [{"address": k.address.hex(), "power": 10} for k in keys[:validators]],
         # The network's rules: a minimum fee, a provider bond, slashing (ledger.ChainParams).
         "params": dataclasses.asdict(ChainParams.default()),

@@ -1,14 +1,17 @@
 """The real ledger against a slow, obviously correct reference model.
 
-Random transfers, agreements, receipts, refunds and cancels (valid and invalid: wrong nonces,
-wrong senders, overspends, early refunds, late receipts) go through ``build_block``,
-``apply_block`` and a ``MemoryStore``; the model applies the rules below with plain dicts. They
-must agree on every transaction's outcome, every account and the total supply.
+Random transfers, agreements, receipts, refunds, cancels, stakes and unbonds (valid and invalid:
+wrong nonces, fees below the minimum, wrong senders, overspends, unbonded providers, early
+refunds, late receipts, unbonds before they mature) go through ``build_block``, ``apply_block``
+and a ``MemoryStore``; the model applies the rules below with plain dicts. They must agree on
+every transaction's outcome (and whether it paid its fee), every account field and the total
+supply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -18,10 +21,22 @@ import ledger
 from ledger import testing as factory
 from ledger.types import deadline_horizon_ms_max
 
+FIELDS = [f.name for f in dataclasses.fields(ledger.Account)]
+
 KEYS = [factory.key_for(i, "model") for i in range(5)]
 START_BALANCE = 10_000
+START_BONDS = [1_000, 600, 0, 1_000, 0]
 FEE_MIN = 1
-PARAMS = ledger.ChainParams(fee_min=FEE_MIN)
+PARAMS = ledger.ChainParams(
+    fee_min=FEE_MIN,
+    provider_bond_min=500,
+    unbonding_delay_ms=200_000,
+    charge_min=3,
+    slash_amount=700,
+    evidence_window_ms=5_000,
+)
+HORIZON_MS = min(deadline_horizon_ms_max, PARAMS.unbonding_delay_ms - PARAMS.evidence_window_ms)
+SUPPLY = START_BALANCE * len(KEYS) + sum(START_BONDS)
 pending_max = 4
 """Transactions per block: small blocks keep one failure from failing a sender's whole queue."""
 
@@ -34,6 +49,7 @@ class ModelTrade:
     gpus: int
     max_cost: int
     deadline_ms: int
+    opened_ms: int
     status: str = "open"
 
 
@@ -50,18 +66,29 @@ class Pending:
 class LedgerVersusModel(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
-        self.genesis = factory.funded_genesis(KEYS, START_BALANCE, params=PARAMS)
+        self.genesis = dataclasses.replace(
+            factory.funded_genesis(KEYS, START_BALANCE, params=PARAMS),
+            accounts=tuple(
+                ledger.GenesisAccount(k.address, START_BALANCE, bond)
+                for k, bond in zip(KEYS, START_BONDS, strict=True)
+            ),
+        )
         self.state = self.genesis.initial_state()
         self.store = ledger.MemoryStore()
-        self.balance = {i: START_BALANCE for i in range(len(KEYS))}
-        self.locked = dict.fromkeys(self.balance, 0)
-        self.nonce = dict.fromkeys(self.balance, 0)
-        self.earned = dict.fromkeys(self.balance, 0)
+        self.acct = {
+            i: dict.fromkeys(FIELDS, 0) | {"balance": START_BALANCE, "bonded": START_BONDS[i]}
+            for i in range(len(KEYS))
+        }
         self.trades: dict[int, ModelTrade] = {}
+        self.forgotten: dict[int, ModelTrade] = {}
+        """Closed trades the state dropped (the store keeps them)."""
         self.time_ms = self.genesis.genesis_time_ms
         self.pending: list[Pending] = []
-        self.pending_count = dict.fromkeys(self.balance, 0)
+        self.pending_count = dict.fromkeys(range(len(KEYS)), 0)
         self.next_job = 0
+
+    def _has_open_trade(self) -> bool:
+        return any(t.status == "open" for t in self.trades.values())
 
     def _draw_job(self, data: st.DataObject) -> int:
         """Mostly an open trade's job, sometimes any job ever named (closed or never opened)."""
@@ -74,7 +101,7 @@ class LedgerVersusModel(RuleBasedStateMachine):
 
     def _nonce_for(self, sender: int, skew: int) -> int:
         """The nonce the sender would use next; ``skew`` makes replays and gaps on purpose."""
-        expected = self.nonce[sender] + self.pending_count[sender]
+        expected = self.acct[sender]["nonce"] + self.pending_count[sender]
         return max(0, expected + skew)
 
     def _queue(
@@ -85,7 +112,8 @@ class LedgerVersusModel(RuleBasedStateMachine):
 
     skews = st.sampled_from([0] * 14 + [-1, 1])
     accounts = st.integers(0, len(KEYS) - 1)
-    fees = st.sampled_from([0, 0, 1, 7])
+    mostly = st.sampled_from([True, True, True, False])
+    fees = st.sampled_from([1, 1, 1, 2, 7, 0])
 
     @rule(
         sender=accounts,
@@ -102,11 +130,11 @@ class LedgerVersusModel(RuleBasedStateMachine):
     @precondition(lambda self: len(self.pending) < pending_max)
     @rule(
         requester=accounts,
-        provider_offset=st.sampled_from([1, 2, 3, 4, 0]),
+        provider_offset=st.sampled_from([1, 2, 3, 4] * 3 + [0]),
         price=st.integers(0, 50),
         gpus=st.integers(0, 4),
         max_cost=st.integers(0, 4_000),
-        deadline_offset=st.integers(-1_000, 60_000) | st.integers(1, 3_000),
+        deadline_offset=st.integers(20_000, 250_000) | st.integers(-1_000, 3_000),
         fee=fees,
         skew=skews,
         reuse=st.sampled_from([False] * 5 + [True]),
@@ -156,10 +184,8 @@ class LedgerVersusModel(RuleBasedStateMachine):
             deadline=deadline,
         )
 
-    @precondition(lambda self: self.next_job > 0 and len(self.pending) < pending_max)
-    @rule(
-        data=st.data(), wall_ms=st.integers(0, 300_000), fee=fees, skew=skews, honest=st.booleans()
-    )
+    @precondition(lambda self: self._has_open_trade() and len(self.pending) < pending_max)
+    @rule(data=st.data(), wall_ms=st.integers(0, 300_000), fee=fees, skew=skews, honest=mostly)
     def receipt(self, data: st.DataObject, wall_ms: int, fee: int, skew: int, honest: bool) -> None:
         job = self._draw_job(data)
         trade = self.trades.get(job)
@@ -168,7 +194,7 @@ class LedgerVersusModel(RuleBasedStateMachine):
         tx = factory.receipt(KEYS[sender], nonce, factory.job_id_for(job), wall_ms=wall_ms, fee=fee)
         self._queue("receipt", sender, nonce, fee, tx, job=job, wall_ms=wall_ms)
 
-    @precondition(lambda self: self.next_job > 0 and len(self.pending) < pending_max)
+    @precondition(lambda self: self._has_open_trade() and len(self.pending) < pending_max)
     @rule(data=st.data(), sender=accounts, fee=fees, skew=skews)
     def refund(self, data: st.DataObject, sender: int, fee: int, skew: int) -> None:
         job = self._draw_job(data)
@@ -176,22 +202,40 @@ class LedgerVersusModel(RuleBasedStateMachine):
         tx = factory.refund(KEYS[sender], nonce, factory.job_id_for(job), fee=fee)
         self._queue("refund", sender, nonce, fee, tx, job=job)
 
-    @precondition(lambda self: self.next_job > 0 and len(self.pending) < pending_max)
-    @rule(data=st.data(), fee=fees, skew=skews, honest=st.booleans())
+    @precondition(lambda self: self._has_open_trade() and len(self.pending) < pending_max)
+    @rule(data=st.data(), fee=fees, skew=skews, honest=mostly)
     def cancel(self, data: st.DataObject, fee: int, skew: int, honest: bool) -> None:
         job = self._draw_job(data)
         trade = self.trades.get(job)
-        sender = trade.requester if honest and trade else data.draw(self.accounts, label="who")
+        if honest and trade:
+            by_provider = data.draw(st.booleans(), label="by provider")
+            sender = trade.provider if by_provider else trade.requester
+        else:
+            sender = data.draw(self.accounts, label="who")
         nonce = self._nonce_for(sender, skew)
         tx = factory.cancel(KEYS[sender], nonce, factory.job_id_for(job), fee=fee)
         self._queue("cancel", sender, nonce, fee, tx, job=job)
+
+    @precondition(lambda self: len(self.pending) < pending_max)
+    @rule(sender=accounts, amount=st.integers(0, 1_500) | st.integers(0, 12_000), fee=fees)
+    def stake(self, sender: int, amount: int, fee: int) -> None:
+        nonce = self._nonce_for(sender, 0)
+        tx = factory.stake(KEYS[sender], nonce, amount, fee=fee)
+        self._queue("stake", sender, nonce, fee, tx, amount=amount)
+
+    @precondition(lambda self: len(self.pending) < pending_max)
+    @rule(sender=accounts, amount=st.sampled_from([0, 0, 1, 100, 600, 2_000]), fee=fees)
+    def unbond(self, sender: int, amount: int, fee: int) -> None:
+        nonce = self._nonce_for(sender, 0)
+        tx = factory.unbond(KEYS[sender], nonce, amount, fee=fee)
+        self._queue("unbond", sender, nonce, fee, tx, amount=amount)
 
     # -- committing a block -------------------------------------------------------------------
 
     @rule(interval_ms=st.sampled_from([1, 500, 2_000, 20_000, 70_000]), proposer=accounts)
     def commit_block(self, interval_ms: int, proposer: int) -> None:
         pending, self.pending = self.pending, []
-        self.pending_count = dict.fromkeys(self.balance, 0)
+        self.pending_count = dict.fromkeys(range(len(KEYS)), 0)
         self.state, _, results = factory.commit_next(
             self.store,
             self.state,
@@ -200,6 +244,7 @@ class LedgerVersusModel(RuleBasedStateMachine):
             interval_ms=interval_ms,
         )
         self.time_ms += interval_ms
+        self._drop_expired()
         fees = 0
         for p, result in zip(pending, results.tx_results, strict=True):
             charged = self._model_charge(p)
@@ -210,75 +255,119 @@ class LedgerVersusModel(RuleBasedStateMachine):
             )
             if charged:
                 fees += p.fee
-        self.balance[proposer] += fees
+        self.acct[proposer]["balance"] += fees
+
+    def _drop_expired(self) -> None:
+        """Closed trades leave the state once a block is past deadline + evidence window."""
+        for job, trade in list(self.trades.items()):
+            expiry = trade.deadline_ms + PARAMS.evidence_window_ms
+            if trade.status != "open" and expiry < self.time_ms:
+                self.forgotten[job] = self.trades.pop(job)
 
     def _model_charge(self, p: Pending) -> bool:
         """Whether the transaction can be included at all; if so its sender pays the fee and
         uses up the nonce, whatever the body then does."""
-        s, fee = p.sender, p.fee
+        s, fee, a = p.sender, p.fee, self.acct[p.sender]
         if p.kind == "agreement" and p.args["provider"] == s:
             return False  # the stateless check refuses it: it is not even charged
-        if p.nonce != self.nonce[s] or fee < FEE_MIN or self.balance[s] < fee:
+        if p.kind == "stake" and p.args["amount"] == 0:
+            return False  # a stake of nothing is refused statelessly
+        if p.nonce != a["nonce"] or fee < FEE_MIN or a["balance"] < fee:
             return False
-        self.balance[s] -= fee
-        self.nonce[s] += 1
+        a["balance"] -= fee
+        a["nonce"] += 1
         return True
+
+    def _cost(self, trade: ModelTrade, wall_ms: int) -> int:
+        usage = math.ceil(trade.price * max(trade.gpus, 1) * wall_ms / 1000)
+        return min(trade.max_cost, max(PARAMS.charge_min, usage))
+
+    def _close(self, trade: ModelTrade, paid: int) -> None:
+        requester, provider = self.acct[trade.requester], self.acct[trade.provider]
+        requester["locked"] -= trade.max_cost
+        requester["balance"] += trade.max_cost - paid
+        provider["balance"] += paid
+        provider["earned"] += paid
+
+    def _slash(self, provider: int, requester: int, sender: int) -> None:
+        a = self.acct[provider]
+        taken = min(PARAMS.slash_amount, a["bonded"] + a["unbonding"])
+        from_bond = min(taken, a["bonded"])
+        a["bonded"] -= from_bond
+        a["unbonding"] -= taken - from_bond
+        a["slashed"] += 1
+        to_sender = 0 if sender in (requester, provider) else taken // 2
+        self.acct[requester]["balance"] += taken - to_sender
+        self.acct[sender]["balance"] += to_sender
 
     def _model_apply(self, p: Pending) -> bool:
         """The rules, written out plainly, after the fee was paid. True when the body applies."""
-        s, now = p.sender, self.time_ms
+        s, now, me = p.sender, self.time_ms, self.acct[p.sender]
         if p.kind == "transfer":
             amount = p.args["amount"]
-            if self.balance[s] < amount:
+            if me["balance"] < amount:
                 return False
-            self.balance[s] -= amount
-            self.balance[p.args["recipient"]] += amount
+            me["balance"] -= amount
+            self.acct[p.args["recipient"]]["balance"] += amount
+        elif p.kind == "stake":
+            if me["balance"] < p.args["amount"]:
+                return False
+            me["balance"] -= p.args["amount"]
+            me["bonded"] += p.args["amount"]
+        elif p.kind == "unbond":
+            amount = p.args["amount"]
+            matured = me["unbonding"] > 0 and now >= me["unbond_release_ms"]
+            if amount > me["bonded"] or (amount == 0 and not matured):
+                return False
+            if matured:
+                me["balance"] += me["unbonding"]
+                me["unbonding"] = me["unbond_release_ms"] = 0
+            if amount:
+                me["bonded"] -= amount
+                me["unbonding"] += amount
+                me["unbond_release_ms"] = now + PARAMS.unbonding_delay_ms
         elif p.kind == "agreement":
             a = p.args
-            existing = self.trades.get(a["job"])
-            job_taken = existing is not None and (
-                existing.status == "open" or existing.deadline_ms >= now
-            )
             if (
-                job_taken
-                or a["provider"] == s
+                a["job"] in self.trades
                 or not now < a["deadline"]
-                or a["deadline"] - now > deadline_horizon_ms_max
-                or self.balance[s] < a["max_cost"]
+                or a["deadline"] - now > HORIZON_MS
+                or self.acct[a["provider"]]["bonded"] < PARAMS.provider_bond_min
+                or me["balance"] < a["max_cost"]
             ):
                 return False
-            self.balance[s] -= a["max_cost"]
-            self.locked[s] += a["max_cost"]
+            me["balance"] -= a["max_cost"]
+            me["locked"] += a["max_cost"]
             self.trades[a["job"]] = ModelTrade(
-                s, a["provider"], a["price"], a["gpus"], a["max_cost"], a["deadline"]
+                s, a["provider"], a["price"], a["gpus"], a["max_cost"], a["deadline"], now
             )
+            self.forgotten.pop(a["job"], None)
         else:
             trade = self.trades.get(p.args["job"])
             if trade is None or trade.status != "open":
                 return False
             if p.kind == "receipt":
-                cost = min(
-                    trade.max_cost, trade.price * max(trade.gpus, 1) * p.args["wall_ms"] // 1000
-                )
                 if s != trade.provider or now > trade.deadline_ms:
                     return False
-                self.locked[trade.requester] -= trade.max_cost
-                self.balance[trade.requester] += trade.max_cost - cost
-                self.balance[s] += cost
-                self.earned[s] += cost
+                self._close(trade, self._cost(trade, p.args["wall_ms"]))
+                self.acct[s]["completed"] += 1
                 trade.status = "settled"
             elif p.kind == "refund":
                 if now <= trade.deadline_ms:
                     return False
-                self.locked[trade.requester] -= trade.max_cost
-                self.balance[trade.requester] += trade.max_cost
+                self._close(trade, 0)
+                self._slash(trade.provider, trade.requester, s)
+                self.acct[trade.provider]["failed"] += 1
                 trade.status = "refunded"
-            else:
-                if s != trade.requester:
-                    return False
-                self.locked[s] -= trade.max_cost
-                self.balance[s] += trade.max_cost
+            elif s == trade.requester:
+                self._close(trade, self._cost(trade, now - trade.opened_ms))
                 trade.status = "cancelled"
+            elif s == trade.provider:
+                self._close(trade, 0)
+                self.acct[s]["failed"] += 1
+                trade.status = "cancelled"
+            else:
+                return False
         return True
 
     # -- agreement ----------------------------------------------------------------------------
@@ -287,14 +376,15 @@ class LedgerVersusModel(RuleBasedStateMachine):
     def accounts_agree(self) -> None:
         for i, key in enumerate(KEYS):
             account = self.state.account(key.address)
-            model = ledger.Account(self.balance[i], self.locked[i], self.nonce[i], self.earned[i])
+            model = ledger.Account(**self.acct[i])
             assert account == model, f"account {i}: ledger {account} != model {model}"
 
     @invariant()
     def supply_is_constant(self) -> None:
         total = self.state.total_supply()
-        assert total == START_BALANCE * len(KEYS), f"supply drifted to {total}"
-        assert sum(self.balance.values()) + sum(self.locked.values()) == total, "model drifted"
+        assert total == SUPPLY, f"supply drifted to {total}"
+        money = ("balance", "locked", "bonded", "unbonding")
+        assert sum(a[f] for a in self.acct.values() for f in money) == total, "model drifted"
 
     @invariant()
     def store_agrees(self) -> None:
@@ -302,7 +392,7 @@ class LedgerVersusModel(RuleBasedStateMachine):
             return
         reloaded = self.store.load_state(self.genesis)
         assert reloaded.root == self.state.root, "the store's state differs from the ledger's"
-        for job, trade in self.trades.items():
+        for job, trade in (self.trades | self.forgotten).items():
             stored = self.store.trade(factory.job_id_for(job))
             assert stored is not None, f"job {job} has no stored trade"
             assert stored.status.name.lower() == trade.status, f"job {job}: {stored.status}"

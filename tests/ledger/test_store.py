@@ -82,7 +82,7 @@ def test_committed_blocks_are_readable_by_every_key(store: ledger.Store) -> None
     assert trade is not None and trade.status is ledger.TradeStatus.SETTLED, trade
     assert trade.paid == 300, "3 per GPU-second for 100 s"
     provider = store.account(PROVIDER.address)
-    assert provider == ledger.Account(50_000 + 300 - 1, 0, 1, 300), provider
+    assert provider == ledger.Account(50_000 + 300 - 1, 0, 1, 300, completed=1), provider
     assert store.load_state(GENESIS).root == state.root, "reloaded state differs"
 
 

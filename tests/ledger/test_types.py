@@ -41,6 +41,8 @@ terms = st.builds(
     gpus=u64,
     max_cost=u64,
     deadline_ms=u64,
+    group_id=b32,
+    manifest_digest=b32,
     signer=b32,
     signature=b64,
 )
@@ -61,10 +63,20 @@ receipts = st.builds(
 )
 refunds = st.builds(ledger.Refund, nonce=u64, fee=u64, job_id=b32, signer=b32, signature=b64)
 cancels = st.builds(ledger.Cancel, nonce=u64, fee=u64, job_id=b32, signer=b32, signature=b64)
-transactions = st.one_of(transfers, agreements, receipts, refunds, cancels)
-accounts = st.builds(ledger.Account, u64, u64, u64, u64)
+stakes = st.builds(ledger.Stake, nonce=u64, fee=u64, amount=u64, signer=b32, signature=b64)
+unbonds = st.builds(ledger.Unbond, nonce=u64, fee=u64, amount=u64, signer=b32, signature=b64)
+transactions = st.one_of(transfers, agreements, receipts, refunds, cancels, stakes, unbonds)
+accounts = st.builds(ledger.Account, *[u64] * 10)
 trades = st.builds(
-    ledger.Trade, terms, st.sampled_from(ledger.TradeStatus), u64, u64, u64, st.binary()
+    ledger.Trade,
+    terms,
+    st.sampled_from(ledger.TradeStatus),
+    u64,
+    u64,
+    u64,
+    st.binary(),
+    u64,
+    st.booleans(),
 )
 blocks = st.builds(
     ledger.Block,
@@ -125,8 +137,8 @@ def test_other_types_round_trip(value: Any) -> None:
 def test_unknown_transaction_kind_is_a_clear_error() -> None:
     tx = factory.refund(KEY, 0, factory.job_id_for(1))
     plain = msgpack.unpackb(ledger.encode(tx))
-    plain[0] = 9
-    with pytest.raises(ledger.DecodeError, match="unknown kind 9"):
+    plain[0] = 99
+    with pytest.raises(ledger.DecodeError, match="unknown kind 99"):
         ledger.decode(ledger.Transaction, msgpack.packb(plain))  # type: ignore[arg-type]
     # A kind number that names another class than the fields fit is refused too.
     plain[0] = int(ledger.TxKind.TRANSFER)
@@ -220,7 +232,7 @@ def test_short_addresses_are_invalid() -> None:
         tx.validate(CHAIN)
 
 
-def test_cost_formula_counts_cpu_jobs_as_one_slot_and_caps_at_max_cost() -> None:
+def test_cost_counts_cpu_jobs_as_one_slot_rounds_up_and_caps_at_max_cost() -> None:
     base = dict(
         job_id=factory.job_id_for(1),
         requester=KEY.address,
@@ -233,8 +245,12 @@ def test_cost_formula_counts_cpu_jobs_as_one_slot_and_caps_at_max_cost() -> None
     cpu_only = ledger.AgreementTerms(gpus=0, **base)  # type: ignore[arg-type]
     assert two_gpus.cost(1_500) == 30, "2 GPUs x 1.5 s x 10/GPU-s"
     assert cpu_only.cost(1_500) == 15, "a CPU-only job counts as one slot"
-    assert two_gpus.cost(999) == 19, "rounding is down to the smallest unit"
+    assert two_gpus.cost(999) == 20, "rounding is up to the smallest unit"
+    assert two_gpus.cost(1) == 1, "a millisecond of work is not free"
+    assert two_gpus.cost(0) == 0 and two_gpus.cost(0, charge_min=5) == 5, "minimum charge"
+    assert two_gpus.cost(1_500, charge_min=5) == 30, "the minimum only raises small charges"
     assert two_gpus.cost(10**9) == 1_000, "cost is capped at max_cost"
+    assert two_gpus.cost(0, charge_min=5_000) == 1_000, "even the minimum charge is capped"
 
 
 def test_a_failed_encode_leaves_no_bytes_behind() -> None:

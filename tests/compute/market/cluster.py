@@ -43,6 +43,11 @@ from p2p.testing import seed_for, start_mesh, wait_until
 
 CHAIN_ID = "gpumesh-market-test"
 BALANCE = 10**12
+PARAMS = ledger.ChainParams(provider_bond_min=1_000, charge_min=1)
+"""The chain's rules in tests: a provider bond and a minimum charge, as on a real network (no
+fee and no slash yet: the money checks here count neither)."""
+BOND = 10_000
+"""Every genesis account's bond (on top of ``BALANCE``), so every provider may be awarded."""
 NAMESPACE = "market-test"
 DEFAULT_PROVIDERS = (("RTX4090:2", 30), ("RTX4090:1", 50), ("A100-80GB:1", 40))
 """``(simulate_gpus, price per GPU-second)`` of providers 1, 2 and 3."""
@@ -200,7 +205,7 @@ async def open_cluster(
     config = config or MarketConfig.for_tests()
     count = 1 + len(providers)
     keys = [ledger.SigningKey(seed_for(i, NAMESPACE)) for i in range(count)]
-    genesis = funded_genesis(keys, BALANCE, chain_id=CHAIN_ID)
+    genesis = funded_genesis(keys, BALANCE, chain_id=CHAIN_ID, params=PARAMS, bonded=BOND)
     chain = LocalChain(genesis, ledger.LevelDBStore(tmp_path / "chain"), proposer=keys[0].address)
     p2p_config = p2p.P2PConfig.for_tests()
     async with trio.open_nursery() as nursery:
