@@ -26,6 +26,7 @@ from node.cli import build_parser
 from node.commands.info import provider_text
 from node.commands.job import submit_params
 from node.exceptions import ConfigError
+from tests.compute.test_sandbox import need_bwrap
 
 KEY = ledger.SigningKey(b"\x07" * 32)
 CHAIN = "gpumesh-test"
@@ -175,3 +176,18 @@ def test_job_submit_flags_carry_sandbox_memory_and_disk() -> None:
     assert "sandbox" not in plain and "memory_bytes" not in plain, "unset: provider defaults"
     assert provider_text({"providing": False, "refused": "bwrap broke"}).endswith("bwrap broke")
     assert "process" in provider_text({"providing": True, "sandbox": "process"})
+
+
+async def test_default_node_runs_jobs_under_bwrap_with_its_own_uids(
+    work_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_bwrap()
+    svc = service(work_root, monkeypatch, job_uid_first=1_950_000_000, job_uid_count=4)
+    assert svc.executor is not None and svc.executor.sandbox == "bwrap"
+    assert svc.provider_json() == {"providing": True, "sandbox": "bwrap", "refused": None}
+    result = await svc.executor.run(compute.JobId("node-1"), compute.JobSpec(("/usr/bin/id", "-u")))
+    assert result.succeeded, result.reason
+    if os.geteuid() == 0:
+        assert result.uid in range(1_950_000_000, 1_950_000_004), "the configured uid range"
+    assert await svc.sweep_job_dirs() == 0, "a fresh job's directory stays for the retention"
+    svc.executor.close()
