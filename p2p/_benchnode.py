@@ -172,6 +172,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strict-signing", action="store_true")
     parser.add_argument("--no-caches", action="store_true", help="leave libp2p hot paths as is")
     parser.add_argument("--dial-backoff-ms", type=int, nargs=2, default=[250, 5_000])
+    parser.add_argument("--profile", default=None, help="write cProfile stats here at exit")
     return parser.parse_args(argv)
 
 
@@ -212,7 +213,25 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    trio.run(_main, args)
+    if args.profile is None:
+        trio.run(_main, args)
+        return
+    import cProfile
+    import signal
+
+    profiler = cProfile.Profile(time.process_time)  # CPU, not wall time: the box is shared
+
+    def dump_and_exit(signum: int, frame: object) -> None:
+        # The harness SIGTERMs nodes still shutting down: keep what was measured.
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, dump_and_exit)
+    try:
+        profiler.runcall(trio.run, _main, args)
+    finally:
+        profiler.dump_stats(args.profile)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+import libp2p.pubsub.pubsub as pubsub_module
 import multiaddr
 import trio
 from google.protobuf import message as protobuf_message
@@ -26,15 +27,18 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.exceptions import BaseLibp2pError, ValidationError
+from libp2p.io.exceptions import IOException, MessageTooLarge
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStoreError
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
@@ -92,6 +96,8 @@ pubsub_rpc_overhead_bytes = 64 * 1024
 peer_event_subscribers_max = 16
 subscribers_per_topic_max = 16
 shutdown_disconnect_s = 2.0
+pubsub_read_chunk_bytes = 64 * 1024
+varint_bytes_max = 10
 connection_slack = 16
 banned_peers_max = 1_024
 
@@ -170,6 +176,8 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
     """
 
     corrupt_frames = 0
+    fast_reader = False
+    """Read frames through our buffered loop (``_read_rpcs``) instead of py-libp2p's."""
 
     async def publish(self, topic_id: str | list[str], data: bytes) -> None:
         """Publish in the StrictNoSign format unless libp2p's strict signing is on.
@@ -201,7 +209,10 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
 
     async def continuously_read_stream(self, stream: Any) -> None:
         try:
-            await super().continuously_read_stream(stream)
+            if self.fast_reader:
+                await self._read_rpcs(stream)
+            else:
+                await super().continuously_read_stream(stream)
         except protobuf_message.DecodeError as exc:
             peer_id = stream.muxed_conn.peer_id
             type(self).corrupt_frames += 1
@@ -213,6 +224,89 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
                 except BaseLibp2pError:
                     pass  # the stream is already broken; the reset had nothing to do
             self._handle_dead_peer(peer_id)
+
+    async def _read_rpcs(self, stream: Any) -> None:
+        """py-libp2p's read loop, with fewer awaits and tasks per message.
+
+        The stock loop reads each varint length prefix one byte per ``stream.read(1)``
+        (every read a trip through the stream, yamux and its window lock) and then spawns a
+        task per message to push it. Profiling showed both among the per-message costs
+        (docs/p2p.md). Here one read takes whatever has arrived, every complete frame in the
+        buffer is handled, and messages are pushed inline (validation is synchronous and
+        forwarding only queues). The size limit is checked on the length prefix, before any
+        body is buffered, as before.
+        """
+        peer_id = stream.muxed_conn.peer_id
+        buffer = bytearray()
+        try:
+            while self.manager.is_running:
+                frame = _take_frame(buffer, self.max_inbound_rpc_size)
+                if frame is None:
+                    chunk = await stream.read(pubsub_read_chunk_bytes)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    continue
+                await self._handle_rpc(peer_id, stream, frame)
+        except MessageTooLarge as error:
+            logger.warning("pubsub RPC from %s exceeds the size limit: %s", peer_id, error)
+            with trio.move_on_after(1):
+                try:
+                    await stream.reset()
+                except BaseLibp2pError:
+                    pass  # the stream is already broken; the reset had nothing to do
+            self._handle_dead_peer(peer_id)
+        except (StreamEOF, StreamError, IOException, RawConnError) as exc:
+            # The peer went away or the connection closed: pubsub's notifee cleans up.
+            logger.debug("pubsub stream from %s ended: %s", peer_id, exc)
+
+    async def _handle_rpc(self, peer_id: ID, stream: Any, frame: bytes) -> None:
+        rpc = rpc_pb2.RPC()
+        rpc.ParseFromString(frame)
+        # The module-level name, so that p2p._tuning's cache (when installed) applies.
+        if not pubsub_module.maybe_consume_signed_record(rpc, self.host, peer_id):
+            logger.debug("invalid signed peer record from %s; RPC ignored", peer_id)
+            return
+        for msg in rpc.publish:
+            if self._is_subscribed_to_msg(msg) and self.manager.is_running:
+                await self.push_msg(peer_id, msg)
+        if rpc.subscriptions:
+            if len(rpc.subscriptions) > self.max_subscriptions_per_rpc:
+                logger.debug("%s sent too many subscriptions in one RPC", peer_id)
+            else:
+                for subscription in rpc.subscriptions:
+                    self.handle_subscription(peer_id, subscription)
+        if rpc.HasField("control"):
+            await self.router.handle_rpc(rpc, peer_id)
+        if stream.metric_send_channel is not None:
+            event = GossipsubEvent()
+            event.peer_id = peer_id.pretty()
+            event.message_size = len(frame)
+            event.publish = bool(rpc.publish)
+            event.subopts = bool(rpc.subscriptions)
+            event.control = rpc.HasField("control")
+            await stream.metric_send_channel.send(event)
+
+
+def _take_frame(buffer: bytearray, bytes_max: int) -> bytes | None:
+    """Cut one varint-length-prefixed frame off ``buffer``; None if it is not all there."""
+    length = 0
+    for index in range(min(len(buffer), varint_bytes_max)):
+        byte = buffer[index]
+        length |= (byte & 0x7F) << (7 * index)
+        if byte & 0x80:
+            continue
+        if length > bytes_max:
+            raise MessageTooLarge(f"pubsub RPC of {length} bytes, limit {bytes_max}")
+        end = index + 1 + length
+        if len(buffer) < end:
+            return None
+        frame = bytes(buffer[index + 1 : end])
+        del buffer[:end]
+        return frame
+    if len(buffer) >= varint_bytes_max:
+        raise protobuf_message.DecodeError("pubsub RPC length prefix is not a varint")
+    return None
 
 
 class Mesh(MeshAPI):
@@ -275,7 +369,11 @@ class Mesh(MeshAPI):
         self._gossipsub = (
             GossipSub(**gossipsub_options)
             if config.gossip_strict_signing
-            else StrictNoSignGossipSub(id_of=_message_id_of, **gossipsub_options)
+            else StrictNoSignGossipSub(
+                id_of=_message_id_of,
+                fast_publish=config.libp2p_hot_path_caches,
+                **gossipsub_options,
+            )
         )
         self._pubsub = _GuardedPubsub(
             self._host,
@@ -287,6 +385,7 @@ class Mesh(MeshAPI):
                 2 * config.gossip_message_bytes_max + pubsub_rpc_overhead_bytes, 1024 * 1024
             ),
         )
+        self._pubsub.fast_reader = config.libp2p_hot_path_caches
         self._dht: KadDHT | None = (
             KadDHT(self._host, DHTMode.SERVER, enable_random_walk=False) if config.dht else None
         )

@@ -14,20 +14,33 @@ also what js-libp2p's gossipsub computes under ``StrictNoSign``. py-libp2p 0.8.1
 - ``_check_equivocation`` treats two messages with the same ``from + seqno`` and different
   data as equivocation and drops the second: with both empty, every message after the first.
   With content ids different data is simply a different message, so the check is dropped.
+
+With ``fast_publish`` the forwarding path is also leaner than the stock one (measured, see
+docs/p2p.md): the RPC carrying a message no longer attaches our signed peer record (a few
+hundred bytes on every 256-byte message; identify already gave the peer our addresses and
+the hello packet still carries it), IDONTWANT goes out only for messages of at least
+``idontwant_message_bytes_min`` (for a small message the IDONTWANT frame costs what the
+duplicate would), and the optimistic per-message queueing for peers that have not
+subscribed yet (a loop over every peer per message) is left to the mcache replay that
+py-libp2p already does when a peer subscribes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
+from libp2p.pubsub.pb import rpc_pb2
 
-if TYPE_CHECKING:
-    from libp2p.pubsub.pb import rpc_pb2
+MessageIdFn = Callable[[rpc_pb2.Message], bytes]
 
-MessageIdFn = Callable[["rpc_pb2.Message"], bytes]
+idontwant_message_bytes_min = 1024
+"""Below this an IDONTWANT (a frame to every mesh peer) costs about what it saves; js-libp2p's
+gossipsub uses a threshold for the same reason (``idontwantMinDataSize``)."""
 
 
 class ContentAddressedMessageCache(MessageCache):  # type: ignore[misc]  # libp2p is Any to mypy
@@ -48,11 +61,36 @@ class ContentAddressedMessageCache(MessageCache):  # type: ignore[misc]  # libp2
 class StrictNoSignGossipSub(GossipSub):  # type: ignore[misc]  # libp2p is Any to mypy
     """GossipSub whose message cache and duplicate logic use content-addressed ids."""
 
-    def __init__(self, *, id_of: MessageIdFn, **kwargs: Any) -> None:
+    def __init__(self, *, id_of: MessageIdFn, fast_publish: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._id_of = id_of
+        self._fast_publish = fast_publish
         self.mcache = ContentAddressedMessageCache(
             kwargs["gossip_window"], kwargs["gossip_history"], id_of
         )
 
     def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
         return True
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        """Forward a message that pubsub validated (our own publishes included)."""
+        if not self._fast_publish:
+            await super().publish(msg_forwarder, pubsub_msg)
+            return
+        pubsub = self.pubsub
+        assert pubsub is not None, "the router is attached before pubsub runs"
+        self.mcache.put(pubsub_msg)
+        msg_id = self._id_of(pubsub_msg)
+        topics = pubsub_msg.topicIDs
+        if len(pubsub_msg.data) >= idontwant_message_bytes_min:
+            await self._emit_idontwant_for_message(msg_id, topics)
+        rpc = rpc_pb2.RPC(publish=[pubsub_msg])
+        origin = ID(pubsub_msg.from_id)
+        for peer_id in self._get_peers_to_send(
+            topics, msg_forwarder=msg_forwarder, origin=origin, msg_id=msg_id
+        ):
+            if peer_id in pubsub.peers:
+                self.send_rpc(peer_id, rpc)
+        now_s = int(time.time())
+        for topic in topics:
+            self.time_since_last_publish[topic] = now_s

@@ -104,6 +104,14 @@ async def test_one_bootstrap_peer_discovers_ten_node_network_through_dht() -> No
         # Whichever side dialed each link (a race; when both dial at once each side may record
         # the other's dial as inbound), no link came from bootstrap lists or mDNS, and the
         # dialers that won found their peer by the DHT.
+        # The swarm reports connections from separate tasks: the other side may trail.
+        await wait_until(
+            lambda: all(
+                any(p.peer_id == newcomer.peer_id for p in meshes[i].peers()) for i in range(9)
+            ),
+            CONNECT_S,
+            "every other node lists node 9 too",
+        )
         newcomer_view = {p.peer_id: p.source.value for p in newcomer.peers()}
         dht_links = 0
         for index in (0, 2, 3, 4, 5, 6, 7, 8):
