@@ -46,8 +46,10 @@ from consensus.types import (
     MessageKind,
     PeerId,
     Proposal,
+    SyncResponse,
     Validator,
     Vote,
+    VoteType,
 )
 from ledger import DecodeError, SigningKey, decode, digest, encode
 
@@ -106,10 +108,22 @@ class SimDisk:
 
     blocks: list[tuple[bytes, Commit]] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)
+    committed_txs: set[bytes] = dataclasses.field(default_factory=set)
+    """Every transaction in the chain, failed ones too: none may be included twice."""
+
+
+FAILING_TX_PREFIX = b"fail"
+"""A transaction with this prefix is included but fails (like a ledger transaction whose body
+fails: it pays its fee and uses its nonce), so it too can never be included again."""
 
 
 class SimApp(ApplicationAPI):
-    """Blocks of opaque transactions, each linked to its parent by hash; checks every commit."""
+    """Blocks of opaque transactions, each linked to its parent by hash; checks every commit.
+
+    A block is invalid if it repeats a transaction already in the chain (or twice in itself):
+    the replay a byzantine proposer tries. Transactions starting ``FAILING_TX_PREFIX`` are
+    recorded failed (``failed``) but still used up.
+    """
 
     def __init__(
         self,
@@ -125,6 +139,7 @@ class SimApp(ApplicationAPI):
         self.chain_id = chain_id
         self.oracle = oracle
         self.mempool: dict[bytes, None] = {}
+        self.failed = 0
         self._committed = trio.Event()
 
     async def wait_height(self, height: int) -> None:
@@ -132,7 +147,7 @@ class SimApp(ApplicationAPI):
             await self._committed.wait()
 
     def add_transaction(self, tx: bytes) -> None:
-        if not any(tx in decode(SimBlock, b).txs for b, _ in self.disk.blocks[-8:]):
+        if tx not in self.disk.committed_txs:
             self.mempool[tx] = None
 
     @property
@@ -162,6 +177,10 @@ class SimApp(ApplicationAPI):
             raise InvalidBlock("block does not extend the head")
         if decoded.proposer not in self.validators or len(decoded.txs) > block_txs_max:
             raise InvalidBlock("bad proposer or too many transactions")
+        if len(set(decoded.txs)) != len(decoded.txs) or not self.disk.committed_txs.isdisjoint(
+            decoded.txs
+        ):
+            raise InvalidBlock("block repeats a transaction")
         return digest(block)
 
     async def commit(self, height: int, block: bytes, commit: Commit) -> None:
@@ -174,6 +193,9 @@ class SimApp(ApplicationAPI):
         self.disk.blocks.append((block, commit))
         self.disk.hashes.append(block_hash)
         for tx in decode(SimBlock, block).txs:
+            assert tx not in self.disk.committed_txs, f"{self.name}: {tx!r} committed twice"
+            self.disk.committed_txs.add(tx)
+            self.failed += tx.startswith(FAILING_TX_PREFIX)
             self.mempool.pop(tx, None)
         self._committed.set()
         self._committed = trio.Event()
@@ -385,6 +407,153 @@ class EquivocatingTransport(SimTransport):
             self.network.send(self.peer_id, peer, data if i % 2 == 0 else twin)
 
 
+class SpammingTransport(SimTransport):
+    """A validator that behaves, but floods: with each message it sends junk bytes, votes
+    signed by a key outside the validator set, and its own validly signed votes for rounds far
+    ahead (what the engine bounds with ``rounds_ahead_max``)."""
+
+    junk_per_message = 4
+
+    def __init__(
+        self, network: SimNetwork, peer_id: PeerId, key: SigningKey, chain_id: str
+    ) -> None:
+        super().__init__(network, peer_id)
+        self.key = key
+        self.chain_id = chain_id
+        self.outsider = SigningKey(digest(b"outsider" + key.seed))
+
+    def _junk(self, data: bytes) -> list[bytes]:
+        rng = self.network.rng
+        envelope = decode(Envelope, data)
+        message: Proposal | Vote = (
+            decode(Proposal, envelope.body)
+            if envelope.kind == MessageKind.PROPOSAL
+            else decode(Vote, envelope.body)
+        )
+        junk = [rng.randbytes(rng.randint(1, 300))]
+        for signer in (self.outsider, self.key):
+            vote = Vote(VoteType.PREVOTE, message.height, rng.randint(0, 10_000), rng.randbytes(32))
+            signed = sign_message(vote, signer, self.chain_id)
+            junk.append(encode(Envelope(MessageKind.VOTE, encode(signed))))
+        junk.append(encode(Envelope(MessageKind.VOTE, rng.randbytes(80))))
+        return junk[: self.junk_per_message]
+
+    async def broadcast(self, data: bytes) -> None:
+        await super().broadcast(data)
+        for peer in self.peers():
+            for junk in self._junk(data):
+                self.network.send(self.peer_id, peer, junk)
+
+
+class ForgingTransport(SimTransport):
+    """A validator that behaves, but also forges: votes in other validators' names (their
+    address, a signature that is not theirs) and its own proposals re-signed with a block that
+    names another validator as proposer (whom the block's fees would pay)."""
+
+    def __init__(
+        self,
+        network: SimNetwork,
+        peer_id: PeerId,
+        key: SigningKey,
+        chain_id: str,
+        validators: ValidatorSet,
+    ) -> None:
+        super().__init__(network, peer_id)
+        self.key = key
+        self.chain_id = chain_id
+        self.others = [v.address for v in validators.validators if v.address != key.address]
+
+    def _forgeries(self, data: bytes) -> list[bytes]:
+        rng = self.network.rng
+        envelope = decode(Envelope, data)
+        out: list[bytes] = []
+        if envelope.kind == MessageKind.VOTE:
+            vote = decode(Vote, envelope.body)
+            forged = dataclasses.replace(
+                vote, signer=rng.choice(self.others), signature=rng.randbytes(64)
+            )
+            out.append(encode(Envelope(MessageKind.VOTE, encode(forged))))
+        else:
+            proposal = decode(Proposal, envelope.body)
+            if proposal.pol_round < 0:
+                block = decode(SimBlock, proposal.block)
+                stolen = encode(dataclasses.replace(block, proposer=rng.choice(self.others)))
+                forged_proposal = sign_message(
+                    dataclasses.replace(
+                        proposal, block=stolen, block_hash=digest(stolen), signature=b""
+                    ),
+                    self.key,
+                    self.chain_id,
+                )
+                out.append(encode(Envelope(MessageKind.PROPOSAL, encode(forged_proposal))))
+        return out
+
+    async def broadcast(self, data: bytes) -> None:
+        forgeries = self._forgeries(data)
+        for peer in self.peers():
+            # The forgery first: a receiver must not be fooled into taking it over the real one.
+            for forged in forgeries:
+                self.network.send(self.peer_id, peer, forged)
+            self.network.send(self.peer_id, peer, data)
+
+
+class PackingApp(SimApp):
+    """A byzantine proposer's application: its blocks pack failing transactions and replays of
+    transactions already committed (which makes them invalid: honest nodes vote nil)."""
+
+    async def propose(self, height: int, time_ms: int, proposer: bytes) -> tuple[bytes, bytes]:
+        _, prev = await self.head()
+        txs = [f"{FAILING_TX_PREFIX.decode()}-{height}-{time_ms}".encode()]
+        txs += list(self.mempool)[: block_txs_max // 2]
+        replay = sorted(self.disk.committed_txs - {t for t in txs})[:3]
+        if replay and height % 2 == 0:
+            txs += replay
+        block = encode(SimBlock(height, prev, time_ms, proposer, tuple(txs[:block_txs_max])))
+        return block, digest(block)
+
+
+class LyingSyncServer:
+    """Answers block-sync requests with a head far above the truth and no blocks, with a
+    forged head commit half the time (a peer that would keep others "catching up" forever)."""
+
+    lie_height = 1_000_000
+
+    def __init__(self, driver: ConsensusDriver, rng: random.Random) -> None:
+        self.driver = driver
+        self.rng = rng
+
+    async def handle_request(self, peer: PeerId, data: bytes) -> bytes:
+        head_commit = None
+        if self.rng.random() < 0.5:
+            head_commit = Commit(self.lie_height, 0, self.rng.randbytes(32), ())
+        return encode(SyncResponse(self.lie_height, (), head_commit))
+
+
+class LyingTransport(SimTransport):
+    """A validator that behaves in consensus but announces far-future heights: with each
+    message, a validly signed vote for a height a million blocks ahead."""
+
+    def __init__(
+        self, network: SimNetwork, peer_id: PeerId, key: SigningKey, chain_id: str
+    ) -> None:
+        super().__init__(network, peer_id)
+        self.key = key
+        self.chain_id = chain_id
+
+    async def broadcast(self, data: bytes) -> None:
+        await super().broadcast(data)
+        vote = Vote(VoteType.PRECOMMIT, LyingSyncServer.lie_height, 0, digest(data))
+        lie = encode(
+            Envelope(MessageKind.VOTE, encode(sign_message(vote, self.key, self.chain_id)))
+        )
+        for peer in self.peers():
+            self.network.send(self.peer_id, peer, lie)
+
+
+BYZANTINE_KINDS = ("equivocator", "spammer", "forger", "packer", "liar")
+"""What a byzantine validator in the simulation does (one per seed, at most)."""
+
+
 # --- nodes and the scenario -----------------------------------------------------------------
 
 
@@ -401,17 +570,21 @@ class SimNode:
         network: SimNetwork,
         oracle: Oracle,
         wal_dir: Path,
-        byzantine: bool = False,
+        byzantine: bool | str = False,
     ) -> None:
+        """``byzantine``: one of ``BYZANTINE_KINDS`` (True means ``equivocator``)."""
         self.peer_id = PeerId(name)
         self.key = key
         self.genesis = genesis
         self.config = config
         self.network = network
-        self.byzantine = byzantine
+        self.byzantine_kind = "equivocator" if byzantine is True else (byzantine or "")
+        assert self.byzantine_kind in ("", *BYZANTINE_KINDS), self.byzantine_kind
+        self.byzantine = bool(self.byzantine_kind)
         self.disk = SimDisk()
         self.validators = ValidatorSet(genesis.validators)
-        self.app = SimApp(name, self.disk, self.validators, genesis.chain_id, oracle)
+        app_class = PackingApp if self.byzantine_kind == "packer" else SimApp
+        self.app = app_class(name, self.disk, self.validators, genesis.chain_id, oracle)
         self.wal_path = wal_dir / f"{name}.wal"
         self.driver: ConsensusDriver | None = None
         self._scope: trio.CancelScope | None = None
@@ -424,13 +597,21 @@ class SimNode:
     async def start(self, nursery: trio.Nursery) -> None:
         assert self._scope is None, f"{self.peer_id} is already running"
         transport: SimTransport
-        if self.byzantine:
-            assert self.key is not None
-            transport = EquivocatingTransport(
-                self.network, self.peer_id, self.key, self.genesis.chain_id
-            )
-        else:
+        kind, chain_id = self.byzantine_kind, self.genesis.chain_id
+        if kind in ("", "packer"):
             transport = SimTransport(self.network, self.peer_id)
+        else:
+            assert self.key is not None
+            if kind == "equivocator":
+                transport = EquivocatingTransport(self.network, self.peer_id, self.key, chain_id)
+            elif kind == "spammer":
+                transport = SpammingTransport(self.network, self.peer_id, self.key, chain_id)
+            elif kind == "forger":
+                transport = ForgingTransport(
+                    self.network, self.peer_id, self.key, chain_id, self.validators
+                )
+            else:
+                transport = LyingTransport(self.network, self.peer_id, self.key, chain_id)
         driver = ConsensusDriver(
             genesis=self.genesis,
             config=self.config,
@@ -441,7 +622,9 @@ class SimNode:
             wal_path=self.wal_path if self.key is not None else None,
         )
         self.driver = driver
-        self.network.drivers[self.peer_id] = driver
+        self.network.drivers[self.peer_id] = (
+            LyingSyncServer(driver, self.network.rng) if kind == "liar" else driver
+        )
         scope = trio.CancelScope()
         self._scope = scope
 
@@ -467,12 +650,33 @@ class SimResult:
     seed: int
     validators: int
     byzantine: bool
+    byzantine_kind: str
+    byzantine_blamed: int
+    """Messages of the byzantine node that correct nodes dropped and counted against it."""
+    failed_txs: int
+    """Failing transactions committed (used up, never included again)."""
     heights: tuple[int, ...]
     heal_height: int
     network: NetworkStatistics
     evidence: int
     trace: str
     sim_seconds: float
+
+
+def _check_byzantine(byz: SimNode, correct: Sequence[SimNode]) -> tuple[str | None, int]:
+    """What each kind of byzantine validator must not have achieved; returns (failure or
+    None, how many of its messages correct nodes dropped and counted against it)."""
+    drivers = [node.driver for node in correct if node.driver is not None]
+    blamed = sum(d.stats.bad_by_peer.get(byz.peer_id, 0) for d in drivers)
+    kind = byz.byzantine_kind
+    if kind in ("spammer", "forger") and byz.up and not blamed:
+        return f"{kind}: no correct node dropped and counted its messages", blamed
+    if kind == "liar":
+        top = max(node.app.height for node in correct)
+        believed = [d.status().best_known_height for d in drivers]
+        if any(b > top for b in believed):
+            return f"liar: correct nodes believe heights {believed} above the chain's {top}", blamed
+    return None, blamed
 
 
 def _brief(driver: ConsensusDriver) -> str:
@@ -502,6 +706,7 @@ async def simulate(
     powers = [rng.randint(1, 3) if weighted else 1 for _ in range(n)]
     byz_index = min(range(n), key=lambda i: (powers[i], i))
     byzantine = rng.random() < 0.5 and 3 * powers[byz_index] < sum(powers)
+    kind = rng.choice(BYZANTINE_KINDS) if byzantine else ""
     genesis = Genesis(
         f"sim-{seed}",
         tuple(Validator(k.address, p) for k, p in zip(keys, powers, strict=True)),
@@ -518,7 +723,7 @@ async def simulate(
             network=network,
             oracle=oracle,
             wal_dir=wal_dir,
-            byzantine=byzantine and i == byz_index,
+            byzantine=kind if i == byz_index else False,
         )
         for i in range(n)
     ]
@@ -611,6 +816,10 @@ async def simulate(
         evidence = sum(
             len(node.driver.pending_evidence()) for node in correct if node.driver is not None
         )
+        byz = next((node for node in nodes if node.byzantine), None)
+        blamed = 0
+        if failure is None and byz is not None:
+            failure, blamed = _check_byzantine(byz, correct)
         sim_seconds = trio.current_time() - start
         nursery.cancel_scope.cancel()
     if failure is not None:
@@ -619,6 +828,9 @@ async def simulate(
         seed=seed,
         validators=n,
         byzantine=byzantine,
+        byzantine_kind=kind,
+        byzantine_blamed=blamed,
+        failed_txs=max(node.app.failed for node in correct),
         heights=heights,
         heal_height=heal_height,
         network=network.stats,

@@ -1,8 +1,10 @@
 """Deterministic network simulation: safety under faults, liveness after the heal.
 
 Each seed picks 4 or 7 validators (sometimes weighted, sometimes with a follower), message loss,
-delay and reordering, partitions, crash-restarts from the WAL, and maybe one equivocating
-validator; see ``consensus.testing.simulate``. CI runs a batch; run more with
+delay and reordering, partitions, crash-restarts from the WAL, and maybe one byzantine
+validator (an equivocator, a spammer, a forger, a proposer that packs failing transactions and
+replays, or a peer that lies about its height); see ``consensus.testing.simulate``. CI runs a
+batch; run more with
 
     GPUMESH_SIM_SEEDS=5000 .venv/bin/pytest tests/consensus/test_simulation.py
 
@@ -16,7 +18,7 @@ import os
 
 import pytest
 
-from consensus.testing import SimResult, replay_command, run_seed
+from consensus.testing import BYZANTINE_KINDS, SimResult, replay_command, run_seed
 
 SEEDS = int(os.environ.get("GPUMESH_SIM_SEEDS", "80"))
 SEED_START = int(os.environ.get("GPUMESH_SIM_SEED_START", "0"))
@@ -39,6 +41,16 @@ def test_seeds_stay_safe_and_recover_after_the_heal() -> None:
         assert any(r.evidence for r in results), "equivocation was never detected as evidence"
         assert sum(r.network.dropped for r in results) > 0, "no seed dropped a message"
         assert any(r.heal_height > 0 for r in results), "no seed made progress during chaos"
+    if SEEDS >= 40:
+        kinds = {r.byzantine_kind for r in results}
+        assert kinds >= set(BYZANTINE_KINDS), f"byzantine kinds never run: {kinds}"
+        for kind in ("spammer", "forger", "liar"):
+            assert any(r.byzantine_blamed for r in results if r.byzantine_kind == kind), (
+                f"no {kind}'s messages were ever dropped and counted against it"
+            )
+        assert any(r.failed_txs for r in results if r.byzantine_kind == "packer"), (
+            "a packing proposer's failing transactions never committed"
+        )
 
 
 def test_a_seed_replays_identically() -> None:
