@@ -126,6 +126,9 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
             "state": status.state,
         }
 
+    async def chain_params() -> dict[str, Any]:
+        return dict(to_json(chain.params))
+
     async def chain_account(address: str) -> dict[str, Any]:
         raw = hex_param(address, "address")
         account = ready().account(raw)
@@ -185,6 +188,13 @@ def register_chain_methods(registry: MethodRegistry, chain: ChainService) -> Non
         chain_tx,
         description="A committed transaction and its result.",
         params=(Param("hash", "string", True, f"Transaction hash, {hex32}."),),
+        result=Result("object"),
+    )
+    registry.register(
+        "chain_params",
+        chain_params,
+        description="The chain's rules from genesis: fee_min, provider_bond_min, "
+        "unbonding_delay_ms, charge_min, slash_amount, evidence_window_ms.",
         result=Result("object"),
     )
     registry.register(

@@ -36,7 +36,12 @@ def register(sub: Subparsers) -> None:
     p = add_command(sub, "send", cmd_send, help="transfer AMOUNT from this node's account to TO")
     p.add_argument("to", help="recipient address (hex)")
     p.add_argument("amount", type=int)
-    p.add_argument("--fee", type=int, default=0)
+    p.add_argument(
+        "--fee",
+        type=int,
+        default=None,
+        help="fee paid to the block's proposer (default: the chain's minimum, fee_min)",
+    )
     p.add_argument("--wait", action="store_true", help="wait until the transfer is committed")
 
 
@@ -82,9 +87,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     key = Home(args.home).load_key()
     info = call(args.home, "node_info")
     account = call(args.home, "chain_account", {"address": key.address.hex()})
+    fee = args.fee if args.fee is not None else int(call(args.home, "chain_params")["fee_min"])
     tx = ledger.sign_object(
         ledger.Transfer(
-            nonce=account["next_nonce"], fee=args.fee, recipient=recipient, amount=args.amount
+            nonce=account["next_nonce"], fee=fee, recipient=recipient, amount=args.amount
         ),
         key,
         info["chain_id"],
