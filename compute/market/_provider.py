@@ -19,7 +19,7 @@ import trio
 
 import ledger
 from compute import NoCapacityError
-from compute._sandbox import JobLimits, JobSpec
+from compute._sandbox import JobSpec
 from compute.exceptions import ComputeError
 from compute.market._checks import check_manifest
 from compute.market._context import Drivers, JobBook
@@ -393,7 +393,14 @@ class Provider:
             )
         except Mismatch as exc:
             raise MarketError(f"bad input from the requester: {exc}") from exc
-        limits = JobLimits(wall_time_ms=record.request.max_wall_ms)
+        req = record.request.requirements
+        try:
+            # The requester's stated memory/disk (0: this node's default), within its maxima.
+            limits = self.side.offer_config.job_limits(
+                record.request.max_wall_ms, req.memory_bytes, req.disk_bytes
+            )
+        except ComputeError as exc:
+            raise MarketError(f"the job's limits are not acceptable here: {exc}") from exc
         return JobSpec(argv=manifest.argv, inputs=tuple(inputs), env=manifest.env, limits=limits)
 
     async def run_job(self, record: JobRecord) -> None:
