@@ -1343,7 +1343,7 @@ class OutputWithholding(_UnpaidProviderCheat):
     service_cls = _WithholdingService
 
 
-class _FetchThenCancelRequester(Requester):
+class FetchThenCancelRequester(Requester):
     """While its trade is open, grabs whatever the provider serves of the outputs, then
     cancels the trade instead of letting it settle."""
 
@@ -1391,7 +1391,7 @@ class FetchThenCancel(Cheat):
         grabbed: list[bytes] = []
         self.grabbed = grabbed
 
-        class Grabber(_FetchThenCancelRequester):
+        class Grabber(FetchThenCancelRequester):
             pass
 
         Grabber.grabbed = grabbed
