@@ -36,6 +36,8 @@ CgroupVersion = Literal["v2", "v1"]
 V1_REQUIRED = ("memory", "pids")
 V1_OPTIONAL = ("cpuacct",)
 NODE_LEAF = "gpumesh-node"
+PARENT_PREFIX = "gpumesh-"
+V2_WANTED = "+memory +pids +cpu"
 stale_kill_passes_max = 400
 """Kill passes over a stale cgroup (at start, no job running) before removing it fails."""
 stale_kill_pause_s = 0.005
@@ -109,6 +111,8 @@ class Cgroups:
     version: CgroupVersion
     parents: tuple[tuple[str, Path], ...]
     """``(controller, directory)``; v2 has the single entry ``("unified", dir)``."""
+    enabled: str = ""
+    """v2: the controllers enabled for job cgroups (``"+memory +pids +cpu"``)."""
 
     def parent(self, controller: str) -> Path | None:
         for name, path in self.parents:
@@ -121,9 +125,16 @@ class Cgroups:
         dirs = tuple((name, parent / job) for name, parent in self.parents)
         cgroup = JobCgroup(self.version, dirs)
         cgroup.remove_stale()
-        for _, path in dirs:
+        for (_, parent), (_, path) in zip(self.parents, dirs, strict=True):
             try:
-                path.mkdir(mode=0o755)
+                try:
+                    path.mkdir(mode=0o755)
+                except FileNotFoundError:
+                    # Another daemon's start pruned our idle parent: make it again.
+                    parent.mkdir(exist_ok=True)
+                    if self.version == "v2":
+                        _enable(parent, self.enabled)
+                    path.mkdir(mode=0o755)
             except OSError as exc:
                 cgroup.remove()
                 raise SandboxError(f"cannot create cgroup {path}: {exc}") from exc
@@ -295,7 +306,7 @@ def probe_cgroups(
     problems: list[str] = []
     if unified_mount is not None and unified_path is not None:
         try:
-            return _setup_v2(unified_mount, unified_path, name)
+            return _prune(_setup_v2(unified_mount, unified_path, name))
         except _Unusable as exc:
             problems.append(f"cgroup v2 at {unified_mount}: {exc}")
     else:
@@ -305,7 +316,7 @@ def probe_cgroups(
         problems.append(f"cgroup v1 has no {' or '.join(missing)} hierarchy mounted")
     else:
         try:
-            return _setup_v1(v1_mounts, v1_paths, name)
+            return _prune(_setup_v1(v1_mounts, v1_paths, name))
         except _Unusable as exc:
             problems.append(f"cgroup v1: {exc}")
     raise SandboxError(
@@ -317,13 +328,30 @@ class _Unusable(Exception):
     pass
 
 
+def _prune(cgroups: Cgroups) -> Cgroups:
+    """Remove idle ``gpumesh-*`` parents beside ours (executors that ended without ``close``);
+    a parent with a job cgroup in it is busy and stays (rmdir refuses)."""
+    for _, parent in cgroups.parents:
+        for sibling in parent.parent.iterdir():
+            if sibling == parent or not sibling.name.startswith(PARENT_PREFIX):
+                continue
+            if sibling.name == NODE_LEAF or not sibling.is_dir():
+                continue
+            try:
+                sibling.rmdir()
+            except OSError as exc:
+                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.ENOENT):
+                    raise SandboxError(f"cannot remove idle cgroup {sibling}: {exc}") from exc
+    return cgroups
+
+
 def _setup_v2(mount: Path, own_path: str, name: str) -> Cgroups:
     own = _under(mount, own_path)
     controllers = (own / "cgroup.controllers").read_text().split()
     lacking = [c for c in V1_REQUIRED if c not in controllers]
     if lacking:
         raise _Unusable(f"controllers {', '.join(lacking)} are not available to {own}")
-    wanted = " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in controllers)
+    wanted = " ".join(c for c in V2_WANTED.split() if c.lstrip("+") in controllers)
     try:
         _enable(own, wanted)
     except OSError as exc:
@@ -346,7 +374,7 @@ def _setup_v2(mount: Path, own_path: str, name: str) -> Cgroups:
         _enable(parent, wanted)
     except OSError as exc:
         raise _Unusable(f"cannot create {parent}: {exc}") from exc
-    return Cgroups("v2", (("unified", parent),))
+    return Cgroups("v2", (("unified", parent),), wanted)
 
 
 def _enable(path: Path, wanted: str) -> None:

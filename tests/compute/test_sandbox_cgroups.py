@@ -5,6 +5,9 @@ directory standing in for a v2 cgroupfs (no kernel behaviour is claimed from it)
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,20 @@ def test_no_usable_cgroups_is_a_clear_error(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "no cgroup v2 mounted" in message
     assert "memory or pids" in message, message
+
+
+async def test_idle_parents_are_pruned_and_made_again_when_needed() -> None:
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-cg-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    try:
+        first = compute.Executor(root / "a", sandbox="process")
+        parents = [p for _, p in first.cgroups.parents]
+        second = compute.Executor(root / "b", sandbox="process")  # its probe prunes idle ones
+        assert not any(p.exists() for p in parents), "an idle parent of another executor stays"
+        result = await first.run(compute.JobId("again-1"), compute.JobSpec(("/bin/true",)))
+        assert result.succeeded, result.reason
+        assert all(p.exists() for p in parents), "the parent is made again for the next job"
+        first.close()
+        second.close()
+    finally:
+        shutil.rmtree(root)
