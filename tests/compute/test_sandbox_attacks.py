@@ -203,3 +203,15 @@ async def test_job_dirs_are_released_and_swept(executor: compute.Executor) -> No
         assert executor.job_dir(running).exists()
         nursery.cancel_scope.cancel()
     assert not executor.job_dir(running).exists(), "the released job's directory outlived it"
+
+
+async def test_cpu_time_is_capped_over_the_whole_tree(executor: compute.Executor) -> None:
+    # Three spinners that left the group: each alone stays under RLIMIT_CPU (per process).
+    spin = "setsid sh -c 'while :; do :; done'"
+    script = f"{spin} & {spin} & {spin} & sleep 60"
+    result = await executor.run(
+        compute.JobId("cpu-tree-1"), spec(script, cpu_time_s=1, wall_time_ms=60_000)
+    )
+    assert result.outcome is compute.JobOutcome.CPU_TIME_LIMIT, (result.outcome, result.reason)
+    assert "processes" in result.reason, "the tree's CPU time, not one process's, stopped it"
+    assert result.cpu_ms < 2_000, f"the tree used {result.cpu_ms} ms of CPU against a 1 s cap"
