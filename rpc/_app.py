@@ -45,6 +45,7 @@ from rpc._protocol import (
     quote_method,
     validate_request,
 )
+from rpc._static import static_file, static_headers
 from rpc.exceptions import RpcError
 
 if TYPE_CHECKING:
@@ -232,6 +233,8 @@ class HttpSide:
         app.router.add_post("/", self._http)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get(METRICS_PATH, self._metrics)
+        app.router.add_get("/", self._static)
+        app.router.add_get("/static/{name}", self._static)
         app.on_shutdown.append(self._close_websockets)
         # access_log=None: no per-request log line, and never a ?token= query in a log.
         # aiohttp arms keepalive_timeout when a connection opens and after each response, and
@@ -328,6 +331,18 @@ class HttpSide:
         if text is None:
             return web.Response(status=204)
         return web.Response(text=text, content_type="application/json")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        """The dashboard's files. No token needed (they hold no data; the page reads its token
+        from the URL fragment), but the Host check still applies."""
+        self._counters.http_requests += 1
+        if not host_allowed(request.headers.get(hdrs.HOST), self._allowed_hosts):
+            return _http_error(403, FORBIDDEN, "forbidden: the Host header must be a loopback name")
+        found = static_file(request.match_info.get("name", "index.html"))
+        if found is None:
+            return web.Response(status=404, text="not found")
+        body, content_type = found
+        return web.Response(body=body, headers=static_headers(content_type))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         self._counters.http_requests += 1

@@ -11,3 +11,11 @@ export PATH="$PWD/.venv/bin:$PATH"
 cleanup() { [ "${KEEP:-0}" = 1 ] || gpumesh testnet down --dir "$DIR" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 .venv/bin/python -m node.demo --dir "$DIR" --nodes "$NODES"
+echo
+echo "== the dashboard and explorer of node0 (open in a browser on this machine):"
+gpumesh dashboard --home "$DIR/node0"
+if [ "${KEEP:-0}" = 1 ]; then
+  echo "the testnet keeps running; stop it with: gpumesh testnet down --dir $DIR"
+else
+  echo "(the testnet stops now; run with KEEP=1 to keep it and the dashboard up)"
+fi

@@ -42,6 +42,12 @@ if sandbox_missing; then
   fi
   echo "setup: bubblewrap, setsid or /usr/bin/python3 missing; bwrap sandbox tests will skip" >&2
 fi
+# The dashboard tests (tests/e2e/test_dashboard.py) render every page in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing chromium for the dashboard tests" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+    >"$log" 2>&1 || echo "setup: chromium not installed; the dashboard tests cannot run" >&2
+fi
 # The js-libp2p interop test (tests/p2p/test_js_interop.py) runs a stock js-libp2p peer:
 # Node.js and npm from Debian, then the locked npm packages into tests/p2p/js_peer/node_modules.
 if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -9,6 +9,7 @@ Where things live:
 - ``job``: ``job submit|status|result|logs|cancel|list`` (``submit --wait`` follows the
   ``jobs`` topic).
 - ``testnet``: ``testnet init|up|down|status``.
+- ``dashboard``: the URL of the node's dashboard (token in the fragment).
 
 A command's handler is bound with ``set_defaults(run=...)`` where its parser is made, so
 ``node.cli`` dispatches with ``args.run(args)`` and no table of names to keep in step.
@@ -16,9 +17,9 @@ A command's handler is bound with ``set_defaults(run=...)`` where its parser is 
 
 from __future__ import annotations
 
-from node.commands import chain, daemon, info, job, testnet
+from node.commands import chain, daemon, dashboard, info, job, testnet
 
-MODULES = (daemon, info, chain, job, testnet)
+MODULES = (daemon, info, chain, job, testnet, dashboard)
 """In the order ``gpumesh --help`` lists them."""
 
 __all__ = ["MODULES"]

@@ -169,3 +169,14 @@ def test_rpc_command_and_its_errors(
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["rpc", "--home", home, "no_suchMethod"]) == 1
     assert "-32601" in capsys.readouterr().err
+
+
+def test_dashboard_prints_the_url_with_the_token_in_the_fragment(
+    testnet: _testnet.TestnetLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = testnet.nodes[0].home
+    assert main(["dashboard", "--home", str(home)]) == 0
+    url = capsys.readouterr().out.strip()
+    port = (Path(home) / "rpc.port").read_text().strip()
+    token = (Path(home) / "rpc.cookie").read_text().strip()
+    assert url == f"http://127.0.0.1:{port}/#token={token}"
