@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -113,6 +114,7 @@ settle_margin_ms = 10_000
 run_sim_ms_max = 240_000
 """A run whose honest jobs are not all final after this much simulated time fails."""
 poll_ms = 50
+shm_dir = "/dev/shm"
 fetch_then_cancel_polls_max = 200
 squat_price_max = 40
 squat_wall_ms = 2_000
@@ -1722,7 +1724,10 @@ def run_seed(seed: int, *, cheat: str | None = None) -> SimResult:
     # on object addresses), makes a seed replay the same in any process.
     trio._core._run._r.seed(seed)
     trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
-    with tempfile.TemporaryDirectory(prefix="gpumesh-market-sim-") as tmp:
+    # Job stores sync every write; on a memory file system that costs little (the soak runs
+    # thousands of seeds), and nothing of a run depends on the disk.
+    scratch = shm_dir if os.access(shm_dir, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="gpumesh-market-sim-", dir=scratch) as tmp:
         try:
             with threads_inline():
                 result: SimResult = trio.run(
