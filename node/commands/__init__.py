@@ -10,6 +10,7 @@ Where things live:
   ``jobs`` topic).
 - ``testnet``: ``testnet init|up|down|status``.
 - ``dashboard``: the URL of the node's dashboard (token in the fragment).
+- ``service``: the systemd unit (``service unit``, ``service install``).
 
 A command's handler is bound with ``set_defaults(run=...)`` where its parser is made, so
 ``node.cli`` dispatches with ``args.run(args)`` and no table of names to keep in step.
@@ -17,9 +18,9 @@ A command's handler is bound with ``set_defaults(run=...)`` where its parser is 
 
 from __future__ import annotations
 
-from node.commands import chain, daemon, dashboard, info, job, testnet
+from node.commands import chain, daemon, dashboard, info, job, service, testnet
 
-MODULES = (daemon, info, chain, job, testnet, dashboard)
+MODULES = (daemon, info, chain, job, testnet, dashboard, service)
 """In the order ``gpumesh --help`` lists them."""
 
 __all__ = ["MODULES"]

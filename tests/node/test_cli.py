@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,7 +36,7 @@ def leaf_parsers(
 
 def test_every_command_binds_its_own_handler() -> None:
     leaves = list(leaf_parsers(build_parser()))
-    assert len(leaves) >= 24, f"only {len(leaves)} commands found"
+    assert len(leaves) >= 27, f"only {len(leaves)} commands found"
     for path, parser in leaves:
         run = parser.get_default("run")
         assert callable(run), f"`gpumesh {' '.join(path)}` has no handler bound"
@@ -180,3 +182,37 @@ def test_dashboard_prints_the_url_with_the_token_in_the_fragment(
     port = (Path(home) / "rpc.port").read_text().strip()
     token = (Path(home) / "rpc.cookie").read_text().strip()
     assert url == f"http://127.0.0.1:{port}/#token={token}"
+
+
+def test_service_install_writes_a_unit_systemd_accepts(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--no-mdns"]) == 0
+    units = tmp_path / "units"
+    assert main(["service", "install", "--home", str(home), "--unit-dir", str(units)]) == 0
+    unit = (units / "gpumesh.service").read_text()
+    assert f"ExecStart={sys.executable} -m node run --home {home.resolve()}" in unit
+    for line in ("Restart=on-failure", "TimeoutStopSec=30s", "KillSignal=SIGTERM"):
+        assert line in unit, f"the unit lacks {line}"
+    assert f"Environment=GPUMESH_HOME={home.resolve()}" in unit
+    assert oct((units / "gpumesh.service").stat().st_mode & 0o777) == "0o644"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing: cannot check the unit")
+        pytest.skip("systemd-analyze is not installed")
+    checked = subprocess.run(
+        [analyze, "verify", str(units / "gpumesh.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        line
+        for line in checked.stderr.splitlines()
+        if "gpumesh.service" in line and "Failed to" not in line
+    ]
+    assert not problems, checked.stderr
+
+
+def test_service_refuses_a_directory_that_is_not_a_home(tmp_path: Path) -> None:
+    assert main(["service", "unit", "--home", str(tmp_path)]) == 1
