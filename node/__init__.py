@@ -6,6 +6,8 @@ Where things live:
 - ``_daemon``: ``Node`` (composes p2p, consensus, ledger, compute, rpc) and ``serve``.
 - ``_testnet``: local multi-node testnets (`gpumesh testnet ...`).
 - ``_logging``: plain or JSON structured logs with per-subsystem levels.
+- ``_metrics``: ``NodeMetrics``, every service's counters in Prometheus form (``/metrics``).
+- ``_explorer``: ``ExplorerIndex``, per-account indexes and the paged explorer RPC methods.
 - ``cli``: the `gpumesh` command, built from ``commands`` (one module per group of
   subcommands, each registering its own).
 

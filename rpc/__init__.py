@@ -10,6 +10,8 @@ Where things live:
 - ``_protocol``: JSON-RPC framing and error codes, pure. ``_config``: ``RpcConfig`` limits.
 - ``_client``: ``RpcClient``, synchronous, standard library only (for the CLI and scripts).
 - ``_files``: atomic writes of the cookie (0600) and port (0644) files.
+- ``_metrics``: what ``GET /metrics`` serves (the node's ``admin_metrics`` method) and how.
+- ``_static``: the dashboard's files in ``static/``, served at ``/`` and ``/static/<name>``.
 - ``abc``: ``EventPublisherAPI``. ``exceptions``: ``RpcException`` and its subclasses.
 
 rpc imports nothing else of gpumesh: the node hands it handlers, and publishes events to it.
