@@ -7,7 +7,10 @@ Where things live:
 - ``_allocator``: ``SlotAllocator`` hands out GPU / CPU slots, never double booked.
 - ``_offers``: ``OfferConfig``, building/validating signed offers, the ``OfferPublisher`` service.
 - ``_directory``: ``OfferDirectory`` of live offers and ``OfferQuery`` over it.
-- ``_sandbox``: ``Executor`` runs a ``JobSpec`` under bwrap or a plain process group.
+- ``_sandbox``: ``Executor`` runs a ``JobSpec`` under bwrap or the process sandbox, each job
+  with its own uid, cgroup, capped ``/tmp`` and job directory.
+- ``_cgroups``: the job cgroups (v2, or v1 ``memory``/``pids``/``cpuacct``) and their limits.
+- ``abc``: ``NvmlAPI``, ``ExecutorAPI`` (what the market needs of an executor), callbacks.
 - ``_runner``: ``run_job`` = allocate, run in the sandbox, release.
 - ``testing``: ``FakeNvml`` and offer factories for tests of this and other packages.
 - ``exceptions``: ``ComputeError`` and its subclasses.
