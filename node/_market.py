@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from trio_typing import TaskStatus
 
-    from ledger import Account, Receipt, Trade, Transaction
+    from ledger import Account, ChainParams, Receipt, Trade, Transaction
     from node._chain import ChainService
     from p2p import GossipMessage, Mesh
     from rpc import MethodRegistry
@@ -128,8 +128,8 @@ class LedgerChain(market.ChainAPI):
     def head(self) -> tuple[int, int]:
         return self._chain.head()
 
-    def fee_min(self) -> int:
-        return self._chain.params.fee_min
+    def params(self) -> ChainParams:
+        return self._chain.params
 
     async def wait_new_block(self) -> int:
         return await self._chain.wait_new_block()

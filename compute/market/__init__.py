@@ -16,7 +16,7 @@ Where things live (built like ``consensus/``: pure decisions, thin drivers):
 - ``_context``: what both roles share (seams, events) and one role's records and drivers.
 - ``types``: wire messages (``JobRequest``, ``Bid``, ``Award``, ``CancelNotice``, ...), the
   stored ``JobRecord`` with its ``JobState``, ``JobSubmission``, ``MarketConfig``.
-- ``_store``: ``JobStore``, every job in LevelDB (one schema), and ``ProviderStats``.
+- ``_store``: ``JobStore``, every job in LevelDB (one schema).
 - ``_matching``: pure decisions: does a node fit a job, why nothing fits, bid ranking.
 - ``abc``: ``MarketNetAPI`` and ``ChainAPI``, the seams the node implements; ``Incoming``.
 - ``exceptions``: ``MarketError`` and its subclasses.
@@ -43,7 +43,7 @@ from compute.market._service import (
     ProviderSide,
     attempt_job_id,
 )
-from compute.market._store import JobStore, ProviderStats
+from compute.market._store import JobStore
 from compute.market.abc import ChainAPI, Incoming, MarketNetAPI
 from compute.market.exceptions import (
     ChainRejected,
@@ -109,7 +109,6 @@ __all__ = [
     "Provider",
     "ProviderExchange",
     "ProviderSide",
-    "ProviderStats",
     "Requester",
     "RequesterExchange",
     "Requirements",

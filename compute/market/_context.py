@@ -97,7 +97,7 @@ class Context:
 
     def fee(self) -> int:
         """The fee every market transaction pays: the config's, at least the chain's minimum."""
-        return max(self.config.fee, self.chain.fee_min())
+        return max(self.config.fee, self.chain.params().fee_min)
 
     async def request(self, peer_id: str, protocol: str, payload: bytes) -> bytes:
         return await self.net.request(peer_id, protocol, payload, self.config.request_timeout_s)
@@ -137,7 +137,7 @@ class JobBook:
         self,
         role: Role,
         ctx: Context,
-        on_finish: Callable[[JobRecord], None] | None = None,
+        on_finish: Callable[[JobRecord, JobState], dict[str, object]] | None = None,
     ) -> None:
         self.role = role
         self._ctx = ctx
@@ -160,6 +160,9 @@ class JobBook:
 
     def unfinished(self) -> list[bytes]:
         return [key for key, r in self._jobs.items() if not r.state.terminal]
+
+    def matching(self, predicate: Callable[[JobRecord], bool]) -> list[bytes]:
+        return [key for key, r in self._jobs.items() if predicate(r)]
 
     def add(
         self, record: JobRecord, *, manifest: JobManifest | None = None, blobs: Sequence[bytes] = ()
@@ -187,9 +190,8 @@ class JobBook:
     def finish(self, record: JobRecord, state: JobState, error: str = "") -> JobRecord:
         """End a job in ``state`` (terminal), keeping the first error recorded."""
         assert state.terminal
-        if self._on_finish is not None:
-            self._on_finish(record)
-        return self.update(record, state=state, error=error or record.error)
+        extra = {} if self._on_finish is None else self._on_finish(record, state)
+        return self.update(record, state=state, error=error or record.error, **extra)
 
     def count(self, predicate: Callable[[JobRecord], bool]) -> int:
         return sum(1 for r in self._jobs.values() if predicate(r))

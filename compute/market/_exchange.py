@@ -9,7 +9,6 @@ stores them. Each cheatable step is its own method, so a simulated cheater overr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -181,24 +180,12 @@ class RequesterExchange:
                 stdout=info.stdout[:log_bytes_max],
                 stderr=info.stderr[:log_bytes_max],
             )
-            stats = self.ctx.store.provider_stats(record.counterparty)
-            record = self.book.update(
-                record, state=JobState.DONE, outputs=info.files, result=result
-            )
-            self.ctx.store.put_with_stats(
-                record, record.counterparty, dataclasses.replace(stats, settled=stats.settled + 1)
-            )
+            self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
             return
         self.book.finish(
             record, JobState.FAILED, f"settled, but the outputs are unavailable: {last_error}"
         )
 
     def mismatch(self, record: JobRecord, why: str) -> None:
-        stats = self.ctx.store.provider_stats(record.counterparty)
         record = self.book.update(record, state=JobState.OUTPUT_MISMATCH, error=why)
-        self.ctx.store.put_with_stats(
-            record,
-            record.counterparty,
-            dataclasses.replace(stats, mismatched=stats.mismatched + 1),
-        )
         log.warning("job %s: provider outputs rejected: %s", record.job_id.hex()[:16], why)

@@ -8,19 +8,24 @@ inputs, call these, and carry the answer out; the unit tests call these directly
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import TYPE_CHECKING
 
 import ledger
+from compute.types import CPU_MODEL
 from ledger import AgreementTerms, TradeStatus
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from compute.market.types import Award, Bid, JobRequest
+    from compute import Offer
+    from compute.market.types import Award, Bid, JobRequest, Requirements
 
 restart_rerun_margin_ms = 1_000
 """A provider re-runs an interrupted job only if it still ends this long before the deadline."""
+bid_start_skew_ms = 30_000
+"""A bid may promise a start this far in the past (clock skew); earlier is a lie."""
 
 
 def attempt_job_id(job_id: bytes, attempt: int) -> bytes:
@@ -67,7 +72,57 @@ def can_pay(spendable: int, committed: int, max_cost: int, fee: int) -> bool:
     return spendable - committed >= max_cost + fee
 
 
+def within_caps(from_requester: int, from_peer: int, per_requester_max: int) -> bool:
+    """A requester (by key) and the peer that relays it (by peer id) each stay under the cap:
+    a stranger cannot hold more of this provider's attention than that, whatever it signs."""
+    return from_requester < per_requester_max and from_peer < per_requester_max
+
+
 # ---- requester: bid acceptance ----------------------------------------------------------------
+
+
+def offer_refusal(
+    bid: Bid, offer: Offer | None, requirements: Requirements, now_ms: int
+) -> str | None:
+    """Why a bid contradicts its signer's live offer (None: it agrees). A bid is only worth
+    what the provider advertised and can be held to: the same price for the same GPU model,
+    enough GPUs of that model meeting the requirements, no more free slots than it has."""
+    if offer is None:
+        return "the bidder has no live offer"
+    price = offer.price_for(bid.model)
+    if price is None or price != bid.price_per_gpu_second:
+        return (
+            f"bid price {bid.price_per_gpu_second} for {bid.model} contradicts its offer ({price})"
+        )
+    if bid.gpus == 0:
+        if bid.model != CPU_MODEL or not 0 < bid.free_slots <= offer.total_cpu_slots:
+            return "bid for a CPU slot contradicts its offer"
+    else:
+        count = sum(
+            1
+            for g in offer.gpus
+            if g.model == bid.model
+            and g.vram_bytes >= requirements.min_vram_bytes
+            and g.compute_capability >= requirements.min_compute_capability
+            and g.cuda_version >= requirements.min_cuda_version
+        )
+        if count < bid.gpus or not 0 < bid.free_slots <= count:
+            return f"bid for {bid.gpus} x {bid.model} ({bid.free_slots} free) contradicts its offer"
+    if bid.expected_start_ms < now_ms - bid_start_skew_ms:
+        return "bid promises a start in the past"
+    return None
+
+
+def bond_refusal(bonded: int, bond_min: int) -> str | None:
+    """A provider must hold the chain's minimum bond to be awarded work."""
+    if bonded < bond_min:
+        return f"the bidder's bond {bonded} is below provider_bond_min {bond_min} (stake first)"
+    return None
+
+
+def reputation(completed: int, failed: int, slashed: int) -> float:
+    """Laplace-smoothed success rate from the chain's counters; a slash counts as three."""
+    return (completed + 1) / (completed + failed + 3 * slashed + 2)
 
 
 def bid_refusal(
@@ -108,16 +163,10 @@ def terms_refusal(terms: AgreementTerms, award: Award, requester: bytes) -> str 
         gpus=award.gpus,
         max_cost=award.max_cost,
         deadline_ms=award.deadline_ms,
+        group_id=award.group_id,
+        manifest_digest=award.request.manifest_digest,
     )
-    unsigned = AgreementTerms(
-        job_id=terms.job_id,
-        requester=terms.requester,
-        provider=terms.provider,
-        price_per_gpu_second=terms.price_per_gpu_second,
-        gpus=terms.gpus,
-        max_cost=terms.max_cost,
-        deadline_ms=terms.deadline_ms,
-    )
+    unsigned = dataclasses.replace(terms, signer=ledger.Address(b""), signature=b"")
     if unsigned != expected:
         return "returned terms that differ"
     return None
@@ -150,6 +199,8 @@ def award_refusal(
         return "award is for another provider"
     if ledger.hash_of(award.manifest) != request.manifest_digest:
         return "the award's manifest is not the one its job request names"
+    if len(award.group_id) != 32:
+        return "award group id must be 32 bytes"
     if award.gpus != request.requirements.gpus:
         return "award is for another GPU count"
     if award.max_cost != request.max_cost(award.price_per_gpu_second):
@@ -249,6 +300,26 @@ class SettleStep(enum.Enum):
     DONE = "done"
     CANCELLED = "cancelled"
     REFUNDED = "refunded"
+
+
+class ReleaseStep(enum.Enum):
+    """Provider that will not deliver: what it must do so it is never slashed when honest."""
+
+    CANCEL = "cancel"
+    """Send its own Cancel (full refund, no slash) before the deadline."""
+    WAIT = "wait"
+    """No trade yet: the requester's agreement may still commit until the deadline."""
+    DONE = "done"
+
+
+def release_step(
+    trade_status: TradeStatus | None, terms_match: bool, head_ms: int, deadline_ms: int
+) -> ReleaseStep:
+    if trade_status is not None and terms_match:
+        return ReleaseStep.CANCEL if trade_status is TradeStatus.OPEN else ReleaseStep.DONE
+    if head_ms > deadline_ms:
+        return ReleaseStep.DONE
+    return ReleaseStep.WAIT
 
 
 def settle_step(trade_status: TradeStatus) -> SettleStep:

@@ -27,12 +27,16 @@ from compute.market._exchange import ProviderExchange, exec_id
 from compute.market._matching import fit_on_node
 from compute.market._protocol import (
     OpenStep,
+    ReleaseStep,
     award_refusal,
     award_terms_refusal,
     bid_again,
+    can_pay,
     can_rerun,
     open_step,
+    release_step,
     request_refusal,
+    within_caps,
 )
 from compute.market._transfers import fetch_inputs
 from compute.market._wire import (
@@ -47,7 +51,7 @@ from compute.market._wire import (
     Mismatch,
     decode_signed,
 )
-from compute.market.exceptions import InvalidManifest, MarketError, NetError
+from compute.market.exceptions import ChainRejected, InvalidManifest, MarketError, NetError
 from compute.market.types import (
     Award,
     Bid,
@@ -60,7 +64,7 @@ from compute.market.types import (
     Stamp,
     log_bytes_max,
 )
-from ledger import AgreementTerms, TradeStatus
+from ledger import AgreementTerms, Cancel, TradeStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -73,9 +77,19 @@ log = logging.getLogger("gpumesh.compute.market")
 
 seen_requests_max = 4096
 bids_in_flight_max = 16
+bids_in_flight_per_requester_max = 2
+"""Bids in flight to one requester key (and, separately, to one peer) at a time."""
+open_requests_per_requester_max = 8
+"""Live bids (reservations not lapsed) one requester key, or one peer, may hold here."""
 awards_pending_per_requester_max = 8
-"""Awards one requester may hold here whose trade has not opened yet."""
+"""Awards one requester key (and, separately, one peer) may hold here whose trade has not
+opened yet; their escrow together must be covered by the requester's balance."""
 driver_passes_max = 10_000
+release_attempts_max = 5
+"""Rejected provider Cancels before this node stops trying (and logs why)."""
+cancel_grace_ms = 10_000
+"""After a requester's cancel notice, how long its own Cancel (which pays this provider pro
+rata) has before the provider closes the trade itself so it cannot be refunded and slashed."""
 
 
 @dataclasses.dataclass
@@ -93,9 +107,14 @@ class _Seen:
     """What this provider did with one gossiped request."""
 
     request: JobRequest
+    peer_id: str
     reservation_expiry_ms: int
+    max_cost: int
     in_flight: bool = True
     delivered: bool = False
+
+    def live(self, now_ms: int) -> bool:
+        return self.in_flight or (self.delivered and self.reservation_expiry_ms > now_ms)
 
 
 class Provider:
@@ -106,8 +125,10 @@ class Provider:
     def __init__(self, ctx: Context, side: ProviderSide) -> None:
         self.ctx = ctx
         self.side = side
-        self.book = JobBook(Role.PROVIDER, ctx, on_finish=self._release)
+        self.book = JobBook(Role.PROVIDER, ctx, on_finish=self._on_finish)
         self.drivers = Drivers(self.book, ctx, self.drive)
+        self.releases = Drivers(self.book, ctx, self.release)
+        """One task per attempt this node will not deliver: its own Cancel goes on chain."""
         self.exchange = self.exchange_cls(ctx, self.book, side.executor)
         self.seen: OrderedDict[bytes, _Seen] = OrderedDict()
         self.runs: dict[bytes, trio.CancelScope] = {}
@@ -127,6 +148,40 @@ class Provider:
         aid = exec_id(record.attempt_job_id)
         if self.side.allocator.allocation(aid) is not None:
             self.side.allocator.release(aid)
+
+    def _on_finish(self, record: JobRecord, state: JobState) -> dict[str, object]:
+        self._release(record)
+        if state is JobState.DONE or state is JobState.REFUNDED:
+            return {}
+        # Whatever ended it (a failure, a restart too late, a cancel notice, a trade that
+        # never opened in time), the trade must not stay open past its deadline with us on it.
+        self.ctx.start_soon(lambda: self._start_release(record.attempt_job_id))
+        return {"cancel_requested": True}
+
+    async def _start_release(self, aid: bytes) -> None:
+        self.releases.start(aid)
+
+    def start(self) -> None:
+        """Start the drivers of every unfinished job and every owed release (at ``run``)."""
+        for key in self.book.unfinished():
+            self.drivers.start(key)
+        for key in self.book.matching(lambda r: r.state.terminal and r.cancel_requested):
+            self.releases.start(key)
+
+    def committed(self, requester: bytes, now_ms: int) -> int:
+        """Escrow this provider already counts on from ``requester``: its unopened awards and
+        its live bids here. A new bid or award must fit its balance on top of these."""
+        awards = sum(
+            r.terms.max_cost
+            for r in self.book.records()
+            if r.state is JobState.AWARDED and r.counterparty == requester and r.terms
+        )
+        bids = sum(
+            s.max_cost
+            for s in self.seen.values()
+            if s.request.signer == requester and s.live(now_ms)
+        )
+        return awards + bids
 
     # ---- requests and bids ----
 
@@ -168,19 +223,38 @@ class Provider:
             seen.in_flight, seen.delivered, seen.reservation_expiry_ms, now
         ):
             return
+        peer = incoming.sender_peer_id
+        live = [s for s in self.seen.values() if s.live(now)]
+        if not within_caps(
+            sum(1 for s in live if s.request.signer == request.signer),
+            sum(1 for s in live if s.peer_id == peer),
+            open_requests_per_requester_max,
+        ):
+            raise NetError("this requester (or peer) already holds its share of our bids")
+        flying = [s for s in live if s.in_flight]
+        if not within_caps(
+            sum(1 for s in flying if s.request.signer == request.signer),
+            sum(1 for s in flying if s.peer_id == peer),
+            bids_in_flight_per_requester_max,
+        ):
+            raise NetError("bids to this requester (or peer) are still in flight")
         bid = self.make_bid(job_id, request, now)
         if bid is None:
             return
+        max_cost = request.max_cost(bid.price_per_gpu_second)
+        spendable = ctx.chain.account(request.signer).balance
+        if not can_pay(spendable, self.committed(request.signer, now), max_cost, ctx.fee()):
+            raise NetError("the requester's spendable balance does not cover the job")
         try:
             self.bid_slots.acquire_nowait()
         except trio.WouldBlock:
             # Not recorded as seen: the requester's next round asks again and we bid then.
             raise NetError("too many bids in flight") from None
-        self.seen[job_id] = _Seen(request, bid.reservation_expiry_ms)
+        self.seen[job_id] = _Seen(request, peer, bid.reservation_expiry_ms, max_cost)
         while len(self.seen) > seen_requests_max:
             self.seen.popitem(last=False)
         assert ctx.nursery is not None
-        ctx.nursery.start_soon(self.send_bid, incoming.sender_peer_id, bid)
+        ctx.nursery.start_soon(self.send_bid, peer, bid)
 
     def make_bid(self, job_id: bytes, request: JobRequest, now_ms: int) -> Bid | None:
         """This node's bid for ``request`` if it fits right now at an acceptable price."""
@@ -209,8 +283,9 @@ class Provider:
             seen.delivered = delivered
 
     async def send_bid(self, peer_id: str, bid: Bid) -> None:
+        timeout_s = self.ctx.config.bid_timeout_ms / 1000
         try:
-            await self.ctx.request(peer_id, PROTOCOL_BID, ledger.encode(bid))
+            await self.ctx.net.request(peer_id, PROTOCOL_BID, ledger.encode(bid), timeout_s)
             self.ctx.counters["bids_sent"] += 1
             self._mark(bid.job_id, delivered=True)
         except NetError as exc:
@@ -243,15 +318,22 @@ class Provider:
                 raise NetError("this attempt is already closed here")
             return ledger.encode(existing.terms)
         request = award.request
-        # An award holds slots until its trade opens: only for a requester that can pay, and
-        # only a few unopened ones per requester, so signed awards alone cannot lock us up.
-        if ctx.chain.account(award.signer).balance < award.max_cost + ctx.fee():
-            raise NetError("the requester's balance does not cover the escrow")
-        pending = self.book.count(
-            lambda r: r.state is JobState.AWARDED and r.counterparty == award.signer
+        # An award holds slots until its trade opens: only for a requester that can pay for
+        # it on top of its other unopened awards here, and only a few unopened ones per
+        # requester key and per peer, so signed awards alone cannot lock us up.
+        unopened = [r for r in self.book.records() if r.state is JobState.AWARDED]
+        committed = sum(
+            r.terms.max_cost for r in unopened if r.counterparty == award.signer and r.terms
         )
-        if pending >= awards_pending_per_requester_max:
-            raise NetError(f"{pending} awards of yours are still waiting for their trades")
+        spendable = ctx.chain.account(award.signer).balance
+        if not can_pay(spendable, committed, award.max_cost, ctx.fee()):
+            raise NetError("the requester's balance does not cover the escrow")
+        if not within_caps(
+            sum(1 for r in unopened if r.counterparty == award.signer),
+            sum(1 for r in unopened if r.counterparty_peer_id == peer_id),
+            awards_pending_per_requester_max,
+        ):
+            raise NetError("awards of yours are still waiting for their trades")
         fit = fit_on_node(request.requirements, self.side.allocator, self.side.offer_config)
         if fit is None:
             self._mark(award.job_id, delivered=False)  # bid again when asked again
@@ -279,6 +361,8 @@ class Provider:
                 gpus=award.gpus,
                 max_cost=award.max_cost,
                 deadline_ms=award.deadline_ms,
+                group_id=award.group_id,
+                manifest_digest=request.manifest_digest,
             )
         )
         record = JobRecord(
@@ -297,6 +381,49 @@ class Provider:
         self.book.add(record, manifest=award.manifest)
         self.drivers.start(aid)
         return ledger.encode(terms)
+
+    async def release(self, aid: bytes) -> None:
+        """Close the trade of an attempt this node will not deliver with its own Cancel (full
+        refund, no slash) before the deadline, unless someone closes it first. Also covers an
+        award whose trade opens only after the slots were let go."""
+        ctx = self.ctx
+        rejected = 0
+        for _ in range(driver_passes_max):
+            record = self.book[aid]
+            terms = record.terms
+            if not record.cancel_requested or terms is None:
+                return
+            trade = ctx.chain.trade(aid)
+            step = release_step(
+                trade.status if trade is not None else None,
+                trade is not None and trade.terms == terms,
+                ctx.chain.head()[1],
+                terms.deadline_ms,
+            )
+            if step is ReleaseStep.DONE:
+                self.book.update(record, cancel_requested=False)
+                return
+            ended_ms = record.stamps[-1].at_ms if record.stamps else 0
+            waiting = record.state is JobState.CANCELLED and ctx.clock_ms() < min(
+                ended_ms + cancel_grace_ms, terms.deadline_ms - cancel_grace_ms
+            )
+            if step is ReleaseStep.CANCEL and not waiting:
+                try:
+                    await ctx.submit_and_commit(
+                        lambda nonce: ctx.sign(
+                            Cancel(nonce=nonce, fee=ctx.fee(), job_id=ledger.JobId(aid))
+                        ),
+                        lambda _: None,
+                    )
+                    continue
+                except ChainRejected as exc:
+                    rejected += 1
+                    log.warning("own cancel of %s rejected: %s", aid.hex()[:16], exc)
+                    if rejected >= release_attempts_max:
+                        self.book.update(record, cancel_requested=False)
+                        return
+            await ctx.wait_block()
+        raise AssertionError(f"a release made no progress in {driver_passes_max} passes")
 
     async def on_cancel(self, peer_id: str, data: bytes) -> bytes:
         notice = decode_signed(CancelNotice, data, self.ctx.chain_id)

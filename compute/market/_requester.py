@@ -8,7 +8,6 @@ step at a time; the decisions are the pure functions of ``_protocol``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,10 @@ from compute.market._protocol import (
     attempt_deadline,
     attempt_job_id,
     bid_refusal,
+    bond_refusal,
     cancel_step,
+    offer_refusal,
+    reputation,
     retry_after_refund,
     room_for_round,
     terms_refusal,
@@ -307,7 +309,9 @@ class Requester:
         return why is None or why.startswith("all ")
 
     def score(self, provider: bytes) -> float:
-        return self.ctx.store.provider_stats(provider).score()
+        """The ``reputation`` strategy's input: the provider's counters on chain."""
+        account = self.ctx.chain.account(provider)
+        return reputation(account.completed, account.failed, account.slashed)
 
     def make_award(self, record: JobRecord, bid: Bid, attempt: int, deadline_ms: int) -> Award:
         manifest = self.ctx.store.manifest(record.job_id)
@@ -326,8 +330,13 @@ class Requester:
                 max_cost=request.max_cost(bid.price_per_gpu_second),
                 deadline_ms=deadline_ms,
                 manifest=manifest,
+                group_id=self.group_of(record),
             )
         )
+
+    def group_of(self, record: JobRecord) -> bytes:
+        """The trade group of a job's attempts: the job id itself."""
+        return record.job_id
 
     async def award_next(self, record: JobRecord, *, first: bool) -> None:
         """Award the best untried bid; on success the record is AWARDED with signed terms."""
@@ -454,7 +463,9 @@ class Requester:
                 )
                 return
             if step is WatchStep.CANCELLED:
-                self.book.finish(record, JobState.CANCELLED)
+                # Not asked for here (that goes through cancel_trade): the provider gave the
+                # job up with its own Cancel, and the escrow came back in full.
+                await self.after_refund(record, "gave the job up")
                 return
             if step is WatchStep.REFUNDED:
                 await self.after_refund(record)
@@ -469,14 +480,10 @@ class Requester:
             if record.cancel_requested:
                 return
 
-    async def after_refund(self, record: JobRecord) -> None:
+    async def after_refund(self, record: JobRecord, what: str = "missed the deadline") -> None:
+        """The attempt's escrow came back: retry with the next untried bid, time allowing."""
         provider = record.counterparty
-        stats = self.ctx.store.provider_stats(provider)
-        stats = dataclasses.replace(stats, refunded=stats.refunded + 1)
-        record = self.book.update(
-            record, error=f"provider {provider.hex()[:12]} missed the deadline"
-        )
-        self.ctx.store.put_with_stats(record, provider, stats)
+        record = self.book.update(record, error=f"provider {provider.hex()[:12]} {what}")
         if retry_after_refund(record.request, self.ctx.clock_ms(), record.bids, record.tried):
             await self.award_next(record, first=False)
             return
@@ -546,6 +553,8 @@ class Requester:
                 bids_max=bids_per_job_max,
             )
         )
+        if why is None and record is not None:
+            why = self.bidder_refusal(bid, record.request)
         if why is not None or record is None:
             self.ctx.counters["bids_rejected"] += 1
             raise NetError(why or "not accepting bids for this job")
@@ -553,6 +562,17 @@ class Requester:
         self.book.update(record, bids=(*record.bids, bid), bid_peers=(*record.bid_peers, peer_id))
         self.ctx.counters["bids_received"] += 1
         return b""
+
+    def bidder_refusal(self, bid: Bid, request: JobRequest) -> str | None:
+        """A bid counts only from a signer that can be held to it: a live offer the bid
+        agrees with, and the chain's minimum bond at stake."""
+        ctx = self.ctx
+        now = ctx.clock_ms()
+        why = offer_refusal(bid, ctx.directory.get(bid.signer, now), request.requirements, now)
+        if why is not None:
+            return why
+        bonded = ctx.chain.account(bid.signer).bonded
+        return bond_refusal(bonded, ctx.chain.params().provider_bond_min)
 
     def job_for_peer(self, job_id: bytes, peer_id: str) -> JobRecord:
         record = self.book.get(job_id)

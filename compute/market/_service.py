@@ -131,8 +131,7 @@ class MarketService:
                 for key in self.requester.book.unfinished():
                     self.requester.drivers.start(key)
                 if self.provider is not None:
-                    for key in self.provider.book.unfinished():
-                        self.provider.drivers.start(key)
+                    self.provider.start()
                 task_status.started()
                 await trio.sleep_forever()
         finally:

@@ -6,14 +6,12 @@ The schema (this module owns every key):
   the attempt's job id (every attempt is a separate trade, hence a separate provider job).
 - ``m`` + job id -> ``JobManifest`` (requester: what providers fetch).
 - ``b`` + sha256 -> blob bytes (requester: input files, and verified output files).
-- ``p`` + provider address -> ``ProviderStats`` (requester: reputation input).
 
 Every write is one synced batch, made before the change is acknowledged to anyone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -33,20 +31,6 @@ _PROVIDER = b"p"
 record_bytes_max = 8 * 1024 * 1024
 """A record holds up to two capped logs (1 MiB each) plus bids and metadata."""
 jobs_listed_max = 100_000
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProviderStats:
-    """What this node saw of one provider's trades with it (the reputation strategy's input)."""
-
-    settled: int = 0
-    refunded: int = 0
-    mismatched: int = 0
-
-    def score(self) -> float:
-        """Laplace-smoothed success rate; a mismatch counts as three failures."""
-        bad = self.refunded + 3 * self.mismatched
-        return (self.settled + 1) / (self.settled + bad + 2)
 
 
 def _job_key(role: Role, key: bytes) -> bytes:
@@ -122,21 +106,3 @@ class JobStore:
 
     def put_blobs(self, blobs: Iterable[bytes]) -> None:
         self._write((_BLOB + ledger.digest(blob), blob) for blob in blobs)
-
-    def provider_stats(self, provider: bytes) -> ProviderStats:
-        data = self._db.get(_PROVIDER + provider)
-        if data is None:
-            return ProviderStats()
-        try:
-            return ledger.decode(ProviderStats, data)
-        except ledger.DecodeError as exc:
-            raise StoreCorrupt(f"provider stats do not decode: {exc}") from exc
-
-    def put_with_stats(self, record: JobRecord, provider: bytes, stats: ProviderStats) -> None:
-        """Persist a record and the provider stats its outcome changed, atomically."""
-        self._write(
-            [
-                (_job_key(record.role, self.record_key(record)), ledger.encode(record)),
-                (_PROVIDER + provider, ledger.encode(stats)),
-            ]
-        )

@@ -10,12 +10,14 @@ import abc
 import dataclasses
 from typing import TYPE_CHECKING
 
+import ledger
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     import trio
 
-    from ledger import Account, Receipt, Trade, Transaction
+    from ledger import Account, ChainParams, Receipt, Trade, Transaction
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,9 +78,10 @@ class ChainAPI(abc.ABC):
     @abc.abstractmethod
     def account(self, address: bytes) -> Account: ...
 
-    def fee_min(self) -> int:
-        """The chain's minimum transaction fee (``ChainParams.fee_min``); 0 where it has none."""
-        return 0
+    def params(self) -> ChainParams:
+        """The chain-wide rules (fee minimum, provider bond minimum, ...); a chain that names
+        none has the permissive defaults."""
+        return ledger.ChainParams()
 
     @abc.abstractmethod
     def head(self) -> tuple[int, int]:

@@ -85,8 +85,8 @@ class LocalChain(ChainAPI):
     def head(self) -> tuple[int, int]:
         return self.state.height, self.state.time_ms
 
-    def fee_min(self) -> int:
-        return self.state.params.fee_min
+    def params(self) -> ledger.ChainParams:
+        return self.state.params
 
     async def wait_new_block(self) -> int:
         await self._new_block.wait()

@@ -218,6 +218,9 @@ class Award:
     manifest: JobManifest
     """What to run, so the provider checks it before it takes a slot (its hash must be the
     request's ``manifest_digest``)."""
+    group_id: bytes
+    """The logical job this attempt belongs to (every attempt and ``--verify`` replica of one
+    job shares it); goes into the trade's terms so the chain can compare replicas."""
     signer: bytes = b""
     signature: bytes = b""
 
@@ -307,6 +310,8 @@ class JobRecord:
     outputs: tuple[OutputFile, ...] = ()
     """Requester: the verified output files (their bytes are blobs in the store)."""
     cancel_requested: bool = False
+    """Requester: the user asked to cancel. Provider: it owes the chain its own Cancel of an
+    attempt it will not deliver (so an honest provider is never slashed for it)."""
     bid_rounds: int = 0
     """Bid rounds held so far (a round whose every bidder refused the award is repeated)."""
     stamps: tuple[Stamp, ...] = ()
@@ -391,6 +396,9 @@ class MarketConfig:
     inputs_bytes_max: int = 8 * 1024 * 1024
     outputs_bytes_max: int = 64 * 1024 * 1024
     request_timeout_s: float = 10.0
+    bid_timeout_ms: int = 2_000
+    """How long a provider waits for a requester to take its bid (a requester that holds bid
+    streams open costs the provider this long, per bid, at most)."""
     jobs_active_max: int = 64
     fee: int = 0
     wait_for_open: bool = True
@@ -424,6 +432,7 @@ class MarketConfig:
             "award_open_timeout_ms": 5_000,
             "reservation_ms": 3_000,
             "request_timeout_s": 5.0,
+            "bid_timeout_ms": 5_000,
         }
         values.update(overrides)
         return dataclasses.replace(cls(), **values)  # type: ignore[arg-type]

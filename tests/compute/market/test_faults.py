@@ -9,7 +9,9 @@ import pytest
 import ledger
 from compute.market import (
     PROTOCOL_AWARD,
+    PROTOCOL_BID,
     Award,
+    Bid,
     InvalidManifest,
     InvalidSubmission,
     JobManifest,
@@ -110,6 +112,7 @@ def _hostile_award(cluster: Cluster, manifest: JobManifest) -> Award:
             max_cost=request.max_cost(30),
             deadline_ms=now_ms() + 30_000,
             manifest=manifest,
+            group_id=job_id,
         ),
         key,
         CHAIN_ID,
@@ -165,3 +168,41 @@ async def test_hostile_jobs_never_stop_the_provider(tmp_path: Path) -> None:
             requester, missing.job_id, {JobState.REFUNDED, JobState.FAILED}, 60
         )
         assert cluster.chain.account(requester.key.address).locked == 0, "escrow left locked"
+
+
+async def test_bids_count_only_from_staked_providers_that_keep_to_their_offers(
+    tmp_path: Path,
+) -> None:
+    # Provider 2 asks 50, above the job's max of 40: it does not bid, so its key is free to lie.
+    providers = (("RTX4090:1", 30), ("RTX4090:1", 50))
+    async with open_cluster(tmp_path, providers=providers) as cluster:
+        requester = cluster.requester
+        provider = cluster.nodes[1]
+        job = copy_job(b"x\n", bid_window_ms=20_000, max_price_per_gpu_second=40)
+        record = await requester.market.submit(job)
+        await wait_until(lambda: bool(requester.market.bids(record.job_id)), 30, "a first bid")
+
+        async def bid(key: ledger.SigningKey, **changes: object) -> None:
+            values: dict[str, object] = {
+                "job_id": record.job_id,
+                "price_per_gpu_second": 30,
+                "gpus": 1,
+                "model": "RTX4090",
+                "expected_start_ms": now_ms(),
+                "free_slots": 1,
+                "reservation_expiry_ms": now_ms() + 3_000,
+            }
+            values.update(changes)
+            signed = ledger.sign_object(Bid(**values), key, CHAIN_ID)  # type: ignore[arg-type]
+            await provider.net.request(
+                requester.net.local_peer_id, PROTOCOL_BID, ledger.encode(signed), 10
+            )
+
+        stranger = ledger.SigningKey.generate()  # no offer, no bond
+        with pytest.raises(NetError, match="no live offer"):
+            await bid(stranger, price_per_gpu_second=1, expected_start_ms=0)
+        expensive = cluster.nodes[2].key
+        with pytest.raises(NetError, match="contradicts its offer"):
+            await bid(expensive, price_per_gpu_second=35)
+        bids = requester.market.bids(record.job_id)
+        assert [b.signer for b in bids] == [provider.key.address], f"a refused bid was kept: {bids}"

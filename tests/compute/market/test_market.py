@@ -104,7 +104,7 @@ async def test_jobs_complete_and_settle_with_money_adding_up(tmp_path: Path) -> 
         # Money: what providers earned is what the requester spent, and nothing was minted.
         state = cluster.chain.state
         mine = state.account(requester.key.address)
-        fees = mine.nonce * cluster.chain.fee_min()  # one fee per transaction it sent
+        fees = mine.nonce * cluster.chain.params().fee_min  # one fee per transaction it sent
         spent = BALANCE - mine.balance - fees
         assert state.account(requester.key.address).locked == 0, "escrow left locked"
         earned = sum(state.account(n.key.address).earned for n in cluster.nodes[1:])
@@ -161,14 +161,6 @@ async def test_outputs_not_matching_the_receipt_are_caught(tmp_path: Path) -> No
         record = await cluster.wait_state(requester, record.job_id, {JobState.OUTPUT_MISMATCH}, 60)
         assert record.terms is not None and record.terms.provider == cheater, "cheapest won"
         assert "SHA-256" in record.error, f"the mismatch reason is not recorded: {record.error}"
-        stats = requester.store.provider_stats(cheater) if requester.store else None
-        assert stats is not None and stats.mismatched == 1, f"reputation not lowered: {stats}"
-        # With the reputation strategy the cheater, still cheapest, is no longer chosen.
-        again = await requester.market.submit(copy_job(b"second\n", strategy="reputation"))
-        again = await cluster.wait_state(requester, again.job_id, {JobState.DONE}, 60)
-        assert again.terms is not None and again.terms.provider != cheater, (
-            "the reputation strategy picked the provider caught with bad outputs"
-        )
 
 
 async def test_cancel_kills_the_running_job_and_refunds_the_escrow(tmp_path: Path) -> None:
@@ -191,7 +183,7 @@ async def test_cancel_kills_the_running_job_and_refunds_the_escrow(tmp_path: Pat
         account = cluster.chain.account(requester.key.address)
         paid = cluster.chain.account(provider.key.address).earned
         assert paid == trade.paid and paid < trade.terms.max_cost, f"pro rata pay: {trade}"
-        fees = account.nonce * cluster.chain.fee_min()
+        fees = account.nonce * cluster.chain.params().fee_min
         assert (account.balance + paid + fees, account.locked) == (BALANCE, 0), (
             f"escrow not returned: {account}"
         )
@@ -231,9 +223,9 @@ async def test_vanished_provider_is_refunded_and_the_job_retried_elsewhere(
         assert record.terms.provider != gone.key.address, "retried with the vanished provider"
         result = await requester.market.result(record.job_id)
         assert result.outputs == {"out.txt": b"retried\n"}, f"outputs {result.outputs}"
-        assert requester.store is not None
-        stats = requester.store.provider_stats(gone.key.address)
-        assert stats.refunded == 1, f"the missed deadline is not counted: {stats}"
+        # The missed deadline is on chain, for every requester's reputation strategy to see.
+        gone_account = cluster.chain.account(gone.key.address)
+        assert gone_account.failed == 1, f"the missed deadline is not counted: {gone_account}"
         assert cluster.chain.account(requester.key.address).locked == 0, "escrow left locked"
 
 
@@ -332,6 +324,7 @@ async def test_provider_refuses_awards_a_requester_cannot_pay_for(tmp_path: Path
                 max_cost=request.max_cost(30),
                 deadline_ms=now_ms() + 30_000,
                 manifest=JobManifest(("true",), (), ()),
+                group_id=job_id,
             ),
             broke,
             CHAIN_ID,
@@ -345,7 +338,9 @@ async def test_provider_refuses_awards_a_requester_cannot_pay_for(tmp_path: Path
         assert provider.market.list(Role.PROVIDER) == [], "an unpayable award left a job behind"
 
 
-async def test_provider_restart_too_late_to_rerun_leaves_no_trade_locked(tmp_path: Path) -> None:
+async def test_provider_too_late_to_rerun_cancels_its_trade_unslashed(
+    tmp_path: Path,
+) -> None:
     # A 1 s slack: after the restart the deadline no longer fits a re-run of the job.
     config = MarketConfig.for_tests(attempt_slack_ms=1_000)
     async with open_cluster(tmp_path, config=config, providers=(("RTX4090:1", 30),)) as cluster:
@@ -368,7 +363,10 @@ async def test_provider_restart_too_late_to_rerun_leaves_no_trade_locked(tmp_pat
         side = await cluster.wait_state(provider, aid, {JobState.FAILED}, 30, role=Role.PROVIDER)
         assert "no time to re-run" in side.error, f"provider record: {side.to_json()}"
         record = await cluster.wait_state(requester, record.job_id, {JobState.REFUNDED}, 60)
+        # The honest provider gave the trade up itself before the deadline: never slashed.
         trade = cluster.chain.trade(aid)
-        assert trade is not None and trade.status is TradeStatus.REFUNDED, f"trade {trade}"
+        assert trade is not None and trade.status is TradeStatus.CANCELLED, f"trade {trade}"
+        assert not trade.slashed and cluster.chain.account(provider.key.address).slashed == 0
+        assert "gave the job up" in record.error, f"requester record: {record.to_json()}"
         account = cluster.chain.account(requester.key.address)
         assert (account.balance, account.locked) == (BALANCE, 0), f"escrow not returned: {account}"

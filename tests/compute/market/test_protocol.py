@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import ledger
+from compute import OfferConfig
 from compute.market import Award, Bid, JobManifest, JobRequest, Requirements
 from compute.market._protocol import (
     CancelStep,
     OpenStep,
+    ReleaseStep,
     SettleStep,
     WatchStep,
     attempt_deadline,
@@ -17,16 +19,21 @@ from compute.market._protocol import (
     award_terms_refusal,
     bid_again,
     bid_refusal,
+    bond_refusal,
     can_pay,
     can_rerun,
     cancel_step,
+    offer_refusal,
     open_step,
+    release_step,
     request_refusal,
     retry_after_refund,
     settle_step,
     terms_refusal,
     watch_step,
+    within_caps,
 )
+from compute.testing import make_offer
 from ledger import AgreementTerms, TradeStatus
 from ledger.testing import key_for
 
@@ -80,6 +87,7 @@ def _award(request: JobRequest, **changes: object) -> Award:
         "max_cost": request.max_cost(30),
         "deadline_ms": NOW + 30_000,
         "manifest": MANIFEST,
+        "group_id": job_id,
     }
     values.update(changes)
     return ledger.sign_object(Award(**values), REQUESTER, CHAIN)  # type: ignore[arg-type]
@@ -159,6 +167,8 @@ def test_terms_must_be_what_was_awarded() -> None:
             gpus=1,
             max_cost=award.max_cost,
             deadline_ms=award.deadline_ms,
+            group_id=award.group_id,
+            manifest_digest=request.manifest_digest,
         ),
         PROVIDER,
         CHAIN,
@@ -187,3 +197,36 @@ def test_what_the_trade_means_for_each_side() -> None:
     assert settle_step(TradeStatus.SETTLED) is SettleStep.DONE
     assert settle_step(TradeStatus.CANCELLED) is SettleStep.CANCELLED
     assert settle_step(TradeStatus.REFUNDED) is SettleStep.REFUNDED
+
+
+def test_a_bid_must_agree_with_its_offer_and_bond() -> None:
+    request = _request()
+    job_id = ledger.hash_of(request)
+    config = dataclasses.replace(OfferConfig.for_tests(), price_per_gpu_second=30)
+    offer = make_offer(
+        PROVIDER, chain_id=CHAIN, now_ms=NOW, simulate_gpus="RTX4090:2", config=config
+    )
+    req = request.requirements
+    honest = _bid(job_id, free_slots=2)
+    assert offer_refusal(honest, offer, req, NOW) is None, offer_refusal(honest, offer, req, NOW)
+    assert "no live offer" in str(offer_refusal(honest, None, req, NOW))
+    cheaper = _bid(job_id, price_per_gpu_second=29)
+    assert "contradicts its offer" in str(offer_refusal(cheaper, offer, req, NOW))
+    other_model = _bid(job_id, model="H100")
+    assert "contradicts its offer" in str(offer_refusal(other_model, offer, req, NOW))
+    too_free = _bid(job_id, free_slots=3)
+    assert "contradicts its offer" in str(offer_refusal(too_free, offer, req, NOW))
+    many = _bid(job_id, gpus=3)
+    assert "contradicts its offer" in str(offer_refusal(many, offer, req, NOW))
+    liar = _bid(job_id, expected_start_ms=0)
+    assert "in the past" in str(offer_refusal(liar, offer, req, NOW))
+    assert bond_refusal(999, 1_000) is not None and bond_refusal(1_000, 1_000) is None
+
+
+def test_caps_and_release() -> None:
+    assert within_caps(1, 1, 2) and not within_caps(2, 0, 2) and not within_caps(0, 2, 2)
+    assert release_step(TradeStatus.OPEN, True, NOW, NOW) is ReleaseStep.CANCEL
+    assert release_step(TradeStatus.SETTLED, True, NOW, NOW) is ReleaseStep.DONE
+    assert release_step(None, False, NOW, NOW) is ReleaseStep.WAIT, "the trade may still open"
+    assert release_step(None, False, NOW + 1, NOW) is ReleaseStep.DONE, "past the deadline"
+    assert release_step(TradeStatus.OPEN, False, NOW, NOW) is ReleaseStep.WAIT, "not ours"

@@ -19,7 +19,6 @@ from compute.market import (
     JobRequest,
     JobState,
     JobStore,
-    ProviderStats,
     Requirements,
     Role,
     attempt_job_id,
@@ -27,6 +26,7 @@ from compute.market import (
     fit_on_node,
     rank_bids,
 )
+from compute.market._protocol import reputation
 from compute.market.types import InputRef, Stamp
 from compute.testing import make_offer
 from ledger.testing import key_for
@@ -81,6 +81,7 @@ def test_signed_messages_round_trip_and_verify(
             max_cost=signed.max_cost(price),
             deadline_ms=request.deadline_ms,
             manifest=JobManifest(("sh", "-c", "true"), (("A", "b"),), ()),
+            group_id=job_id,
         ),
         key,
         CHAIN,
@@ -157,7 +158,6 @@ def test_job_store_persists_across_reopen(tmp_path: Path) -> None:
         record, role=Role.PROVIDER, attempt_job_id=attempt_job_id(job_id, 1)
     )
     store.put(provider_side)
-    store.put_with_stats(record, b"p" * 32, ProviderStats(settled=2, refunded=1))
     store.close()
     store = JobStore(tmp_path / "jobs")
     try:
@@ -166,21 +166,20 @@ def test_job_store_persists_across_reopen(tmp_path: Path) -> None:
         assert [r.role for r in store.records()] == [Role.REQUESTER, Role.PROVIDER]
         assert list(store.records(Role.PROVIDER)) == [provider_side]
         assert store.manifest(job_id) == manifest and store.blob(ledger.digest(b"abc")) == b"abc"
-        assert store.provider_stats(b"p" * 32) == ProviderStats(2, 1, 0), "stats lost"
-        assert store.provider_stats(b"q" * 32) == ProviderStats(), "unknown provider: zeros"
     finally:
         store.close()
 
 
 def test_reputation_score_orders_providers() -> None:
-    good, new, refunded, cheat = (
-        ProviderStats(9, 0, 0),
-        ProviderStats(),
-        ProviderStats(1, 2, 0),
-        ProviderStats(5, 0, 1),
+    # The chain's counters: (completed, failed, slashed); a slash also counts as a failure.
+    good, new, failing, slashed = (
+        reputation(9, 0, 0),
+        reputation(0, 0, 0),
+        reputation(1, 2, 0),
+        reputation(5, 1, 1),
     )
-    assert good.score() > new.score() > refunded.score(), "settled raise, refunds lower"
-    assert cheat.score() < good.score(), "a mismatch costs more than nothing"
+    assert good > new > failing, "completed trades raise it, failed ones lower it"
+    assert slashed < reputation(5, 1, 0), "a slash costs more than a failure"
 
 
 def _bid(signer: int, price: int, start: int, free: int) -> Bid:
