@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -83,5 +84,34 @@ async def test_idle_parents_are_pruned_and_made_again_when_needed() -> None:
         assert all(p.exists() for p in parents), "the parent is made again for the next job"
         first.close()
         second.close()
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_restarted_executor_kills_what_a_crashed_one_left() -> None:
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-cg-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    try:
+        crashed = compute.Executor(root / "jobs", sandbox="process")
+        cgroup = crashed.cgroups.create("left-1", memory_bytes=1 << 30, processes_max=16)
+        procs = cgroup.procs_files
+
+        def join() -> None:
+            for path in procs:
+                with open(path, "w") as handle:
+                    handle.write(str(os.getpid()))
+
+        # A job process that outlived its daemon (as a setsid child of a SIGKILLed one would).
+        orphan = subprocess.Popen(["sleep", "600"], preexec_fn=join)
+        try:
+            assert cgroup.pids() == {orphan.pid}
+            restarted = compute.Executor(root / "jobs", sandbox="process")
+            assert orphan.wait(timeout=10) == -9, "the leftover job process was not killed"
+            assert not any(p.exists() for _, p in cgroup.dirs), "the stale cgroup stayed"
+            restarted.close()
+        finally:
+            if orphan.poll() is None:
+                orphan.kill()
+                orphan.wait()
     finally:
         shutil.rmtree(root)
