@@ -1,13 +1,13 @@
-"""The sandboxed executor: one job, one working directory, one process group, hard limits.
+"""The sandboxed executor: one job, one working directory, one uid, one cgroup, hard limits.
 
-Two sandbox kinds, picked by a runtime probe:
-- ``bwrap``: bubblewrap gives the job its own mount, PID, network, IPC and UTS namespaces; the
-  host is visible read-only (``/usr``, ``/etc``), ``/job`` is the job's directory, ``/tmp`` is
-  private, ``/dev`` is minimal plus the allocated GPUs' device nodes only. Killing the process
-  group kills bwrap's PID 1, and the kernel then kills every process in the namespace, even one
-  that escaped the group with ``setsid``.
-- ``process``: a plain subprocess in its own session; same limits, no filesystem or network
-  isolation, and a ``setsid`` escapee survives the group kill.
+Two sandbox kinds; ``bwrap`` unless ``process`` is asked for by name (no fallback):
+- ``bwrap`` (probed at start): bubblewrap gives the job its own mount, PID, network, IPC and UTS
+  namespaces; the host is visible read-only (``/usr``, ``/etc``), ``/job`` is the job's
+  directory, ``/tmp`` is a capped tmpfs, ``/dev`` is minimal plus the allocated GPUs' device
+  nodes only.
+- ``process``: a plain subprocess in its own session and cgroup; under root (with job uids) it
+  also gets its own network, IPC and mount namespace with a capped ``/tmp`` and ``/dev/shm``,
+  but sees the host's filesystem as "others" do and the host's processes.
 
 Kernel limits hold over the job's whole process tree: each job runs in its own cgroup
 (``compute._cgroups``: v2, or the v1 ``memory``/``pids``/``cpuacct`` hierarchies) with its
@@ -16,7 +16,7 @@ fork and exec, so nothing it starts can leave. ``setrlimit`` adds per-process ca
 CPU, core dumps). When the daemon runs as root each running job gets its own uid and gid from
 ``job_uids``, owns its 0700 directory, and no other job (nor the node's files) is readable to
 it. The job directory's disk use is measured every ``disk_poll_ms`` and at the end, and a job
-over its cap fails ``disk_limit``; under bwrap ``/tmp`` is a tmpfs capped at ``tmp_bytes``.
+over its cap fails ``disk_limit``; ``/tmp`` is a tmpfs capped at ``tmp_bytes``.
 When the job ends its cgroup is killed and must be empty before its uid is used again.
 
 Output digest (carried by the receipt): the output files, each as ``OutputFile(path, size_bytes,
@@ -82,7 +82,6 @@ job_dir_entries_max = 100_000
 """Files and directories a job may create in its directory (inodes are disk too)."""
 address_space_slack_bytes = 256 * MIB
 probe_timeout_s = 10.0
-NOBODY_UID = 65534
 JOB_UID_FIRST = 1_900_000_000
 """Default first uid (and gid) of the job range: far above any account or subuid range."""
 JOB_UIDS_COUNT = 1024
