@@ -341,6 +341,44 @@ async def test_every_page_renders_what_json_rpc_says(testnet: _testnet.TestnetLa
         if job_state == "done":
             assert "dashboard-job-output" in shown["ids"]["job-stdout"]
         print(f"rendered 12 pages in {time.monotonic() - started:.1f} s")
+
+        # A job page opened while the job is young follows it live (jobs topic, log refresh):
+        # its state and output change in place, without reloading the page.
+        slow = client.call(
+            "job_submit",
+            {
+                "argv": ["sh", "-c", "echo started; sleep 2; echo finished"],
+                "gpus": 1,
+                "max_price_per_gpu_second": 1000,
+                "max_wall_ms": 30_000,
+                "bid_window_ms": 200,
+            },
+        )
+        shown = await page.show(f"/job/{slow['id']}")
+        first_state = shown["ids"]["job-state"]
+        assert first_state not in final, f"the job ended before its page opened ({first_state})"
+        with trio.fail_after(job_wait_s):
+            live = await page.evaluate(
+                """new Promise((resolve) => {
+                  const final = new Set(__FINAL__);
+                  const check = () => {
+                    const state = document.querySelector("[data-testid=job-state]").innerText;
+                    const out = document.querySelector("[data-testid=job-stdout]").innerText;
+                    if (final.has(state) && (state !== "done" || out.includes("finished"))) {
+                      resolve({state, out, view: document.body.dataset.view});
+                    } else {
+                      setTimeout(check, 50);
+                    }
+                  };
+                  check();
+                })""".replace("__FINAL__", json.dumps(list(final)))
+            )
+        assert live["view"] == f"/job/{slow['id']}", "the page must update in place"
+        ended = client.call("job_status", {"job_id": slow["id"]})
+        print(f"the job page followed {first_state} -> {live['state']} in place")
+        assert live["state"] == ended["state"], (live, ended["state"])
+        if ended["state"] == "done":
+            assert "started" in live["out"] and "finished" in live["out"], live
     assert job_state == "done", (
         f"the job ended {job_state}: its page showed that, but it should run"
     )
