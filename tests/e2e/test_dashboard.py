@@ -179,6 +179,10 @@ async def browser() -> AsyncIterator[Page]:
                 await proc.wait()
 
 
+offer_wait_s = 90.0
+"""A provider re-gossips its offer periodically; on a loaded machine the first may be missed."""
+
+
 @pytest.fixture(scope="module")
 def testnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_testnet.TestnetLayout]:
     directory = tmp_path_factory.mktemp("dashboard") / "net"
@@ -196,7 +200,7 @@ def testnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_testnet.Testn
         buyer = RpcClient.from_home(layout.nodes[1].home)
         wait_until(
             lambda: any(o["gpus"] for o in buyer.call("market_offers")),
-            timeout_s=30,
+            timeout_s=offer_wait_s,
             what="the provider's offer at the buyer",
         )
         yield layout

@@ -10,6 +10,9 @@ from node import _testnet
 from node.testing import free_port_block, wait_until
 from rpc import RpcClient
 
+offer_wait_s = 90.0
+"""A provider re-gossips its offer periodically; on a loaded machine the first may be missed."""
+
 
 @pytest.fixture(scope="session")
 def testnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_testnet.TestnetLayout]:
@@ -29,7 +32,7 @@ def testnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_testnet.Testn
         buyer = RpcClient.from_home(layout.nodes[1].home)
         wait_until(
             lambda: any(o["gpus"] for o in buyer.call("market_offers")),
-            timeout_s=30,
+            timeout_s=offer_wait_s,
             what="the provider's offer at the buyer",
         )
         wait_until(
