@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import plyvel
@@ -49,6 +50,10 @@ catch_up_blocks_per_batch: Final = 256
 _HEIGHT_KEY: Final = b"h"
 _TOTALS: Final = ("earned", "spent", "fees", "transactions", "jobs_provided", "jobs_requested")
 _CLOSING_KINDS: Final = frozenset({"receipt", "cancel", "refund"})
+
+
+_Bump = Callable[[bytes, str, int], None]
+"""Adds to one of an account's running totals."""
 
 
 def _pos(height: int, index: int) -> bytes:
@@ -110,7 +115,7 @@ class ExplorerIndex:
         assert db is not None, "the explorer index is not running"
         totals: dict[bytes, dict[str, int]] = {}
 
-        def bump(address: bytes, key: str, amount: int = 1) -> None:
+        def bump(address: bytes, key: str, amount: int) -> None:
             if address not in totals:
                 raw = db.get(b"s" + address)
                 totals[address] = {**dict.fromkeys(_TOTALS, 0), **(json.loads(raw) if raw else {})}
@@ -128,15 +133,15 @@ class ExplorerIndex:
                     where = _pos(block.height, index)
                     for address in self._accounts_of(tx, ok, bump):
                         batch.put(b"t" + address + where, digest)
-                        bump(address, "transactions")
+                        bump(address, "transactions", 1)
                     if ok and str(to_json(tx.kind)) in _CLOSING_KINDS:
                         job_id = getattr(tx, "job_id", b"")
                         trade = self.chain.trade(job_id) if job_id else None
                         if trade is not None:
                             batch.put(b"p" + trade.terms.provider + where, job_id)
                             batch.put(b"q" + trade.terms.requester + where, job_id)
-                            bump(trade.terms.provider, "jobs_provided")
-                            bump(trade.terms.requester, "jobs_requested")
+                            bump(trade.terms.provider, "jobs_provided", 1)
+                            bump(trade.terms.requester, "jobs_requested", 1)
                             if trade.paid:
                                 bump(trade.terms.provider, "earned", trade.paid)
                                 bump(trade.terms.requester, "spent", trade.paid)
@@ -145,7 +150,7 @@ class ExplorerIndex:
                 batch.put(b"s" + address, json.dumps(values).encode())
             batch.put(_HEIGHT_KEY, struct.pack(">Q", self.indexed_height))
 
-    def _accounts_of(self, tx: Transaction, ok: bool, bump: Any) -> set[bytes]:
+    def _accounts_of(self, tx: Transaction, ok: bool, bump: _Bump) -> set[bytes]:
         """The accounts a transaction touches; books its transfer and fee."""
         signer: bytes = tx.signer
         accounts = {signer}
@@ -177,7 +182,10 @@ class ExplorerIndex:
         db = self._db
         if db is None:
             raise RpcError(-32011, "the explorer index is starting")
-        stop = prefix + hex_bytes(cursor, "cursor", 12) if cursor else None
+        try:
+            stop = prefix + hex_bytes(cursor, "cursor", 12) if cursor else None
+        except ValueError as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from None
         items: list[tuple[bytes, bytes]] = []
         iterator = (
             db.iterator(prefix=prefix, reverse=True)

@@ -73,6 +73,8 @@ def test_explorer_pages_blocks_transactions_and_totals(testnet: _testnet.Testnet
         {"address": buyer.address, "limit": 1, "cursor": one["next_cursor"]},
     )
     assert [t["hash"] for t in two["items"]] == [first]
+    with pytest.raises(RpcCallError, match="cursor"):
+        client.call("chain_accountTransactions", {"address": buyer.address, "cursor": "zz"})
     # The recipient sees them too.
     theirs = client.call("chain_accountTransactions", {"address": seller.address, "limit": 100})
     assert {first, second} <= {t["hash"] for t in theirs["items"]}
