@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from node._config import NodeConfig, NodeSection
 from node._home import Home
 from node.commands._common import add_command
+from node.exceptions import NodeError
 
 if TYPE_CHECKING:
     import argparse
@@ -100,10 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = Home(args.home)
     config = home.load_config()
     key = home.load_key()
-    setup_logging(
-        args.log_format or config.node.log_format,
-        args.log_level or config.node.log_levels,
-    )
+    levels = args.log_level or config.node.log_levels
+    try:
+        setup_logging(args.log_format or config.node.log_format, levels)
+    except ValueError as exc:
+        where = "--log-level" if args.log_level else f"[node] log_levels in {home.config_path}"
+        raise NodeError(f"{where}: {exc}") from None
     with home.lock():
         trio.run(serve, home, config, key)
     return 0

@@ -146,3 +146,17 @@ def test_a_running_node_logs_p2p_debug_when_asked(tmp_path: Path) -> None:
         daemon.wait(timeout=30)
     lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
     assert not [r for r in lines if r["level"] == "info"], "root level warning: no info lines"
+
+
+def test_a_bad_level_is_a_clear_error_before_the_daemon_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], logs: io.StringIO
+) -> None:
+    from node.cli import main
+
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--no-mdns"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--home", str(home), "--log-level", "info,p2p=loud"]) == 1
+    err = capsys.readouterr().err
+    assert "--log-level" in err and "unknown log level 'loud'" in err, err
+    assert not (home / "rpc.port").exists(), "the daemon must not have started"
