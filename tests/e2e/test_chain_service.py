@@ -191,3 +191,22 @@ async def test_gossip_validators_reject_junk_and_bound_body_fetches(tmp_path: Pa
                 )
             assert chain.transport.fetches_dropped == 2, "one peer's waiting fetches are capped"
             nursery.cancel_scope.cancel()
+
+
+def test_block_proposer_reads_the_header_only_and_refuses_junk() -> None:
+    alice = lt.key_for(1)
+    state = lt.funded_genesis([alice], 1_000).initial_state()
+    _, block, _ = lt.commit_next(
+        None, state, [lt.transfer(alice, 0, alice.address, 1, fee=1)], alice.address
+    )
+    app = _chain.LedgerApp.__new__(_chain.LedgerApp)  # block_proposer needs no state
+    assert app.block_proposer(ledger.encode(block)) == alice.address
+    for junk in (
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        ledger.encode(block)[:20],
+        b"\x98" + b"\xc0" * 8,
+    ):
+        with pytest.raises(consensus.InvalidBlock):
+            app.block_proposer(junk)
