@@ -842,7 +842,11 @@ async def simulate(
 
 def run_seed(seed: int, **kwargs: int) -> SimResult:
     """Run one seed in a fresh trio run with a seeded scheduler and a mock clock."""
-    # trio shuffles runnable tasks with this module-level RNG; seeding it makes a seed replayable.
+    # trio shuffles runnable tasks with this module-level RNG; seeding it makes a seed replayable,
+    # but only with the batch first sorted by task creation (what importing hypothesis or
+    # pytest-trio switches on), else the order follows object addresses and differs between
+    # processes: `python -m consensus.testing --seed N` must replay what pytest ran.
+    trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[attr-defined]
     trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory(prefix="gpumesh-sim-") as tmp:
         try:
