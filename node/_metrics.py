@@ -160,6 +160,17 @@ class _Snapshot(Collector):
         removed.add_metric(["evicted"], pool.evicted)
         removed.add_metric(["invalid"], pool.dropped_invalid)
         yield removed
+        dropped = CounterMetricFamily(
+            f"{namespace}_chain_dropped",
+            "Chain messages this node dropped or rejected, by what they were.",
+            labels=["what"],
+        )
+        dropped.add_metric(["tx_gossip_rejected"], chain.gossip_rejected)
+        dropped.add_metric(["consensus_gossip_rejected"], chain.consensus_rejected)
+        dropped.add_metric(["consensus_queue_full"], chain.transport.dropped)
+        dropped.add_metric(["consensus_body_fetch_failed"], chain.transport.fetch_failures)
+        dropped.add_metric(["commit_event_subscriber_behind"], chain.commit_events_dropped)
+        yield dropped
         committed = CounterMetricFamily(
             f"{namespace}_chain_transactions",
             "Transactions this node saw committed since it started, by result.",

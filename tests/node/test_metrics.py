@@ -82,6 +82,8 @@ def test_metrics_agree_with_json_rpc_and_need_the_token(
     assert value(found, "gpumesh_offers") == 1
     out = {s.labels["topic"]: s.value for s in found["gpumesh_gossip_messages_out_total"]}
     assert out["/gpumesh/node-test/consensus/1"] > 0, out
+    dropped = {s.labels["what"] for s in found["gpumesh_chain_dropped_total"]}
+    assert {"tx_gossip_rejected", "consensus_queue_full"} <= dropped, dropped
     assert value(found, "process_resident_memory_bytes") > 10 * 2**20
     assert value(found, "process_cpu_seconds_total") > 0
 
