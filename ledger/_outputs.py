@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from ledger.exceptions import LedgerError
+from ledger.exceptions import OutputsError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -46,10 +46,6 @@ proof_hashes_max = 64
 _LEAF = b"\x00"
 _NODE = b"\x01"
 _PLAIN_LEAF = b"\x02"
-
-
-class OutputsError(LedgerError):
-    """Raised when sealed outputs do not match what their delivery committed to."""
 
 
 def _sha256(data: bytes) -> bytes:

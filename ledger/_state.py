@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 
 from ledger._codec import digest, encode
 from ledger._keys import Address
+from ledger._outputs import chunk_count, chunk_is_bad, merkle_verify, output_leaf
 from ledger.exceptions import InvalidBlock, InvalidTransaction
 from ledger.types import (
+    NO_GROUP,
     Account,
     Agreement,
     Block,
@@ -32,6 +34,8 @@ from ledger.types import (
     JobId,
     Receipt,
     Refund,
+    SlashBadKey,
+    SlashOutvoted,
     Stake,
     Trade,
     TradeStatus,
@@ -277,7 +281,19 @@ def _charge(view: _Overlay, tx: Transaction, *, check_nonce: bool) -> Account:
     fee_min = view.base.params.fee_min
     _require(fee >= fee_min, f"fee {fee} is below the minimum fee {fee_min}")
     _require(sender.balance >= fee, f"balance {sender.balance} cannot pay the fee {fee}")
-    return dataclasses.replace(sender, balance=sender.balance - fee, nonce=sender.nonce + 1)
+    # Built directly: dataclasses.replace costs more than the rest of a transfer's charge.
+    return Account(
+        sender.balance - fee,
+        sender.locked,
+        sender.nonce + 1,
+        sender.earned,
+        sender.bonded,
+        sender.unbonding,
+        sender.unbond_release_ms,
+        sender.completed,
+        sender.failed,
+        sender.slashed,
+    )
 
 
 def _with_balance(account: Account, balance: int) -> Account:
@@ -373,10 +389,20 @@ def _body(
         terms = trade.terms
         _require(sender_address == terms.provider, "only the trade's provider may send a receipt")
         _require(time_ms <= terms.deadline_ms, "the deadline passed before the receipt")
-        cost = terms.cost(tx.wall_ms, params.charge_min)
+        _require(tx.ack.signer == terms.requester, "the delivery ack is not the requester's")
+        delivery = tx.ack.delivery
+        cost = terms.cost(delivery.wall_ms, params.charge_min)
         _pay(accounts, current, trade, cost, completed=1)
         trades[tx.job_id] = dataclasses.replace(
-            trade, status=TradeStatus.SETTLED, closed_height=height, paid=cost, receipt_tx=txh
+            trade,
+            status=TradeStatus.SETTLED,
+            closed_height=height,
+            paid=cost,
+            receipt_tx=txh,
+            output_root=delivery.output_root,
+            plain_root=delivery.plain_root,
+            key=tx.key,
+            output_bytes=delivery.output_bytes,
         )
     elif isinstance(tx, Refund):
         trade = _open_trade(view, tx.job_id)
@@ -384,10 +410,17 @@ def _body(
         _require(time_ms > terms.deadline_ms, "a refund is only valid after the trade's deadline")
         requester_address = terms.requester
         accounts[requester_address] = _release(trade, current(requester_address), terms.max_cost)
-        # The award was abandoned: the provider neither settled nor gave it up in time.
-        provider, taken = _slash(current(terms.provider), params.slash_amount)
+        # The award was abandoned: the provider neither settled nor gave it up in time. It
+        # pays once per trade (outvote evidence may have slashed it for this trade already).
+        provider = current(terms.provider)
+        if not trade.slashed:
+            provider, taken = _slash(provider, params.slash_amount)
+            accounts[terms.provider] = provider
+            _share_slash(
+                accounts, current, taken, requester_address, sender_address, terms.provider
+            )
+        provider = current(terms.provider)
         accounts[terms.provider] = dataclasses.replace(provider, failed=provider.failed + 1)
-        _share_slash(accounts, current, taken, requester_address, sender_address, terms.provider)
         trades[tx.job_id] = dataclasses.replace(
             trade, status=TradeStatus.REFUNDED, closed_height=height, slashed=True
         )
@@ -436,8 +469,75 @@ def _body(
         else:
             _require(claimed, "no unbonding stake has matured yet")
         accounts[sender_address] = account
+    elif isinstance(tx, SlashBadKey):
+        trade = _kept_trade(view, tx.job_id, time_ms, params.evidence_window_ms)
+        _require(trade.status is TradeStatus.SETTLED, "only a settled trade revealed a key")
+        leaf = output_leaf(tx.index, tx.chunk, tx.plain_hash)
+        _require(
+            merkle_verify(
+                trade.output_root, leaf, tx.index, chunk_count(trade.output_bytes), tx.proof
+            ),
+            "the chunk's proof does not lead to the trade's output root",
+        )
+        _require(
+            chunk_is_bad(tx.job_id, trade.key, tx.index, tx.chunk, tx.plain_hash),
+            "the revealed key opens the chunk to its committed plaintext",
+        )
+        _slash_for(accounts, current, trades, trade, tx.job_id, sender_address, params)
+    elif isinstance(tx, SlashOutvoted):
+        delivery = tx.delivery
+        trade = _kept_trade(view, delivery.job_id, time_ms, params.evidence_window_ms)
+        terms = trade.terms
+        _require(delivery.signer == terms.provider, "the delivery is not the trade's provider's")
+        _require(terms.group_id != NO_GROUP, "the trade belongs to no group")
+        providers = {terms.provider}
+        roots = set()
+        for job_id in (tx.job_y, tx.job_z):
+            other = view.trade(job_id)
+            _require(other is not None, f"no trade for job {job_id.hex()}")
+            assert other is not None
+            _require(other.status is TradeStatus.SETTLED, "the outvoting trades must be settled")
+            _require(
+                other.terms.requester == terms.requester and other.terms.group_id == terms.group_id,
+                "the outvoting trades are not of the same requester and group",
+            )
+            _require(other.terms.provider not in providers, "the three providers must differ")
+            providers.add(other.terms.provider)
+            roots.add(other.plain_root)
+        _require(len(roots) == 1, "the two outvoting trades disagree with each other")
+        _require(delivery.plain_root not in roots, "the delivery agrees with the others")
+        _slash_for(accounts, current, trades, trade, delivery.job_id, sender_address, params)
     else:  # pragma: no cover - the codec only builds the kinds above
         raise InvalidTransaction(f"unknown transaction type {type(tx).__name__}")
+
+
+def _kept_trade(view: _Overlay, job_id: JobId, time_ms: int, window_ms: int) -> Trade:
+    """A trade slash evidence may still name: in the state, within its evidence window, and
+    not slashed for yet (a provider pays once per trade)."""
+    trade = view.trade(job_id)
+    _require(trade is not None, f"no trade for job {job_id.hex()} (or its evidence window passed)")
+    assert trade is not None
+    _require(
+        time_ms <= trade.terms.deadline_ms + window_ms, "the trade's evidence window has passed"
+    )
+    _require(not trade.slashed, "the provider was already slashed for this trade")
+    return trade
+
+
+def _slash_for(
+    accounts: dict[Address, Account],
+    current: Callable[[Address], Account],
+    trades: dict[JobId, Trade],
+    trade: Trade,
+    job_id: JobId,
+    sender: Address,
+    params: ChainParams,
+) -> None:
+    terms = trade.terms
+    provider, taken = _slash(current(terms.provider), params.slash_amount)
+    accounts[terms.provider] = provider
+    _share_slash(accounts, current, taken, terms.requester, sender, terms.provider)
+    trades[job_id] = dataclasses.replace(trade, slashed=True)
 
 
 def _pay(

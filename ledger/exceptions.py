@@ -36,3 +36,7 @@ class MempoolRejected(LedgerError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class OutputsError(LedgerError):
+    """Raised when sealed outputs do not match the roots their delivery committed to."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ledger._genesis import Genesis, GenesisAccount
 from ledger._keys import Address, SigningKey, sign_object
+from ledger._outputs import seal
 from ledger._state import BlockResults, LedgerState, apply_block, build_block
 from ledger.types import (
     NO_GROUP,
@@ -17,6 +18,8 @@ from ledger.types import (
     Block,
     Cancel,
     ChainParams,
+    Delivery,
+    DeliveryAck,
     JobId,
     Receipt,
     Refund,
@@ -108,23 +111,61 @@ def agreement(
     return sign_object(Agreement(nonce=nonce, fee=fee, terms=signed_terms), requester, chain_id)
 
 
+def sealed_outputs(
+    job_id: JobId,
+) -> tuple[bytes, tuple[bytes, ...], bytes, bytes, tuple[bytes, ...]]:
+    """A job's deterministic output bundle, sealed under a key derived from the job id."""
+    plaintext = b"outputs of " + job_id * 40
+    return seal(job_id, plaintext, key=hashlib.sha256(b"key/" + job_id).digest())
+
+
+def delivery(
+    provider: SigningKey,
+    job_id: JobId,
+    *,
+    wall_ms: int,
+    exit_status: int = 0,
+    plain_root: bytes | None = None,
+    chain_id: str = test_chain_id,
+) -> Delivery:
+    """The provider's signed delivery of ``sealed_outputs(job_id)``."""
+    _, chunks, output_root, real_plain_root, _ = sealed_outputs(job_id)
+    size = len(b"".join(chunks)) - 16 * len(chunks)
+    return sign_object(
+        Delivery(
+            job_id=job_id,
+            output_root=output_root,
+            plain_root=real_plain_root if plain_root is None else plain_root,
+            output_bytes=size,
+            wall_ms=wall_ms,
+            exit_status=exit_status,
+        ),
+        provider,
+        chain_id,
+    )
+
+
 def receipt(
     provider: SigningKey,
     nonce: int,
     job_id: JobId,
     *,
     wall_ms: int,
+    requester: SigningKey,
     exit_status: int = 0,
     fee: int = 0,
+    key: bytes | None = None,
     chain_id: str = test_chain_id,
 ) -> Receipt:
+    """The provider's settle: its delivery acked by ``requester``, with the sealing key."""
+    signed = delivery(provider, job_id, wall_ms=wall_ms, exit_status=exit_status, chain_id=chain_id)
+    ack = sign_object(DeliveryAck(delivery=signed), requester, chain_id)
     tx = Receipt(
         nonce=nonce,
         fee=fee,
         job_id=job_id,
-        output_digest=hashlib.sha256(job_id).digest(),
-        wall_ms=wall_ms,
-        exit_status=exit_status,
+        ack=ack,
+        key=sealed_outputs(job_id)[0] if key is None else key,
     )
     return sign_object(tx, provider, chain_id)
 
@@ -202,7 +243,11 @@ def scripted_transactions(
             choice = rng.random()
             if choice < 0.6:
                 tx: Transaction = receipt(
-                    provider, nonces[provider.address], job_id, wall_ms=rng.randrange(100_000)
+                    provider,
+                    nonces[provider.address],
+                    job_id,
+                    wall_ms=rng.randrange(100_000),
+                    requester=requester,
                 )
                 nonces[provider.address] += 1
             elif choice < 0.8:

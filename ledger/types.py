@@ -16,6 +16,12 @@ from typing import TYPE_CHECKING, ClassVar, NewType
 
 from ledger._codec import encode_with, hash_of
 from ledger._keys import Address, verify
+from ledger._outputs import (
+    output_bytes_max,
+    output_key_bytes,
+    proof_hashes_max,
+    sealed_chunk_bytes_max,
+)
 from ledger.exceptions import InvalidTransaction
 
 JobId = NewType("JobId", bytes)
@@ -113,6 +119,8 @@ class TxKind(enum.IntEnum):
     CANCEL = 5
     STAKE = 6
     UNBOND = 7
+    SLASH_BAD_KEY = 8
+    SLASH_OUTVOTED = 9
 
 
 class TradeStatus(enum.IntEnum):
@@ -213,6 +221,57 @@ def _signed_body(obj: object) -> bytes:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Delivery:
+    """What a provider commits to when it hands over a job's sealed outputs (signed by it):
+    the roots of ``ledger._outputs``, the bundle's size and the usage it bills."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/delivery/1"
+    job_id: JobId
+    output_root: bytes
+    plain_root: bytes
+    output_bytes: int
+    wall_ms: int
+    exit_status: int
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        _check_bytes("delivery.job_id", self.job_id, job_id_bytes)
+        _check_bytes("delivery.output_root", self.output_root, hash_bytes)
+        _check_bytes("delivery.plain_root", self.plain_root, hash_bytes)
+        _check(
+            0 <= self.output_bytes <= output_bytes_max,
+            f"delivery.output_bytes {self.output_bytes} is outside 0..{output_bytes_max}",
+        )
+        _check(0 <= self.wall_ms <= wall_ms_max, f"delivery.wall_ms {self.wall_ms} is out of range")
+        _check(-(2**31) <= self.exit_status < 2**31, "delivery.exit_status must fit in 32 bits")
+        _check_bytes("delivery.signer", self.signer, address_bytes)
+        _check(
+            verify(self.signer, self.signature, chain_id, self.TYPE_TAG, _signed_body(self)),
+            "the provider's signature over the delivery does not verify",
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryAck:
+    """The requester's word that it fetched the delivery's ciphertext and checked it against
+    the roots (``ledger._outputs.check_sealed``): what lets the provider settle."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/delivery-ack/1"
+    delivery: Delivery
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self.delivery.validate(chain_id)
+        _check_bytes("ack.signer", self.signer, address_bytes)
+        _check(
+            verify(self.signer, self.signature, chain_id, self.TYPE_TAG, _signed_body(self)),
+            "the requester's signature over the delivery ack does not verify",
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class _TxBase:
     """Fields and checks every transaction shares; the sender is ``signer``."""
 
@@ -288,7 +347,9 @@ class Agreement(_TxBase):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Receipt(_TxBase):
-    """Settles a trade: sent by the provider, pays ``terms.cost(wall_ms)`` and refunds the rest."""
+    """Settles a trade: sent by the provider with the requester's ack of its delivery and the
+    key that opens the sealed outputs. Pays ``terms.cost(delivery.wall_ms)``, refunds the rest,
+    and the trade keeps the roots and the key (so anyone can check the outputs against them)."""
 
     TYPE_TAG: ClassVar[str] = "gpumesh/tx/receipt/1"
     KIND: ClassVar[TxKind] = TxKind.RECEIPT
@@ -296,18 +357,31 @@ class Receipt(_TxBase):
     nonce: int
     fee: int
     job_id: JobId
-    output_digest: bytes
-    wall_ms: int
-    exit_status: int
+    ack: DeliveryAck
+    key: bytes
     signer: Address = _UNSIGNED
     signature: bytes = b""
+
+    @property
+    def delivery(self) -> Delivery:
+        return self.ack.delivery
+
+    @property
+    def wall_ms(self) -> int:
+        return self.ack.delivery.wall_ms
+
+    @property
+    def exit_status(self) -> int:
+        return self.ack.delivery.exit_status
 
     def validate(self, chain_id: str) -> None:
         self._validate_common()
         _check_bytes("job_id", self.job_id, job_id_bytes)
-        _check_bytes("output_digest", self.output_digest, hash_bytes)
-        _check(0 <= self.wall_ms <= wall_ms_max, f"wall_ms {self.wall_ms} is out of range")
-        _check(-(2**31) <= self.exit_status < 2**31, "exit_status must fit in 32 bits")
+        _check_bytes("key", self.key, output_key_bytes)
+        delivery = self.ack.delivery
+        _check(delivery.job_id == self.job_id, "the acked delivery is for another job")
+        _check(delivery.signer == self.signer, "the acked delivery is not the sender's")
+        self.ack.validate(chain_id)
         self._verify_signature(chain_id)
 
 
@@ -391,7 +465,71 @@ class Unbond(_TxBase):
         self._verify_signature(chain_id)
 
 
-Transaction = Transfer | Agreement | Receipt | Refund | Cancel | Stake | Unbond
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SlashBadKey(_TxBase):
+    """Evidence (from anyone) that a settled trade's revealed key does not open one of the
+    chunks its provider committed to: the chunk, its claimed plaintext hash and the Merkle proof
+    to the trade's ``output_root``. Slashes the provider once per trade."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/slash-bad-key/1"
+    KIND: ClassVar[TxKind] = TxKind.SLASH_BAD_KEY
+    kind: TxKind = TxKind.SLASH_BAD_KEY
+    nonce: int
+    fee: int
+    job_id: JobId
+    index: int
+    chunk: bytes
+    plain_hash: bytes
+    proof: tuple[bytes, ...]
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check_bytes("job_id", self.job_id, job_id_bytes)
+        _check(0 <= self.index < 2**40, f"index {self.index} is out of range")
+        _check(
+            len(self.chunk) <= sealed_chunk_bytes_max,
+            f"chunk is {len(self.chunk)} bytes, more than {sealed_chunk_bytes_max}",
+        )
+        _check_bytes("plain_hash", self.plain_hash, hash_bytes)
+        _check(len(self.proof) <= proof_hashes_max, f"proof has more than {proof_hashes_max}")
+        for i, node in enumerate(self.proof):
+            _check_bytes(f"proof[{i}]", node, hash_bytes)
+        self._verify_signature(chain_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SlashOutvoted(_TxBase):
+    """Evidence (from anyone) that a provider delivered a result two other providers
+    contradict: its signed ``delivery`` for trade X, and two settled trades ``job_y``,
+    ``job_z`` of the same requester and group, by two other distinct providers, whose plain
+    roots agree with each other and not with the delivery's. Slashes X's provider once."""
+
+    TYPE_TAG: ClassVar[str] = "gpumesh/tx/slash-outvoted/1"
+    KIND: ClassVar[TxKind] = TxKind.SLASH_OUTVOTED
+    kind: TxKind = TxKind.SLASH_OUTVOTED
+    nonce: int
+    fee: int
+    delivery: Delivery
+    job_y: JobId
+    job_z: JobId
+    signer: Address = _UNSIGNED
+    signature: bytes = b""
+
+    def validate(self, chain_id: str) -> None:
+        self._validate_common()
+        _check_bytes("job_y", self.job_y, job_id_bytes)
+        _check_bytes("job_z", self.job_z, job_id_bytes)
+        jobs = {self.delivery.job_id, self.job_y, self.job_z}
+        _check(len(jobs) == 3, "the outvoted trade and the two others must be three trades")
+        self.delivery.validate(chain_id)
+        self._verify_signature(chain_id)
+
+
+Transaction = (
+    Transfer | Agreement | Receipt | Refund | Cancel | Stake | Unbond | SlashBadKey | SlashOutvoted
+)
 TRANSACTION_TYPES: tuple[type[Transaction], ...] = (
     Transfer,
     Agreement,
@@ -400,6 +538,8 @@ TRANSACTION_TYPES: tuple[type[Transaction], ...] = (
     Cancel,
     Stake,
     Unbond,
+    SlashBadKey,
+    SlashOutvoted,
 )
 
 
@@ -424,6 +564,14 @@ class Trade:
     """Block time of the agreement: a requester's cancel pays for the time since."""
     slashed: bool = False
     """Whether the provider was already slashed for this trade (once per trade)."""
+    output_root: bytes = b""
+    """The settling delivery's commitment to the sealed outputs (settled trades only)."""
+    plain_root: bytes = b""
+    """The settling delivery's commitment to the plaintext outputs (settled trades only)."""
+    key: bytes = b""
+    """The key that opens the sealed outputs, revealed by the receipt (settled trades only)."""
+    output_bytes: int = 0
+    """The settled output bundle's size (gives the Merkle trees' shape)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

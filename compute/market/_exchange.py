@@ -1,14 +1,28 @@
-"""The output and settle flow, both sides: how a provider's result becomes a payment and the
-requester's verified outputs.
+"""The output and settle flow, both sides: a fair exchange of a job's outputs for its payment.
 
-Provider (``ProviderExchange``): serves the job's output list and chunks to the requester that
-awarded it, builds the ``Receipt`` and settles the trade. Requester (``RequesterExchange``):
-once the trade settles, fetches the outputs, checks them against the receipt's digest and
-stores them. Each cheatable step is its own method, so a simulated cheater overrides one.
+Provider (``ProviderExchange``): once the job ran, it seals the output bundle (the canonical
+encoding of the output list, every file's bytes and the logs; ``ledger.seal``) under a key only
+it knows, signs a ``Delivery`` committing to the sealed and the plain roots, tells the requester
+(``PROTOCOL_DELIVERED``) and serves the delivery and the ciphertext (``PROTOCOL_SEALED``,
+``PROTOCOL_SEALED_CHUNKS``). It never serves plaintext outputs. When the requester's signed
+``DeliveryAck`` arrives (``PROTOCOL_DELIVERY_ACK``) it settles with a ``Receipt`` carrying the
+ack and the key; with no ack before the deadline it gives the trade up (a provider ``Cancel``:
+full refund, counted as a failure, not slashed).
+
+Requester (``RequesterExchange``): fetches the delivery and the ciphertext while the trade is
+open, checks them against the delivery's roots (``ledger.check_sealed``), and only then signs
+the ack. The key arrives with the settling receipt; it opens the bundle and checks every chunk
+against its committed plaintext hash. A chunk that does not open is evidence: it submits a
+``SlashBadKey``. So the requester holds no output before the payment is irrevocable, and the
+provider is paid only once the requester could fetch outputs matching the committed root.
+
+Each cheatable step is its own method, so a simulated cheater overrides one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -17,24 +31,27 @@ import trio
 import ledger
 from compute import outputs_digest
 from compute.market._protocol import SettleStep, settle_step
-from compute.market._transfers import (
-    fetch_attempts_max,
-    fetch_output_files,
-    fetch_retry_s,
-    read_chunk,
+from compute.market._wire import (
+    PROTOCOL_DELIVERED,
+    PROTOCOL_DELIVERY_ACK,
+    PROTOCOL_SEALED,
+    PROTOCOL_SEALED_CHUNKS,
+    Mismatch,
+    decode,
 )
-from compute.market._wire import PROTOCOL_OUTPUTS, Mismatch, decode
 from compute.market.exceptions import ChainRejected, MarketError, NetError
 from compute.market.types import (
-    BlobRequest,
     JobState,
     LogsInfo,
     OutputsInfo,
     RunResult,
+    chunk_bytes_max,
     log_bytes_max,
+    message_bytes_max,
+    output_files_max,
 )
 from compute.types import JobId as ExecJobId
-from ledger import Receipt
+from ledger import Cancel, Delivery, DeliveryAck, Receipt, SlashBadKey
 
 if TYPE_CHECKING:
     from compute import Executor
@@ -43,19 +60,93 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpumesh.compute.market")
 
+sealed_chunks_per_request = 512
+"""Ciphertext chunks per ``PROTOCOL_SEALED_CHUNKS`` answer (~560 KB with their hashes)."""
+ack_margin_ms_min = 1_000
+"""A provider stops waiting for the ack a quarter of the attempt's slack (at least this) before
+the deadline and gives the trade up, so its Cancel still commits in time (past the deadline a
+Refund would slash it)."""
+fetch_attempts_max = 5
+fetch_retry_s = 0.5
+delivery_poll_blocks = 5
+"""While a trade is open the requester asks for the delivery on a provider's notice, or
+every this many blocks (a notice can be lost, or sent before a restart)."""
+_KEY_TAG = "gpumesh/output-key/1"
+
 
 def exec_id(attempt_id: bytes) -> ExecJobId:
     """The executor's name for an attempt (64 hex chars fit its job-id pattern)."""
     return ExecJobId(attempt_id.hex())
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutputBundle:
+    """What a provider seals: the output list and logs, and each file's bytes in list order."""
+
+    info: OutputsInfo
+    blobs: tuple[bytes, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SealedOffer:
+    """The provider's answer to ``PROTOCOL_SEALED``: its signed delivery and the first
+    ``sealed_chunks_per_request`` chunks (all of them, for most jobs: one round trip)."""
+
+    delivery: Delivery
+    first: SealedChunks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkRange:
+    """Ask for sealed chunks ``first ..`` of an attempt's bundle."""
+
+    job_id: bytes
+    first: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SealedChunks:
+    """Up to ``sealed_chunks_per_request`` ciphertext chunks and their plaintext hashes."""
+
+    chunks: tuple[bytes, ...]
+    plain_hashes: tuple[bytes, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sealed:
+    """A provider's sealed bundle of one attempt (in memory; rebuilt the same after a
+    restart: the key is derived from the provider's key and the attempt id)."""
+
+    key: bytes
+    chunks: tuple[bytes, ...]
+    plain_hashes: tuple[bytes, ...]
+    delivery: Delivery
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fetched:
+    """What a requester fetched of one attempt: the delivery and its checked ciphertext."""
+
+    delivery: Delivery
+    chunks: tuple[bytes, ...]
+    plain_hashes: tuple[bytes, ...]
+
+
+def bundle_bytes_max(outputs_bytes_max: int) -> int:
+    """Largest sealed bundle a requester fetches: its outputs cap, the logs, framing."""
+    return outputs_bytes_max + 2 * log_bytes_max + 64 * 1024 + 512 * output_files_max
+
+
 class ProviderExchange:
-    """The provider's half: serve the outputs, claim the payment."""
+    """The provider's half: seal and serve the outputs, settle on the requester's ack."""
 
     def __init__(self, ctx: Context, book: JobBook, executor: Executor) -> None:
         self.ctx = ctx
         self.book = book
         self.executor = executor
+        self.sealed: dict[bytes, Sealed] = {}
+        self.acks: dict[bytes, DeliveryAck] = {}
+        self._acked: dict[bytes, trio.Event] = {}
 
     def job_for_peer(self, aid: bytes, peer_id: str) -> JobRecord:
         record = self.book.get(aid)
@@ -63,67 +154,184 @@ class ProviderExchange:
             raise NetError("no such job of yours here")
         return record
 
-    async def on_outputs(self, peer_id: str, data: bytes) -> bytes:
+    def output_key(self, aid: bytes) -> bytes:
+        """The attempt's sealing key: secret (derived from a signature only this provider can
+        make and never sends) and the same after a restart."""
+        return hashlib.sha256(self.ctx.key.sign(self.ctx.chain_id, _KEY_TAG, aid)).digest()
+
+    def read_bundle(self, record: JobRecord) -> bytes:
+        """The canonical bundle of an attempt's result (blocking: reads the output files)."""
+        result = record.result
+        assert result is not None, "only a job with a result has outputs"
+        out = self.executor.job_dir(exec_id(record.attempt_job_id)) / "work" / "out"
+        blobs = tuple((out / f.path).read_bytes() for f in result.files)
+        info = OutputsInfo(result.files, result.stdout, result.stderr)
+        return ledger.encode(OutputBundle(info, blobs))
+
+    async def seal(self, record: JobRecord) -> Sealed:
+        aid = record.attempt_job_id
+        found = self.sealed.get(aid)
+        if found is not None:
+            return found
+        result = record.result
+        assert result is not None, "only a job with a result has outputs"
+        key = self.output_key(aid)
+
+        def build() -> tuple[bytes, tuple[bytes, ...], bytes, bytes, tuple[bytes, ...], int]:
+            bundle = self.read_bundle(record)
+            return (*ledger.seal(aid, bundle, key=key), len(bundle))
+
+        try:
+            _, chunks, output_root, plain_root, plain_hashes, size = await trio.to_thread.run_sync(
+                build
+            )
+        except OSError as exc:
+            raise MarketError(f"the outputs are unreadable: {exc}") from exc
+        delivery = self.make_delivery(record, output_root, plain_root, size)
+        sealed = Sealed(key, chunks, plain_hashes, delivery)
+        self.sealed[aid] = sealed
+        return sealed
+
+    def make_delivery(
+        self, record: JobRecord, output_root: bytes, plain_root: bytes, size: int
+    ) -> Delivery:
+        result = record.result
+        assert result is not None
+        return self.ctx.sign(
+            Delivery(
+                job_id=ledger.JobId(record.attempt_job_id),
+                output_root=output_root,
+                plain_root=plain_root,
+                output_bytes=size,
+                wall_ms=result.wall_ms,
+                exit_status=result.exit_status,
+            )
+        )
+
+    async def on_sealed(self, peer_id: str, data: bytes) -> bytes:
         record = self.job_for_peer(data, peer_id)
         if record.result is None:
             raise NetError(f"the job is {record.state.label}; no outputs yet")
-        result = record.result
-        return ledger.encode(OutputsInfo(result.files, result.stdout, result.stderr))
+        sealed = await self.seal(record)
+        return ledger.encode(SealedOffer(sealed.delivery, self.chunk_range(sealed, 0)))
 
-    async def on_output(self, peer_id: str, data: bytes) -> bytes:
-        ask = decode(BlobRequest, data)
+    def chunk_range(self, sealed: Sealed, first: int) -> SealedChunks:
+        end = first + sealed_chunks_per_request
+        return SealedChunks(sealed.chunks[first:end], sealed.plain_hashes[first:end])
+
+    async def on_sealed_chunks(self, peer_id: str, data: bytes) -> bytes:
+        ask = decode(ChunkRange, data)
         record = self.job_for_peer(ask.job_id, peer_id)
-        files = record.result.files if record.result is not None else ()
-        match = [f for f in files if f.sha256 == ask.sha256]
-        if not match:
-            raise NetError("not an output of this job")
-        path = self.executor.job_dir(exec_id(ask.job_id)) / "work" / "out" / match[0].path
-        return await read_chunk(path, ask.offset)
+        if record.result is None:
+            raise NetError("no outputs yet")
+        return ledger.encode(self.chunk_range(await self.seal(record), ask.first))
+
+    async def on_ack(self, peer_id: str, data: bytes) -> bytes:
+        try:
+            ack = ledger.decode(DeliveryAck, data, max_bytes=message_bytes_max)
+            ack.validate(self.ctx.chain_id)
+        except (ledger.DecodeError, ledger.InvalidTransaction) as exc:
+            raise NetError(f"bad delivery ack: {exc}") from exc
+        aid = ack.delivery.job_id
+        record = self.job_for_peer(aid, peer_id)
+        sealed = self.sealed.get(aid)
+        if sealed is None or ack.delivery != sealed.delivery:
+            raise NetError("the ack is not for this job's delivery")
+        if ack.signer != record.counterparty:
+            raise NetError("the ack is not the requester's")
+        self.acks[aid] = ack
+        self._acked.setdefault(aid, trio.Event()).set()
+        return b""
 
     async def on_logs(self, peer_id: str, data: bytes) -> bytes:
         record = self.job_for_peer(data, peer_id)
-        result = record.result
-        # The executor hands over stdout/stderr when the job ends; until then, state only.
-        if result is None:
-            return ledger.encode(LogsInfo(record.state.label, b"", b""))
-        return ledger.encode(LogsInfo(record.state.label, result.stdout, result.stderr))
+        # The logs are part of the sealed outputs: the requester reads them once it paid.
+        return ledger.encode(LogsInfo(record.state.label, b"", b""))
+
+    async def notify_delivered(self, record: JobRecord) -> None:
+        try:
+            await self.ctx.request(
+                record.counterparty_peer_id, PROTOCOL_DELIVERED, record.attempt_job_id
+            )
+        except NetError as exc:
+            log.debug("delivery notice not delivered (the requester polls): %s", exc)
 
     def build_receipt(self, record: JobRecord, nonce: int) -> ledger.Transaction:
-        result = record.result
-        assert result is not None
+        aid = record.attempt_job_id
+        sealed, ack = self.sealed[aid], self.acks[aid]
         tx = Receipt(
-            nonce=nonce,
-            fee=self.ctx.fee(),
-            job_id=ledger.JobId(record.attempt_job_id),
-            output_digest=result.outputs_digest,
-            wall_ms=result.wall_ms,
-            exit_status=result.exit_status,
+            nonce=nonce, fee=self.ctx.fee(), job_id=ledger.JobId(aid), ack=ack, key=sealed.key
         )
         return self.ctx.sign(tx)
 
+    async def wait_ack(self, record: JobRecord) -> DeliveryAck | None:
+        """The requester's ack, or None when the trade closed or the deadline draws near."""
+        terms = record.terms
+        assert terms is not None, "a settling job has terms"
+        aid = record.attempt_job_id
+        event = self._acked.setdefault(aid, trio.Event())
+        while aid not in self.acks:
+            trade = self.ctx.chain.trade(aid)
+            if trade is None or trade.status is not ledger.TradeStatus.OPEN:
+                return None
+            margin_ms = max(ack_margin_ms_min, self.ctx.config.attempt_slack_ms // 4)
+            if self.ctx.clock_ms() >= terms.deadline_ms - margin_ms:
+                return None
+            with trio.move_on_after(0.2):
+                await event.wait()
+        return self.acks[aid]
+
+    async def give_up(self, record: JobRecord) -> None:
+        """No ack in time: release the trade before the deadline (not slashed)."""
+        aid = record.attempt_job_id
+
+        def build(nonce: int) -> ledger.Transaction:
+            return self.ctx.sign(Cancel(nonce=nonce, fee=self.ctx.fee(), job_id=ledger.JobId(aid)))
+
+        try:
+            await self.ctx.submit_and_commit(build, lambda _: None)
+        except ChainRejected as exc:
+            log.info("cancel of unacknowledged %s rejected: %s", aid.hex()[:16], exc)
+
     async def settle(self, record: JobRecord) -> None:
-        """SETTLING: submit the receipt (or see what closed the trade) and end the job."""
+        """SETTLING: deliver, wait for the ack, submit the receipt (or see what closed the
+        trade) and end the job."""
         assert record.result is not None, "a settling provider job has its result"
         aid = record.attempt_job_id
         trade = self.ctx.chain.trade(aid)
         if trade is None:
             raise MarketError("the trade vanished from the chain")
         if settle_step(trade.status) is SettleStep.SUBMIT_RECEIPT:
-
-            def submitted(txh: bytes) -> None:
-                self.book.update(record, receipt_tx=txh)
-
-            try:
-                ok, error = await self.ctx.submit_and_commit(
-                    lambda nonce: self.build_receipt(record, nonce), submitted
-                )
-            except ChainRejected as exc:
-                ok, error = False, str(exc)
+            await self.seal(record)
+            self.ctx.start_soon(lambda: self.notify_delivered(record))
+            ack = await self.wait_ack(record)
             trade = self.ctx.chain.trade(aid)
             assert trade is not None
-            if not ok and trade.status is ledger.TradeStatus.OPEN:
-                self.book.finish(record, JobState.FAILED, f"the receipt was rejected: {error}")
-                return
+            if ack is None and trade.status is ledger.TradeStatus.OPEN:
+                await self.give_up(record)
+                trade = self.ctx.chain.trade(aid)
+                assert trade is not None
+                if trade.status is ledger.TradeStatus.CANCELLED:
+                    self.book.finish(
+                        record, JobState.FAILED, "the requester never acknowledged the outputs"
+                    )
+                    return
+            elif ack is not None:
+
+                def submitted(txh: bytes) -> None:
+                    self.book.update(record, receipt_tx=txh)
+
+                try:
+                    ok, error = await self.ctx.submit_and_commit(
+                        lambda nonce: self.build_receipt(record, nonce), submitted
+                    )
+                except ChainRejected as exc:
+                    ok, error = False, str(exc)
+                trade = self.ctx.chain.trade(aid)
+                assert trade is not None
+                if not ok and trade.status is ledger.TradeStatus.OPEN:
+                    self.book.finish(record, JobState.FAILED, f"the receipt was rejected: {error}")
+                    return
         step = settle_step(trade.status)
         if step is SettleStep.DONE:
             self.book.update(
@@ -138,26 +346,154 @@ class ProviderExchange:
 
 
 class RequesterExchange:
-    """The requester's half: once paid, fetch and check the outputs."""
+    """The requester's half: fetch and check the sealed outputs, ack, open once paid."""
 
     def __init__(self, ctx: Context, book: JobBook) -> None:
         self.ctx = ctx
         self.book = book
+        self.fetched: dict[bytes, Fetched] = {}
+        self.acked: set[bytes] = set()
+        self.refused: dict[bytes, str] = {}
+        """Attempts whose delivery did not match its roots: never acked, never paid."""
+        self._notices: dict[bytes, trio.Event] = {}
+        self._polls: dict[bytes, int] = {}
+
+    async def on_delivered(self, peer_id: str, data: bytes) -> bytes:
+        for record in self.book.records():
+            if record.attempt_job_id == data and record.counterparty_peer_id == peer_id:
+                self._notices.setdefault(data, trio.Event()).set()
+                self.acked.discard(data)  # a restarted provider lost our ack: send it again
+        return b""
+
+    async def fetch_sealed(
+        self,
+        record: JobRecord,
+        output_root: bytes | None = None,
+        plain_root: bytes | None = None,
+        output_bytes: int | None = None,
+    ) -> Fetched:
+        """The provider's delivery and every sealed chunk, checked against the delivery's
+        roots (or the settled trade's, when given). ``NetError`` when the provider cannot be
+        reached, ``Mismatch`` when what it serves does not match."""
+        peer, aid = record.counterparty_peer_id, record.attempt_job_id
+        data = await self.ctx.request(peer, PROTOCOL_SEALED, aid)
+        offer = decode(SealedOffer, data, 2 * chunk_bytes_max)
+        delivery = offer.delivery
+        try:
+            delivery.validate(self.ctx.chain_id)
+        except ledger.InvalidTransaction as exc:
+            raise Mismatch(f"the delivery is invalid: {exc}") from exc
+        if delivery.job_id != aid or delivery.signer != record.counterparty:
+            raise Mismatch("the delivery is not the provider's for this job")
+        size = delivery.output_bytes if output_bytes is None else output_bytes
+        if size > bundle_bytes_max(self.ctx.config.outputs_bytes_max):
+            raise Mismatch("the outputs exceed this node's outputs_bytes_max")
+        count = ledger.chunk_count(size)
+        chunks, hashes = list(offer.first.chunks), list(offer.first.plain_hashes)
+        if len(chunks) != len(hashes):
+            raise Mismatch("the provider's chunks and plaintext hashes do not pair up")
+        while len(chunks) < count:
+            ask = ledger.encode(ChunkRange(aid, len(chunks)))
+            part = decode(
+                SealedChunks,
+                await self.ctx.request(peer, PROTOCOL_SEALED_CHUNKS, ask),
+                2 * chunk_bytes_max,
+            )
+            if not part.chunks or len(part.chunks) != len(part.plain_hashes):
+                raise Mismatch("the provider served no sealed chunks")
+            chunks.extend(part.chunks)
+            hashes.extend(part.plain_hashes)
+        try:
+            ledger.check_sealed(
+                aid,
+                chunks,
+                hashes,
+                delivery.output_root if output_root is None else output_root,
+                delivery.plain_root if plain_root is None else plain_root,
+                size,
+            )
+        except ledger.OutputsError as exc:
+            raise Mismatch(f"the sealed outputs do not match the delivery: {exc}") from exc
+        return Fetched(delivery, tuple(chunks), tuple(hashes))
+
+    def make_ack(self, delivery: Delivery) -> DeliveryAck:
+        return self.ctx.sign(DeliveryAck(delivery=delivery))
+
+    async def fetch_and_ack(self, record: JobRecord) -> None:
+        """While the trade is open: once the provider delivered, fetch, check, ack."""
+        aid = record.attempt_job_id
+        if aid in self.refused:
+            return
+        fetched = self.fetched.get(aid)
+        if fetched is None:
+            try:
+                fetched = await self.fetch_sealed(record)
+            except NetError as exc:
+                log.debug("sealed outputs of %s not ready: %s", aid.hex()[:16], exc)
+                return
+            except Mismatch as exc:
+                self.refused[aid] = str(exc)
+                self.book.update(record, error=str(exc))
+                log.warning("job %s: delivery refused: %s", record.job_id.hex()[:16], exc)
+                return
+            self.fetched[aid] = fetched
+        ack = self.make_ack(fetched.delivery)
+        try:
+            await self.ctx.request(
+                record.counterparty_peer_id, PROTOCOL_DELIVERY_ACK, ledger.encode(ack)
+            )
+        except NetError as exc:
+            log.info("ack of %s not delivered yet: %s", aid.hex()[:16], exc)
+            return
+        self.acked.add(aid)
+
+    async def progress(self, record: JobRecord) -> None:
+        """One pass of an open trade's watch: ack a delivery if one is due, then wait for the
+        next block or the provider's delivery notice."""
+        aid = record.attempt_job_id
+        notice = self._notices.setdefault(aid, trio.Event())
+        polls = self._polls.get(aid, 0) + 1
+        self._polls[aid] = polls
+        if record.state in (JobState.LOCKED, JobState.RUNNING) and aid not in self.acked:
+            if notice.is_set() or polls % delivery_poll_blocks == 0:
+                self._notices[aid] = notice = trio.Event()
+                await self.fetch_and_ack(record)
+        with trio.move_on_after(2.0):
+            async with trio.open_nursery() as nursery:
+
+                async def block() -> None:
+                    await self.ctx.wait_block()
+                    nursery.cancel_scope.cancel()
+
+                async def noticed() -> None:
+                    await notice.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(block)
+                nursery.start_soon(noticed)
+
+    def cancel_reason(self, record: JobRecord) -> str:
+        """Why the provider gave the attempt up, as this side saw it."""
+        refused = self.refused.get(record.attempt_job_id)
+        return "gave the job up" if refused is None else f"delivered bad outputs ({refused})"
 
     async def collect(self, record: JobRecord) -> None:
-        """SETTLING: fetch the outputs, check them against the receipt, mark the job DONE
-        (or OUTPUT_MISMATCH, or FAILED when they stay unavailable)."""
-        receipt = record.receipt or self.ctx.chain.receipt(record.attempt_job_id)
-        if receipt is None:
+        """SETTLING: open the outputs with the key the receipt revealed, check them, mark the
+        job DONE (OUTPUT_MISMATCH, with slash evidence, when the key does not open them; FAILED
+        when they stay unavailable)."""
+        aid = record.attempt_job_id
+        trade = self.ctx.chain.trade(aid)
+        receipt = record.receipt or self.ctx.chain.receipt(aid)
+        if trade is None or receipt is None or not trade.key:
             raise MarketError("the trade settled but its receipt is not readable")
-        peer = record.counterparty_peer_id
+        fetched = self.fetched.get(aid)
         last_error = ""
         for _ in range(fetch_attempts_max):
+            if fetched is not None and fetched.delivery.output_root == trade.output_root:
+                break
             try:
-                data = await self.ctx.request(peer, PROTOCOL_OUTPUTS, record.attempt_job_id)
-                info = decode(OutputsInfo, data, 4 * log_bytes_max)
-                blobs = await fetch_output_files(
-                    self.ctx, peer, record.attempt_job_id, info, self.ctx.config.outputs_bytes_max
+                fetched = await self.fetch_sealed(
+                    record, trade.output_root, trade.plain_root, trade.output_bytes
                 )
             except NetError as exc:
                 last_error = str(exc)
@@ -166,25 +502,72 @@ class RequesterExchange:
             except Mismatch as exc:
                 self.mismatch(record, str(exc))
                 return
-            if outputs_digest(info.files) != receipt.output_digest:
-                self.mismatch(record, "the output list does not hash to the receipt's digest")
-                return
-            self.ctx.store.put_blobs(blobs)
-            result = RunResult(
-                outcome="succeeded" if receipt.exit_status == 0 else "failed",
-                reason="",
-                exit_status=receipt.exit_status,
-                wall_ms=receipt.wall_ms,
-                outputs_digest=receipt.output_digest,
-                files=info.files,
-                stdout=info.stdout[:log_bytes_max],
-                stderr=info.stderr[:log_bytes_max],
+        if fetched is None or fetched.delivery.output_root != trade.output_root:
+            self.book.finish(
+                record, JobState.FAILED, f"settled, but the outputs are unavailable: {last_error}"
             )
-            self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
             return
-        self.book.finish(
-            record, JobState.FAILED, f"settled, but the outputs are unavailable: {last_error}"
+        opened = await trio.to_thread.run_sync(
+            ledger.open_sealed, aid, trade.key, fetched.chunks, fetched.plain_hashes
         )
+        if isinstance(opened, int):
+            await self.slash_bad_key(record, fetched, opened)
+            return
+        try:
+            bundle = ledger.decode(OutputBundle, opened, max_bytes=len(opened))
+            blobs = self.check_bundle(bundle)
+        except (ledger.DecodeError, Mismatch) as exc:
+            self.mismatch(record, f"the opened outputs are malformed: {exc}")
+            return
+        self.ctx.store.put_blobs(blobs)
+        info = bundle.info
+        result = RunResult(
+            outcome="succeeded" if receipt.exit_status == 0 else "failed",
+            reason="",
+            exit_status=receipt.exit_status,
+            wall_ms=receipt.wall_ms,
+            outputs_digest=outputs_digest(info.files),
+            files=info.files,
+            stdout=info.stdout[:log_bytes_max],
+            stderr=info.stderr[:log_bytes_max],
+        )
+        self.fetched.pop(aid, None)
+        self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
+
+    def check_bundle(self, bundle: OutputBundle) -> list[bytes]:
+        files = bundle.info.files
+        if len(files) != len(bundle.blobs) or len(files) > output_files_max:
+            raise Mismatch("the bundle's files and blobs do not pair up")
+        for file, blob in zip(files, bundle.blobs, strict=True):
+            if len(blob) != file.size_bytes or ledger.digest(blob) != file.sha256:
+                raise Mismatch(f"output {file.path!r} does not match its SHA-256")
+        return list(bundle.blobs)
+
+    async def slash_bad_key(self, record: JobRecord, fetched: Fetched, index: int) -> None:
+        """The revealed key fails chunk ``index``: submit the evidence (half the slash is
+        ours), and mark the job."""
+        aid = record.attempt_job_id
+        leaves = ledger.output_leaves(fetched.chunks, fetched.plain_hashes)
+
+        def build(nonce: int) -> ledger.Transaction:
+            return self.ctx.sign(
+                SlashBadKey(
+                    nonce=nonce,
+                    fee=self.ctx.fee(),
+                    job_id=ledger.JobId(aid),
+                    index=index,
+                    chunk=fetched.chunks[index],
+                    plain_hash=fetched.plain_hashes[index],
+                    proof=ledger.merkle_proof(leaves, index),
+                )
+            )
+
+        try:
+            ok, error = await self.ctx.submit_and_commit(build, lambda _: None)
+        except ChainRejected as exc:
+            ok, error = False, str(exc)
+        outcome = "the provider was slashed" if ok else f"the slash failed: {error}"
+        self.mismatch(record, f"the revealed key does not open output chunk {index}; {outcome}")
 
     def mismatch(self, record: JobRecord, why: str) -> None:
         record = self.book.update(record, state=JobState.OUTPUT_MISMATCH, error=why)

@@ -44,9 +44,10 @@ from compute.market._wire import (
     PROTOCOL_AWARD,
     PROTOCOL_BID,
     PROTOCOL_CANCEL,
+    PROTOCOL_DELIVERY_ACK,
     PROTOCOL_LOGS,
-    PROTOCOL_OUTPUT,
-    PROTOCOL_OUTPUTS,
+    PROTOCOL_SEALED,
+    PROTOCOL_SEALED_CHUNKS,
     PROTOCOL_STATUS,
     Mismatch,
     decode_signed,
@@ -138,8 +139,9 @@ class Provider:
         """The stream protocols this side serves (to requesters)."""
         return {
             PROTOCOL_AWARD: self.on_award,
-            PROTOCOL_OUTPUTS: self.exchange.on_outputs,
-            PROTOCOL_OUTPUT: self.exchange.on_output,
+            PROTOCOL_SEALED: self.exchange.on_sealed,
+            PROTOCOL_SEALED_CHUNKS: self.exchange.on_sealed_chunks,
+            PROTOCOL_DELIVERY_ACK: self.exchange.on_ack,
             PROTOCOL_LOGS: self.exchange.on_logs,
             PROTOCOL_CANCEL: self.on_cancel,
         }

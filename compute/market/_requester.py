@@ -39,6 +39,7 @@ from compute.market._wire import (
     PROTOCOL_AWARD,
     PROTOCOL_BID,
     PROTOCOL_CANCEL,
+    PROTOCOL_DELIVERED,
     PROTOCOL_INPUT,
     PROTOCOL_LOGS,
     PROTOCOL_STATUS,
@@ -114,6 +115,7 @@ class Requester:
             PROTOCOL_BID: self.on_bid,
             PROTOCOL_INPUT: self.on_input,
             PROTOCOL_STATUS: self.on_status,
+            PROTOCOL_DELIVERED: self.exchange.on_delivered,
         }
 
     # ---- the public API ----
@@ -465,7 +467,7 @@ class Requester:
             if step is WatchStep.CANCELLED:
                 # Not asked for here (that goes through cancel_trade): the provider gave the
                 # job up with its own Cancel, and the escrow came back in full.
-                await self.after_refund(record, "gave the job up")
+                await self.after_refund(record, self.exchange.cancel_reason(record))
                 return
             if step is WatchStep.REFUNDED:
                 await self.after_refund(record)
@@ -475,7 +477,7 @@ class Requester:
                     refund_tx = await ctx.chain.submit(self.refund_builder(aid))
                 except ChainRejected as exc:
                     log.info("refund of %s not accepted yet: %s", aid.hex()[:16], exc)
-            await ctx.wait_block()
+            await self.exchange.progress(record)
             record = self.book[record.job_id]
             if record.cancel_requested:
                 return

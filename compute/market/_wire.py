@@ -29,6 +29,14 @@ PROTOCOL_OUTPUT = "/gpumesh/market/output/1"
 PROTOCOL_LOGS = "/gpumesh/market/logs/1"
 PROTOCOL_CANCEL = "/gpumesh/market/cancel/1"
 PROTOCOL_STATUS = "/gpumesh/market/status/1"
+PROTOCOL_SEALED = "/gpumesh/market/sealed/1"
+"""Requester -> provider: the provider's signed delivery of an attempt's sealed outputs."""
+PROTOCOL_SEALED_CHUNKS = "/gpumesh/market/sealed-chunks/1"
+"""Requester -> provider: a range of the sealed (encrypted) output chunks."""
+PROTOCOL_DELIVERY_ACK = "/gpumesh/market/delivery-ack/1"
+"""Requester -> provider: the requester's signed ack of a checked delivery."""
+PROTOCOL_DELIVERED = "/gpumesh/market/delivered/1"
+"""Provider -> requester: notice that an attempt's sealed outputs are ready."""
 
 
 class Mismatch(Exception):

@@ -345,7 +345,8 @@ class JobRecord:
             "receipt": None
             if receipt is None
             else {
-                "output_digest": receipt.output_digest.hex(),
+                "output_root": receipt.delivery.output_root.hex(),
+                "plain_root": receipt.delivery.plain_root.hex(),
                 "wall_ms": receipt.wall_ms,
                 "exit_status": receipt.exit_status,
             },

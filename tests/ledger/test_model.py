@@ -191,7 +191,15 @@ class LedgerVersusModel(RuleBasedStateMachine):
         trade = self.trades.get(job)
         sender = trade.provider if honest and trade else data.draw(self.accounts, label="who")
         nonce = self._nonce_for(sender, skew)
-        tx = factory.receipt(KEYS[sender], nonce, factory.job_id_for(job), wall_ms=wall_ms, fee=fee)
+        requester = trade.requester if trade else data.draw(self.accounts, label="acker")
+        tx = factory.receipt(
+            KEYS[sender],
+            nonce,
+            factory.job_id_for(job),
+            wall_ms=wall_ms,
+            fee=fee,
+            requester=KEYS[requester],
+        )
         self._queue("receipt", sender, nonce, fee, tx, job=job, wall_ms=wall_ms)
 
     @precondition(lambda self: self._has_open_trade() and len(self.pending) < pending_max)

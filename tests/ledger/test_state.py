@@ -109,7 +109,7 @@ def test_agreement_locks_escrow_and_receipt_settles_it() -> None:
     state = open_trade(GENESIS.initial_state())
     assert state.account(REQUESTER.address) == ledger.Account(95_000, 5_000, 1), "escrow"
     assert state.trades[JOB].status is ledger.TradeStatus.OPEN, "trade opened"
-    receipt = factory.receipt(PROVIDER, 0, JOB, wall_ms=90_500, fee=2)
+    receipt = factory.receipt(PROVIDER, 0, JOB, requester=REQUESTER, wall_ms=90_500, fee=2)
     state, results = run(state, receipt)
     assert results[0].ok, results[0].error
     cost = 10 * 2 * 90_500 // 1000  # 1810
@@ -119,15 +119,17 @@ def test_agreement_locks_escrow_and_receipt_settles_it() -> None:
     ), "paid, and the settle counted"
     trade = state.trades[JOB]
     assert (trade.status, trade.paid) == (ledger.TradeStatus.SETTLED, cost), trade
-    state, results = run(state, factory.receipt(PROVIDER, 1, JOB, wall_ms=1))
+    state, results = run(state, factory.receipt(PROVIDER, 1, JOB, requester=REQUESTER, wall_ms=1))
     assert not results[0].ok and "already settled" in results[0].error, results[0]
 
 
 def test_only_the_provider_can_settle_and_only_before_the_deadline() -> None:
     state = open_trade(GENESIS.initial_state(), deadline_in_ms=5_000)
-    state, results = run(state, factory.receipt(THIRD, 0, JOB, wall_ms=1))
+    state, results = run(state, factory.receipt(THIRD, 0, JOB, requester=REQUESTER, wall_ms=1))
     assert not results[0].ok and "provider" in results[0].error, results[0]
-    state, results = run(state, factory.receipt(PROVIDER, 0, JOB, wall_ms=1), interval_ms=9_000)
+    state, results = run(
+        state, factory.receipt(PROVIDER, 0, JOB, requester=REQUESTER, wall_ms=1), interval_ms=9_000
+    )
     assert not results[0].ok and "deadline passed" in results[0].error, results[0]
 
 
@@ -152,7 +154,7 @@ def test_cancel_by_the_requester_pays_for_the_time_held() -> None:
     assert state.account(PROVIDER.address) == ledger.Account(100_050, 0, 0, 50), "paid so far"
     trade = state.trades[JOB]
     assert (trade.status, trade.paid) == (ledger.TradeStatus.CANCELLED, 50), trade
-    state, results = run(state, factory.receipt(PROVIDER, 0, JOB, wall_ms=1))
+    state, results = run(state, factory.receipt(PROVIDER, 0, JOB, requester=REQUESTER, wall_ms=1))
     assert not results[0].ok and "cancelled" in results[0].error, results[0]
 
 
@@ -331,7 +333,9 @@ def test_a_slash_reported_by_a_party_goes_to_the_requester(who: str) -> None:
 
 def test_minimum_charge_on_receipt_and_requester_cancel() -> None:
     state = open_trade(bonded_genesis(), fee=1)
-    state, results = run(state, factory.receipt(PROVIDER, 0, JOB, wall_ms=0, fee=1))
+    state, results = run(
+        state, factory.receipt(PROVIDER, 0, JOB, requester=REQUESTER, wall_ms=0, fee=1)
+    )
     assert results[0].ok, results[0].error
     assert state.trades[JOB].paid == 7, "a settle pays at least charge_min"
     other = factory.job_id_for("other")

@@ -62,7 +62,7 @@ def test_committed_blocks_are_readable_by_every_key(store: ledger.Store) -> None
     )
     bad = factory.transfer(REQUESTER, 7, PROVIDER.address, 1)
     state, block1, _ = commit(store, state, agreement, bad)
-    receipt = factory.receipt(PROVIDER, 0, JOB, wall_ms=100_000, fee=1)
+    receipt = factory.receipt(PROVIDER, 0, JOB, requester=REQUESTER, wall_ms=100_000, fee=1)
     state, block2, _ = commit(store, state, receipt)
 
     head = store.head()

@@ -50,14 +50,47 @@ transfers = st.builds(
     ledger.Transfer, nonce=u64, fee=u64, recipient=b32, amount=u64, signer=b32, signature=b64
 )
 agreements = st.builds(ledger.Agreement, nonce=u64, fee=u64, terms=terms, signer=b32, signature=b64)
+deliveries = st.builds(
+    ledger.Delivery,
+    job_id=b32,
+    output_root=b32,
+    plain_root=b32,
+    output_bytes=u64,
+    wall_ms=u64,
+    exit_status=st.integers(-(2**31), 2**31 - 1),
+    signer=b32,
+    signature=b64,
+)
+acks = st.builds(ledger.DeliveryAck, delivery=deliveries, signer=b32, signature=b64)
 receipts = st.builds(
     ledger.Receipt,
     nonce=u64,
     fee=u64,
     job_id=b32,
-    output_digest=b32,
-    wall_ms=u64,
-    exit_status=st.integers(-(2**31), 2**31 - 1),
+    ack=acks,
+    key=b32,
+    signer=b32,
+    signature=b64,
+)
+bad_keys = st.builds(
+    ledger.SlashBadKey,
+    nonce=u64,
+    fee=u64,
+    job_id=b32,
+    index=u64,
+    chunk=st.binary(max_size=1040),
+    plain_hash=b32,
+    proof=st.lists(b32, max_size=20).map(tuple),
+    signer=b32,
+    signature=b64,
+)
+outvotes = st.builds(
+    ledger.SlashOutvoted,
+    nonce=u64,
+    fee=u64,
+    delivery=deliveries,
+    job_y=b32,
+    job_z=b32,
     signer=b32,
     signature=b64,
 )
@@ -65,7 +98,9 @@ refunds = st.builds(ledger.Refund, nonce=u64, fee=u64, job_id=b32, signer=b32, s
 cancels = st.builds(ledger.Cancel, nonce=u64, fee=u64, job_id=b32, signer=b32, signature=b64)
 stakes = st.builds(ledger.Stake, nonce=u64, fee=u64, amount=u64, signer=b32, signature=b64)
 unbonds = st.builds(ledger.Unbond, nonce=u64, fee=u64, amount=u64, signer=b32, signature=b64)
-transactions = st.one_of(transfers, agreements, receipts, refunds, cancels, stakes, unbonds)
+transactions = st.one_of(
+    transfers, agreements, receipts, refunds, cancels, stakes, unbonds, bad_keys, outvotes
+)
 accounts = st.builds(ledger.Account, *[u64] * 10)
 trades = st.builds(
     ledger.Trade,
@@ -77,6 +112,10 @@ trades = st.builds(
     st.binary(),
     u64,
     st.booleans(),
+    b32,
+    b32,
+    b32,
+    u64,
 )
 blocks = st.builds(
     ledger.Block,
@@ -98,6 +137,8 @@ commits = st.builds(
 )
 records = st.builds(ledger.TxRecord, transactions, u64, u64, st.booleans(), st.text())
 others = st.one_of(
+    deliveries,
+    acks,
     accounts,
     trades,
     commits,

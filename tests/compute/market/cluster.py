@@ -58,14 +58,15 @@ def now_ms() -> int:
 
 
 class TamperingNet(MeshNet):
-    """A byzantine provider's wire: flips a byte of every output chunk it serves."""
+    """A byzantine provider's wire: flips a byte of every sealed output range it serves (the
+    last plaintext hash: the chunks no longer match the committed root)."""
 
     def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
-        if protocol == "/gpumesh/market/output/1":
+        if protocol in ("/gpumesh/market/sealed/1", "/gpumesh/market/sealed-chunks/1"):
 
             async def tampered(peer_id: str, request: bytes) -> bytes:
                 data = await handler(peer_id, request)
-                return bytes([data[0] ^ 0xFF]) + data[1:] if data else data
+                return data[:-1] + bytes([data[-1] ^ 0xFF]) if data else data
 
             super().set_handler(protocol, tampered)
             return
