@@ -27,6 +27,7 @@ from p2p.config import P2PConfig
 purpose = "bench"
 stdin_line_bytes_max = 4096
 latencies_kept_max = 200_000
+_profiler: Any = None
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -126,12 +127,16 @@ async def _commands(nursery: trio.Nursery, mesh: Mesh, state: _State, linger_s: 
 async def _measure(
     nursery: trio.Nursery, mesh: Mesh, state: _State, duration_s: float, linger_s: float
 ) -> None:
+    if _profiler is not None:
+        _profiler.enable()  # the measured window only, not start-up and connecting
     cpu0, t0 = _cpu_s(), time.monotonic()
     state.measuring = True
     await _publish(mesh, state, duration_s)
     state.measuring = False
     await trio.sleep(linger_s)
     elapsed = time.monotonic() - t0
+    if _profiler is not None:
+        _profiler.disable()
     _emit(
         "result",
         index=state.index,
@@ -147,6 +152,17 @@ async def _measure(
         gossip_mesh=len(mesh._gossipsub.mesh.get(mesh.topic(purpose), ())),
         topic_peers=len(mesh._pubsub.peer_topics.get(mesh.topic(purpose), ())),
         dropped=sum(t["dropped_queue_full"] for t in mesh.statistics()["topics"].values()),
+        counters={
+            key: mesh.statistics()[key]
+            for key in (
+                "dial_attempts",
+                "dial_failures",
+                "refused_peers_max",
+                "dht_walks",
+                "connections_opened",
+                "connections_closed",
+            )
+        },
     )
     nursery.cancel_scope.cancel()
 
@@ -168,6 +184,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-recv", action="store_true")
     parser.add_argument("--heartbeat-ms", type=int, default=1000)
     parser.add_argument("--degree", type=int, nargs=3, default=[4, 3, 6])
+    parser.add_argument("--degree-lazy", type=int, default=None, help="default: P2PConfig's")
     parser.add_argument("--protocols", default="/meshsub/1.1.0,/meshsub/1.0.0")
     parser.add_argument("--strict-signing", action="store_true")
     parser.add_argument("--no-caches", action="store_true", help="leave libp2p hot paths as is")
@@ -189,6 +206,9 @@ async def _main(args: argparse.Namespace) -> None:
         gossip_degree=args.degree[0],
         gossip_degree_low=args.degree[1],
         gossip_degree_high=args.degree[2],
+        gossip_degree_lazy=(
+            P2PConfig.default().gossip_degree_lazy if args.degree_lazy is None else args.degree_lazy
+        ),
         gossip_protocols=tuple(args.protocols.split(",")),
         gossip_strict_signing=args.strict_signing,
         libp2p_hot_path_caches=not args.no_caches,
@@ -212,6 +232,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _profiler
     args = _parse(argv)
     if args.profile is None:
         trio.run(_main, args)
@@ -219,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     import cProfile
     import signal
 
-    profiler = cProfile.Profile(time.process_time)  # CPU, not wall time: the box is shared
+    # CPU time, not wall time (the box is shared); enabled only while measuring.
+    profiler = _profiler = cProfile.Profile(time.process_time)
 
     def dump_and_exit(signum: int, frame: object) -> None:
         # The harness SIGTERMs nodes still shutting down: keep what was measured.
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, dump_and_exit)
     try:
-        profiler.runcall(trio.run, _main, args)
+        trio.run(_main, args)
     finally:
         profiler.dump_stats(args.profile)
 

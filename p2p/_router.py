@@ -61,9 +61,17 @@ class ContentAddressedMessageCache(MessageCache):  # type: ignore[misc]  # libp2
 class StrictNoSignGossipSub(GossipSub):  # type: ignore[misc]  # libp2p is Any to mypy
     """GossipSub whose message cache and duplicate logic use content-addressed ids."""
 
-    def __init__(self, *, id_of: MessageIdFn, fast_publish: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        id_of: MessageIdFn,
+        fast_publish: bool = False,
+        degree_lazy: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._id_of = id_of
+        self._degree_lazy = degree_lazy
         self._fast_publish = fast_publish
         self.mcache = ContentAddressedMessageCache(
             kwargs["gossip_window"], kwargs["gossip_history"], id_of
@@ -71,6 +79,15 @@ class StrictNoSignGossipSub(GossipSub):  # type: ignore[misc]  # libp2p is Any t
 
     def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
         return True
+
+    def _get_adaptive_gossip_peers_count(self, topic: str, total_peers: int) -> int:
+        # py-libp2p fixes D_lazy at max(6, 25% of the topic's other peers): with everyone
+        # connected that is an IHAVE frame to 6-8 peers per topic per heartbeat, each read
+        # and answered on the other side.
+        if self._degree_lazy is None:
+            count: int = super()._get_adaptive_gossip_peers_count(topic, total_peers)
+            return count
+        return self._degree_lazy
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
         """Forward a message that pubsub validated (our own publishes included)."""

@@ -41,6 +41,8 @@ class P2PConfig:
     """Mesh degree. Every extra mesh peer is one more duplicate to read and drop per message:
     12 node processes at 5 msg/s went from p50 5 s / 64% delivered (6/4/12, meshes of 11) to
     p50 0.23 s / 100% (4/3/6) on the same loaded box; 3/2/4 lost messages (docs/p2p.md)."""
+    gossip_degree_lazy: int = 6
+    """Peers outside the mesh each heartbeat sends IHAVE gossip to, per topic (D_lazy)."""
     gossip_heartbeat_ms: int = 1_000
     gossip_window: int = 3
     gossip_history: int = 5
@@ -109,6 +111,7 @@ class P2PConfig:
             "need 0 < degree_low <= degree <= degree_high",
         )
         need(self.gossip_heartbeat_ms >= 100, "gossip_heartbeat_ms", "must be >= 100")
+        need(self.gossip_degree_lazy >= 0, "gossip_degree_lazy", "must be >= 0")
         need(bool(self.gossip_protocols), "gossip_protocols", "must not be empty")
         need(self.gossip_message_bytes_max >= 1024, "gossip_message_bytes_max", "must be >= 1 KiB")
         need(
