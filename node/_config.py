@@ -122,12 +122,37 @@ class ConsensusSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class MarketSection:
+    """The job market's per-node knobs (chain-wide rules such as fee_min and
+    provider_bond_min live in genesis)."""
+
+    stake: int = 0
+    """A provider keeps at least this bonded (and at least the chain's provider_bond_min),
+    staking from its balance at start and after a slash; 0: just the chain's minimum."""
+    fee: int = 0
+    """Fee of each market transaction; the chain's fee_min when higher."""
+    bid_window_ms: int = 2000
+    """Default bid window of a job submitted here."""
+    bid_timeout_ms: int = 2000
+    """How long this node, as a provider, waits for a requester to take its bid."""
+
+    def __post_init__(self) -> None:
+        if self.stake < 0 or self.fee < 0:
+            raise ConfigError("[market] stake and fee must be >= 0")
+        if not 0 < self.bid_window_ms <= 60_000:
+            raise ConfigError("[market] bid_window_ms must be 1..60000")
+        if not 0 < self.bid_timeout_ms <= 60_000:
+            raise ConfigError("[market] bid_timeout_ms must be 1..60000")
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeConfig:
     node: NodeSection = dataclasses.field(default_factory=NodeSection)
     p2p: P2PSection = dataclasses.field(default_factory=P2PSection)
     rpc: RpcSection = dataclasses.field(default_factory=RpcSection)
     compute: ComputeSection = dataclasses.field(default_factory=ComputeSection)
     consensus: ConsensusSection = dataclasses.field(default_factory=ConsensusSection)
+    market: MarketSection = dataclasses.field(default_factory=MarketSection)
 
     @classmethod
     def default(cls) -> NodeConfig:

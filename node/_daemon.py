@@ -83,7 +83,12 @@ class Node:
             self.job_store,
             self.compute.directory,
             provider,
-            market.MarketConfig(),
+            market.MarketConfig(
+                stake=config.market.stake,
+                fee=config.market.fee,
+                bid_window_ms=config.market.bid_window_ms,
+                bid_timeout_ms=config.market.bid_timeout_ms,
+            ),
         )
         self.registry = MethodRegistry()
         self.rpc = RpcServer(

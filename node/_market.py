@@ -12,7 +12,7 @@ from compute import market
 from ledger import MempoolRejected
 from node._chain_rpc import hex_param
 from node._json import to_json
-from p2p import P2PError, PeerId, RequestError
+from p2p import P2PError, PeerId, RequestError, Verdict
 from rpc import INVALID_PARAMS, Param, Result, RpcError
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("node.market")
 
 incoming_queue_max = 1024
+jobs_peer_rate_per_s = 50.0
+"""Job requests one peer may relay per second (a busy requester sends a few per job)."""
+jobs_peer_burst = 200
 JOB_NOT_FOUND = -32020
 JOB_UNSATISFIABLE = -32021
 JOB_NOT_READY = -32022
@@ -59,7 +62,11 @@ class MeshNet(market.MarketNetAPI):
             raise market.NetError(str(exc)) from exc
 
     def subscribe(self, purpose: str) -> trio.MemoryReceiveChannel[market.Incoming]:
-        source = self._mesh.subscribe(purpose)
+        return self._pipe(self._mesh.subscribe(purpose))
+
+    def _pipe(
+        self, source: trio.MemoryReceiveChannel[GossipMessage]
+    ) -> trio.MemoryReceiveChannel[market.Incoming]:
         send, receive = trio.open_memory_channel[market.Incoming](incoming_queue_max)
         if self._nursery is None:
             self._pumps.append((source, send))
@@ -85,6 +92,26 @@ class MeshNet(market.MarketNetAPI):
                     self.dropped += 1
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the subscriber went away
+
+    def subscribe_validated(
+        self, purpose: str, validator: Callable[[market.Incoming], bool | None]
+    ) -> trio.MemoryReceiveChannel[market.Incoming]:
+        def check(m: GossipMessage) -> Verdict:
+            incoming = market.Incoming(m.sender_public_key, m.sender_peer_id, m.type_tag, m.payload)
+            try:
+                verdict = validator(incoming)
+            except Exception:
+                # Our bug, not the peer's fault: drop the message without blame.
+                log.exception("the %s validator broke on a message", purpose)
+                return Verdict.IGNORE
+            if verdict is None:
+                return Verdict.IGNORE
+            return Verdict.ACCEPT if verdict else Verdict.REJECT
+
+        source = self._mesh.subscribe(
+            purpose, check, peer_rate_per_s=jobs_peer_rate_per_s, peer_burst=jobs_peer_burst
+        )
+        return self._pipe(source)
 
     def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
         async def serve(peer: PeerId, request: bytes) -> bytes:

@@ -58,6 +58,24 @@ def request_refusal(
     return None
 
 
+def gossip_verdict(
+    request: JobRequest | None, *, sender: bytes, type_tag: str, chain_id: str, now_ms: int
+) -> bool | None:
+    """The ``jobs`` topic's validator: False for what no honest node sends (undecodable,
+    unsigned, signed by someone else than the gossip sender, another chain's, nonsense
+    numbers), None for what is merely stale, True otherwise. ``request`` is None when the
+    payload did not decode or its signature did not verify."""
+    if request is None or type_tag != request.TYPE_TAG:
+        return False
+    if request.signer != sender or request.chain_id != chain_id:
+        return False
+    if request.max_wall_ms <= 0 or request.bid_window_ms <= 0 or request.inputs_bytes < 0:
+        return False
+    if request.deadline_ms <= now_ms:
+        return None
+    return True
+
+
 def bid_again(in_flight: bool, delivered: bool, reservation_expiry_ms: int, now_ms: int) -> bool:
     """A provider bids once per job; again only if that bid never reached the requester or
     its reservation lapsed (a requester that restarted mid-window asks again)."""
@@ -118,6 +136,11 @@ def bond_refusal(bonded: int, bond_min: int) -> str | None:
     if bonded < bond_min:
         return f"the bidder's bond {bonded} is below provider_bond_min {bond_min} (stake first)"
     return None
+
+
+def stake_needed(bonded: int, target: int, bond_min: int) -> int:
+    """What a provider must stake so its bond is at least ``max(target, bond_min)``."""
+    return max(0, max(target, bond_min) - bonded)
 
 
 def reputation(completed: int, failed: int, slashed: int) -> float:

@@ -33,9 +33,11 @@ from compute.market._protocol import (
     bid_again,
     can_pay,
     can_rerun,
+    gossip_verdict,
     open_step,
     release_step,
     request_refusal,
+    stake_needed,
     within_caps,
 )
 from compute.market._transfers import fetch_inputs
@@ -65,7 +67,7 @@ from compute.market.types import (
     Stamp,
     log_bytes_max,
 )
-from ledger import AgreementTerms, Cancel, TradeStatus
+from ledger import AgreementTerms, Cancel, Stake, TradeStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -86,6 +88,8 @@ awards_pending_per_requester_max = 8
 """Awards one requester key (and, separately, one peer) may hold here whose trade has not
 opened yet; their escrow together must be covered by the requester's balance."""
 driver_passes_max = 10_000
+stake_check_s = 10.0
+"""How often a provider looks at its bond (slashes and unbonds lower it)."""
 release_attempts_max = 5
 """Rejected provider Cancels before this node stops trying (and logs why)."""
 cancel_grace_ms = 10_000
@@ -187,8 +191,59 @@ class Provider:
 
     # ---- requests and bids ----
 
+    async def keep_bonded(self) -> None:
+        """Stake from the balance whenever the bond is below what this provider should hold
+        (``stake_target``): without the chain's minimum bond nobody may award it work."""
+        ctx = self.ctx
+        warned = False
+        while True:
+            account = ctx.chain.account(ctx.address)
+            amount = stake_needed(
+                account.bonded, ctx.config.stake, ctx.chain.params().provider_bond_min
+            )
+            if amount > 0 and account.balance >= amount + ctx.fee():
+
+                def build(nonce: int, amount: int = amount) -> ledger.Transaction:
+                    return ctx.sign(Stake(nonce=nonce, fee=ctx.fee(), amount=amount))
+
+                try:
+                    ok, error = await ctx.submit_and_commit(build, lambda _: None)
+                except MarketError as exc:
+                    ok, error = False, str(exc)
+                if ok:
+                    log.info("staked %d (bond now %d)", amount, account.bonded + amount)
+                else:
+                    log.warning("staking %d failed: %s", amount, error)
+            elif amount > 0 and not warned:
+                warned = True
+                log.warning(
+                    "bond %d is below the %d needed to be awarded work, and the balance %d "
+                    "cannot cover it",
+                    account.bonded,
+                    account.bonded + amount,
+                    account.balance,
+                )
+            with trio.move_on_after(stake_check_s):
+                await ctx.chain.wait_new_block()
+
+    def validate_gossip(self, incoming: Incoming) -> bool | None:
+        """The ``jobs`` topic's validator (runs in the mesh, before a request is relayed)."""
+        try:
+            request: JobRequest | None = decode_signed(
+                JobRequest, incoming.payload, self.ctx.chain_id
+            )
+        except NetError:
+            request = None
+        return gossip_verdict(
+            request,
+            sender=incoming.sender,
+            type_tag=incoming.type_tag,
+            chain_id=self.ctx.chain_id,
+            now_ms=self.ctx.clock_ms(),
+        )
+
     async def requests_loop(self) -> None:
-        receive = self.ctx.net.subscribe(JOBS_PURPOSE)
+        receive = self.ctx.net.subscribe_validated(JOBS_PURPOSE, self.validate_gossip)
         counters = self.ctx.counters
         async with receive:
             async for incoming in receive:

@@ -128,6 +128,7 @@ class MarketService:
                     ctx.net.set_handler(protocol, guarded(protocol, handler, self._counters))
                 if self.provider is not None:
                     nursery.start_soon(self.provider.requests_loop)
+                    nursery.start_soon(self.provider.keep_bonded)
                 for key in self.requester.book.unfinished():
                     self.requester.drivers.start(key)
                 if self.provider is not None:

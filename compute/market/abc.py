@@ -44,6 +44,15 @@ class MarketNetAPI(abc.ABC):
     def subscribe(self, purpose: str) -> trio.MemoryReceiveChannel[Incoming]:
         """Gossip of ``purpose`` from other nodes (never our own)."""
 
+    def subscribe_validated(
+        self, purpose: str, validator: Callable[[Incoming], bool | None]
+    ) -> trio.MemoryReceiveChannel[Incoming]:
+        """Like ``subscribe``, with ``validator`` run on each message before it is relayed:
+        True accepts, False rejects it (the mesh counts it against the peer that sent it),
+        None drops it without blame (stale, or not for us now). A transport without gossip
+        validation may fall back to ``subscribe``: the consumer checks everything again."""
+        return self.subscribe(purpose)
+
     @abc.abstractmethod
     def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
         """Serve ``protocol``: ``handler(peer_id, request) -> response``. A handler raising

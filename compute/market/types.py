@@ -397,6 +397,10 @@ class MarketConfig:
     inputs_bytes_max: int = 8 * 1024 * 1024
     outputs_bytes_max: int = 64 * 1024 * 1024
     request_timeout_s: float = 10.0
+    stake: int = 0
+    """A provider keeps at least this much bonded (and at least the chain's
+    ``provider_bond_min``): it stakes from its balance at start and whenever a slash or an
+    unbond takes the bond below that. 0: just the chain's minimum."""
     bid_timeout_ms: int = 2_000
     """How long a provider waits for a requester to take its bid (a requester that holds bid
     streams open costs the provider this long, per bid, at most)."""

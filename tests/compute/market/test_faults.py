@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import ledger
+import p2p
 from compute.market import (
     PROTOCOL_AWARD,
     PROTOCOL_BID,
@@ -206,3 +207,33 @@ async def test_bids_count_only_from_staked_providers_that_keep_to_their_offers(
             await bid(expensive, price_per_gpu_second=35)
         bids = requester.market.bids(record.job_id)
         assert [b.signer for b in bids] == [provider.key.address], f"a refused bid was kept: {bids}"
+
+
+async def test_forged_job_requests_count_toward_the_senders_ban_score(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
+        requester = cluster.requester
+        provider = cluster.nodes[1]
+        stranger = ledger.SigningKey.generate()
+        forged = ledger.sign_object(
+            JobRequest(
+                chain_id=CHAIN_ID,
+                created_ms=now_ms(),
+                requirements=Requirements(gpus=1),
+                max_price_per_gpu_second=100,
+                max_wall_ms=5_000,
+                deadline_ms=now_ms() + 60_000,
+                bid_window_ms=1_000,
+                manifest_digest=ledger.hash_of(_manifest(("true",))),
+                inputs_bytes=0,
+            ),
+            stranger,  # not the gossip sender: nobody honest relays this
+            CHAIN_ID,
+        )
+        seen = provider.market.statistics()["requests_seen"]
+        await requester.net.publish("jobs", JobRequest.TYPE_TAG, ledger.encode(forged))
+        await requester.net.publish("jobs", JobRequest.TYPE_TAG, b"\x93not a request")
+        peer = p2p.PeerId(requester.net.local_peer_id)
+        await wait_until(
+            lambda: provider.mesh.ban_score(peer) > 1.5, 20, "both rejections scored the sender"
+        )
+        assert provider.market.statistics()["requests_seen"] == seen, "a forged request got in"

@@ -23,7 +23,7 @@ from compute.market import (
 )
 from ledger import TradeStatus
 from p2p.testing import wait_until
-from tests.compute.market.cluster import BALANCE, CHAIN_ID, now_ms, open_cluster
+from tests.compute.market.cluster import BALANCE, BOND, CHAIN_ID, now_ms, open_cluster
 
 GiB = 1024**3
 COPY_JOB = (
@@ -375,3 +375,16 @@ async def test_provider_too_late_to_rerun_cancels_its_trade_unslashed(
         assert "gave the job up" in record.error, f"requester record: {record.to_json()}"
         account = cluster.chain.account(requester.key.address)
         assert (account.balance, account.locked) == (BALANCE, 0), f"escrow not returned: {account}"
+
+
+async def test_a_provider_stakes_up_to_its_configured_bond(tmp_path: Path) -> None:
+    config = MarketConfig.for_tests(stake=3 * BOND)
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),), config=config) as cluster:
+        provider = cluster.nodes[1]
+        await wait_until(
+            lambda: cluster.chain.account(provider.key.address).bonded == 3 * BOND,
+            30,
+            "the provider tops its bond up to [market] stake",
+        )
+        account = cluster.chain.account(cluster.requester.key.address)
+        assert account.bonded == BOND, "a node that does not provide staked"

@@ -23,6 +23,7 @@ from compute.market._protocol import (
     can_pay,
     can_rerun,
     cancel_step,
+    gossip_verdict,
     offer_refusal,
     open_step,
     release_step,
@@ -230,3 +231,16 @@ def test_caps_and_release() -> None:
     assert release_step(None, False, NOW, NOW) is ReleaseStep.WAIT, "the trade may still open"
     assert release_step(None, False, NOW + 1, NOW) is ReleaseStep.DONE, "past the deadline"
     assert release_step(TradeStatus.OPEN, False, NOW, NOW) is ReleaseStep.WAIT, "not ours"
+
+
+def test_the_jobs_topic_validator() -> None:
+    request = _request()
+    kw = {"sender": REQUESTER.address, "type_tag": JobRequest.TYPE_TAG, "chain_id": CHAIN}
+    assert gossip_verdict(request, now_ms=NOW, **kw) is True  # type: ignore[arg-type]
+    assert gossip_verdict(None, now_ms=NOW, **kw) is False, "undecodable or unsigned"  # type: ignore[arg-type]
+    relayed = {**kw, "sender": PROVIDER.address}
+    assert gossip_verdict(request, now_ms=NOW, **relayed) is False, "not the sender's"  # type: ignore[arg-type]
+    other_chain = {**kw, "chain_id": "other"}
+    assert gossip_verdict(request, now_ms=NOW, **other_chain) is False  # type: ignore[arg-type]
+    stale = gossip_verdict(request, now_ms=request.deadline_ms, **kw)  # type: ignore[arg-type]
+    assert stale is None, "a stale request is dropped without blame"
