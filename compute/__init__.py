@@ -9,6 +9,8 @@ Where things live:
 - ``_directory``: ``OfferDirectory`` of live offers and ``OfferQuery`` over it.
 - ``_sandbox``: ``Executor`` runs a ``JobSpec`` under bwrap or the process sandbox, each job
   with its own uid, cgroup, capped ``/tmp`` and job directory.
+- ``_images``: ``ImageStore``, the content-addressed store of OCI images (docker-save or OCI
+  archives in, verified, unpacked by ``umoci`` into read-only roots jobs run in).
 - ``_cgroups``: the job cgroups (v2, or v1 ``memory``/``pids``/``cpuacct``) and their limits.
 - ``abc``: ``NvmlAPI``, ``ExecutorAPI`` (what the market needs of an executor), callbacks.
 - ``_runner``: ``run_job`` = allocate, run in the sandbox, release.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from compute._allocator import Allocation, SlotAllocator
 from compute._directory import AddOutcome, OfferDirectory, OfferMatch, OfferQuery, QueryError
+from compute._images import Image, ImageConfig, ImageLimits, ImageRef, ImageStore
 from compute._inventory import (
     KNOWN_GPU_MODELS,
     Inventory,
@@ -55,6 +58,11 @@ from compute._sandbox import (
 from compute.exceptions import (
     AllocationError,
     ComputeError,
+    ImageBusy,
+    ImageError,
+    ImageNotFound,
+    ImageRejected,
+    ImageToolError,
     JobSpecError,
     NoCapacityError,
     NvmlUnavailableError,
@@ -106,6 +114,16 @@ __all__ = [
     "Executor",
     "GpuDevice",
     "GpuUuid",
+    "Image",
+    "ImageBusy",
+    "ImageConfig",
+    "ImageError",
+    "ImageLimits",
+    "ImageNotFound",
+    "ImageRef",
+    "ImageRejected",
+    "ImageStore",
+    "ImageToolError",
     "Inventory",
     "JobId",
     "JobLimits",

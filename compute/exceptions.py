@@ -52,3 +52,24 @@ class JobSpecError(ComputeError, ValueError):
 
 class SandboxError(ComputeError):
     """Raised when the sandbox itself cannot be set up (work directory, bwrap, permissions)."""
+
+
+class ImageError(ComputeError):
+    """Base of the image store's errors."""
+
+
+class ImageRejected(ImageError):
+    """Raised when an archive is malformed, over a limit, fails a digest, or holds an unsafe
+    entry (absolute path, ``..``, device node, hard link out of the image)."""
+
+
+class ImageNotFound(ImageError):
+    """Raised when no stored image matches a reference (or a prefix matches several)."""
+
+
+class ImageBusy(ImageError):
+    """Raised when an image that a running job uses is to be removed."""
+
+
+class ImageToolError(ImageError):
+    """Raised when the unpacker (``umoci``) is missing or fails."""

@@ -21,18 +21,22 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
 fi
 # A node provides compute only where bubblewrap works (filesystem and network isolation), or
 # where the operator chose [compute] sandbox = "process". The sandbox tests also run hostile
-# jobs written in sh and python3 (setsid from util-linux). Installed as root from Debian; under
+# jobs written in sh and python3 (setsid from util-linux); container images are unpacked by
+# umoci and the image tests build one from busybox-static. Installed as root from Debian; under
 # CI=true a missing part fails setup (the tests would fail, never skip, anyway).
 sandbox_missing() {
   command -v bwrap >/dev/null 2>&1 || return 0
   command -v setsid >/dev/null 2>&1 || return 0
   [ -x /usr/bin/python3 ] || return 0
+  command -v umoci >/dev/null 2>&1 || return 0
+  [ -x /bin/busybox ] || return 0
   return 1
 }
 if sandbox_missing && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "setup: installing bubblewrap, util-linux and python3 for job sandboxing" >&2
   { apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3; } \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3 \
+      umoci busybox-static; } \
     >"$log" 2>&1 || cat "$log" >&2
 fi
 if sandbox_missing; then
