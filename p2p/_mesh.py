@@ -682,17 +682,19 @@ class Mesh(MeshAPI):
         # Walks are expensive for everyone (each opens streams to ~k peers) and measurably
         # delay gossip while they run, so the interval adapts: fast while walks keep finding
         # new peers, doubling up to dht_walk_interval_ms once they stop.
+        # The first walk starts as soon as a first peer is connected (a node that just
+        # joined through one bootstrap peer learns the rest from it), not a period later.
         assert self._dht is not None
         interval_ms = self.config.dht_walk_fast_interval_ms
         while True:
-            await trio.sleep(interval_ms / 1000)
-            if not self._connected:
-                continue
+            while not self._connected:
+                await self._peers_changed.wait()
             found_new = await self._dht_walk()
             if found_new:
                 interval_ms = self.config.dht_walk_fast_interval_ms
             else:
                 interval_ms = min(2 * interval_ms, self.config.dht_walk_interval_ms)
+            await trio.sleep(interval_ms / 1000)
 
     async def _dht_walk(self) -> bool:
         """One lookup; feeds unknown peers to the dial loop. True if any was new."""
