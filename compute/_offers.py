@@ -22,7 +22,15 @@ from compute.exceptions import (
     OfferSignatureError,
     OfferWrongChainError,
 )
-from compute.types import CPU_MODEL, SANDBOX_KINDS, ModelPrice, Offer, OfferGpu, SandboxKind
+from compute.types import (
+    CPU_MODEL,
+    RUNTIME_KINDS,
+    SANDBOX_KINDS,
+    ModelPrice,
+    Offer,
+    OfferGpu,
+    SandboxKind,
+)
 
 if TYPE_CHECKING:
     # trio 0.35's trio._core does not re-export TaskStatus, so strict mypy does not see
@@ -80,6 +88,8 @@ class OfferConfig:
     """The most memory a requester may ask for (``Requirements.memory_bytes``); advertised."""
     job_disk_bytes_max: int = JobLimits.disk_bytes
     """The most job-directory disk a requester may ask for; advertised."""
+    runtimes: tuple[str, ...] = ()
+    """How jobs can run here (``Executor.runtimes``: ``bwrap``, ``bwrap-image``, ``process``)."""
     heartbeat_ms: int = 10_000
     ttl_ms: int = 30_000
     publish_interval_ms_min: int = 1_000
@@ -104,6 +114,8 @@ class OfferConfig:
             raise ValueError("[compute] job_memory_bytes_max out of range")
         if not 0 < self.job_disk_bytes_max <= memory_bytes_max:
             raise ValueError("[compute] job_disk_bytes_max out of range")
+        if any(r not in RUNTIME_KINDS for r in self.runtimes):
+            raise ValueError(f"[compute] runtimes must be among {', '.join(RUNTIME_KINDS)}")
 
     @classmethod
     def for_tests(cls) -> OfferConfig:
@@ -178,6 +190,7 @@ def build_offer(
         sandbox=sandbox,
         job_memory_bytes_max=config.job_memory_bytes_max,
         job_disk_bytes_max=config.job_disk_bytes_max,
+        runtimes=tuple(config.runtimes),
     )
 
 
@@ -235,6 +248,10 @@ def validate_offer(offer: Offer, *, chain_id: str, now_ms: int) -> None:
         raise _invalid("job_memory_bytes_max out of range")
     if not 0 <= offer.job_disk_bytes_max <= memory_bytes_max:
         raise _invalid("job_disk_bytes_max out of range")
+    if len(offer.runtimes) > len(RUNTIME_KINDS) or any(
+        r not in RUNTIME_KINDS for r in offer.runtimes
+    ):
+        raise _invalid(f"offer runtimes must be among {', '.join(RUNTIME_KINDS)}")
     if not 0 <= offer.free_cpu_slots <= offer.total_cpu_slots <= slots_max:
         raise _invalid("CPU slots out of range (need 0 <= free <= total)")
     seen_index: set[int] = set()

@@ -50,12 +50,20 @@ import trio
 import ledger
 from compute._cgroups import Cgroups, JobCgroup, probe_cgroups
 from compute.exceptions import JobSpecError, SandboxError
-from compute.types import SANDBOX_KINDS, JobId, OutputFile, SandboxKind
+from compute.types import (
+    RUNTIME_BWRAP,
+    RUNTIME_BWRAP_IMAGE,
+    SANDBOX_KINDS,
+    JobId,
+    OutputFile,
+    SandboxKind,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from compute._allocator import Allocation
+    from compute._images import Image, ImageStore
 
 log = logging.getLogger("gpumesh.compute.sandbox")
 
@@ -66,6 +74,7 @@ env_items_max = 64
 env_value_chars_max = 4096
 input_files_max = 1000
 input_bytes_max = 256 * MIB
+image_ref_chars_max = 80
 output_depth_max = 32
 read_chunk_bytes = 64 * 1024
 kill_wait_s = 2.0
@@ -127,16 +136,22 @@ class JobLimits:
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """A command, its input files (relative path -> bytes), extra environment, limits."""
+    """A command, its input files (relative path -> bytes), extra environment, limits, and
+    the image to run it in (``""``: the host's ``/usr``; else an ``ImageRef`` of the node's
+    image store: the command then follows the image's entrypoint, or is its ``Cmd`` if empty)."""
 
     argv: tuple[str, ...]
     inputs: tuple[tuple[str, bytes], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     limits: JobLimits = dataclasses.field(default_factory=JobLimits)
+    image: str = ""
 
     def validate(self) -> None:
-        if not 0 < len(self.argv) <= argv_items_max:
-            raise JobSpecError(f"argv must have 1..{argv_items_max} items")
+        least = 0 if self.image else 1
+        if not least <= len(self.argv) <= argv_items_max:
+            raise JobSpecError(f"argv must have {least}..{argv_items_max} items")
+        if len(self.image) > image_ref_chars_max:
+            raise JobSpecError("image reference too long")
         for arg in self.argv:
             if len(arg) > argv_item_chars_max or "\0" in arg:
                 raise JobSpecError("argv item too long or contains NUL")
@@ -400,8 +415,13 @@ def _drop_privileges_fn(sandbox_uid: int | None) -> Callable[[], None]:
     return apply
 
 
-def _bwrap_base_args(tmp_bytes: int) -> list[str]:
+def _bwrap_base_args(tmp_bytes: int, rootfs: Path | None = None) -> list[str]:
     args = ["--unshare-all", "--die-with-parent", "--hostname", "gpumesh-job"]
+    if rootfs is not None:
+        # An image job: the image's root is all of /, read-only; nothing of the host's.
+        args += ["--ro-bind", str(rootfs), "/"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
+        return args
     args += ["--ro-bind", "/usr", "/usr"]
     for top in ("bin", "lib", "lib32", "lib64", "sbin"):
         host = Path("/") / top
@@ -526,12 +546,15 @@ class Executor:
         cgroups: Cgroups | None = None,
         memory_poll_ms: int = memory_poll_ms,
         disk_poll_ms: int = disk_poll_ms,
+        images: ImageStore | None = None,
     ) -> None:
         """``sandbox=None`` means ``bwrap``, probed: ``SandboxError`` if it does not work here
         (there is no silent fallback; ``process`` must be asked for by name).
         ``job_uids=True`` means ``default_job_uids()``; ``None`` runs jobs as this process's
         uid (``sandbox_uid=None`` is the older spelling of that). ``cgroups=None`` probes them
-        (``SandboxError`` if neither v2 nor v1 is usable)."""
+        (``SandboxError`` if neither v2 nor v1 is usable). ``images``: the store a job's
+        ``JobSpec.image`` names (bwrap only; without it the node runs no images)."""
+        self.images = images
         if sandbox_uid is None:
             job_uids = None
         uids = default_job_uids() if job_uids is True else (job_uids or None)
@@ -584,6 +607,13 @@ class Executor:
     def close(self) -> None:
         """Give back what the executor set up outside ``work_root`` (its cgroup parents)."""
         self.cgroups.close()
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """How this executor can run a job (what the offer advertises)."""
+        if self.sandbox != "bwrap":
+            return (self.sandbox,)
+        return (RUNTIME_BWRAP, RUNTIME_BWRAP_IMAGE) if self.images is not None else (RUNTIME_BWRAP,)
 
     @property
     def job_uids(self) -> range | None:
@@ -693,13 +723,21 @@ class Executor:
         os.utime(job_dir, follow_symlinks=False)  # when the job ended: the retention clock
 
     def _env(
-        self, job_id: JobId, spec: JobSpec, work: Path, gpu_uuids: Sequence[str]
+        self,
+        job_id: JobId,
+        spec: JobSpec,
+        work: Path,
+        gpu_uuids: Sequence[str],
+        image: Image | None = None,
     ) -> dict[str, str]:
         inside = Path(BWRAP_JOB_DIR) if self.sandbox == "bwrap" else work
-        env = dict(spec.env)
+        # An image's own variables first (its PATH included), the job's over them, ours last.
+        env = dict(image.config.env) if image is not None else {}
+        path = env.get("PATH", SANDBOX_PATH)
+        env.update(spec.env)
         env.update(
             {
-                "PATH": SANDBOX_PATH,
+                "PATH": path,
                 "HOME": str(inside),
                 "TMPDIR": "/tmp" if self.sandbox == "bwrap" or self._isolate else str(inside),
                 "LANG": env.get("LANG", "C.UTF-8"),
@@ -714,12 +752,25 @@ class Executor:
         return env
 
     def _argv(
-        self, spec: JobSpec, work: Path, gpu_minors: Sequence[int], tmp_bytes: int
+        self,
+        spec: JobSpec,
+        work: Path,
+        gpu_minors: Sequence[int],
+        tmp_bytes: int,
+        image: tuple[Image, Path] | None = None,
     ) -> list[str]:
         if self._bwrap is None:
             return list(spec.argv)
-        args = [self._bwrap, *_bwrap_base_args(tmp_bytes), "--bind", str(work), BWRAP_JOB_DIR]
-        args += ["--chdir", BWRAP_JOB_DIR]
+        rootfs = image[1] if image else None
+        args = [
+            self._bwrap,
+            *_bwrap_base_args(tmp_bytes, rootfs),
+            "--bind",
+            str(work),
+            BWRAP_JOB_DIR,
+        ]
+        # An image's WorkingDir (made at import, read-only) is where it expects to start.
+        args += ["--chdir", (image[0].config.working_dir if image else "") or BWRAP_JOB_DIR]
         # Only the allocated GPUs' device nodes exist inside; the control nodes are shared.
         nodes = [f"/dev/nvidia{m}" for m in gpu_minors if m >= 0]
         if nodes:
@@ -784,6 +835,32 @@ class Executor:
         spec.validate()
         if job_id in self._running:
             raise SandboxError(f"job {job_id} is already running")
+        if not spec.image:
+            return await self._run_prepared(job_id, spec, allocation, None)
+        if self._bwrap is None or self.images is None:
+            raise JobSpecError(
+                f"this node runs no container images (runtimes: {', '.join(self.runtimes)})"
+            )
+        image, rootfs = self.images.acquire(spec.image)  # pinned: not removed while it runs
+        try:
+            argv = image.config.argv(spec.argv)
+            if not argv:
+                raise JobSpecError(
+                    f"image {image.ref} has no entrypoint or cmd and no command given"
+                )
+            spec = dataclasses.replace(spec, argv=argv)
+            spec.validate()
+            return await self._run_prepared(job_id, spec, allocation, (image, rootfs))
+        finally:
+            self.images.release(image)
+
+    async def _run_prepared(
+        self,
+        job_id: JobId,
+        spec: JobSpec,
+        allocation: Allocation | None,
+        image: tuple[Image, Path] | None,
+    ) -> JobResult:
         uid = self._uids.acquire() if self._uids is not None else None
         try:
             # The directory first: it refuses a job id that is already here (maybe running).
@@ -799,7 +876,7 @@ class Executor:
             raise
         self._running.add(job_id)
         try:
-            return await self._run_in(job_id, spec, allocation, uid, cgroup, work)
+            return await self._run_in(job_id, spec, allocation, uid, cgroup, work, image)
         finally:
             self._running.discard(job_id)
             # Only an empty cgroup proves every process of the job is gone.
@@ -823,12 +900,13 @@ class Executor:
         uid: int | None,
         cgroup: JobCgroup,
         work: Path,
+        image: tuple[Image, Path] | None = None,
     ) -> JobResult:
         limits = spec.limits
         gpu_uuids: tuple[str, ...] = allocation.gpu_uuids if allocation else ()
         slots = allocation.slot_count if allocation else 1
         minors = allocation.gpu_minors if allocation else ()
-        env = self._env(job_id, spec, work, gpu_uuids)
+        env = self._env(job_id, spec, work, gpu_uuids, image[0] if image else None)
         preexec = self._limits_fn(
             limits,
             # CUDA reserves huge virtual ranges, so RLIMIT_AS would break every GPU job.
@@ -840,7 +918,7 @@ class Executor:
         started = time.monotonic()
         try:
             proc = await trio.lowlevel.open_process(
-                self._argv(spec, work, minors, limits.tmp_bytes),
+                self._argv(spec, work, minors, limits.tmp_bytes, image),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -1067,6 +1145,7 @@ class Executor:
     def to_json(self) -> dict[str, object]:
         return {
             "sandbox": self.sandbox,
+            "runtimes": list(self.runtimes),
             "bwrap_error": self.bwrap_error,
             "process_isolation": self._isolate,
             "job_uids": self._uids.to_json() if self._uids is not None else None,

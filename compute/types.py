@@ -20,6 +20,13 @@ JobId = NewType("JobId", str)
 
 SandboxKind = Literal["bwrap", "process"]
 SANDBOX_KINDS: tuple[SandboxKind, ...] = ("bwrap", "process")
+RUNTIME_BWRAP = "bwrap"
+"""A job runs on the host's ``/usr`` under bubblewrap."""
+RUNTIME_BWRAP_IMAGE = "bwrap-image"
+"""A job runs in a container image's root filesystem (read-only) under bubblewrap."""
+RUNTIME_PROCESS = "process"
+RUNTIME_KINDS = (RUNTIME_BWRAP, RUNTIME_BWRAP_IMAGE, RUNTIME_PROCESS)
+"""What an offer's ``runtimes`` may list."""
 
 CPU_MODEL = "cpu"
 """The price-table key for a CPU-only slot (priced per slot-second)."""
@@ -117,6 +124,8 @@ class Offer:
     """The most memory a requester may ask a job to run with (``Requirements.memory_bytes``)."""
     job_disk_bytes_max: int = 0
     """The most disk a requester may ask for its job directory (``Requirements.disk_bytes``)."""
+    runtimes: tuple[str, ...] = ()
+    """How this provider can run a job (``RUNTIME_KINDS``): ``bwrap-image`` = container images."""
     signer: bytes = b""
     signature: bytes = b""
 
@@ -153,6 +162,7 @@ class Offer:
             "sandbox": self.sandbox,
             "job_memory_bytes_max": self.job_memory_bytes_max,
             "job_disk_bytes_max": self.job_disk_bytes_max,
+            "runtimes": list(self.runtimes),
         }
 
 
