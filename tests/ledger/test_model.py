@@ -1,11 +1,12 @@
 """The real ledger against a slow, obviously correct reference model.
 
-Random transfers, agreements, receipts, refunds, cancels, stakes and unbonds (valid and invalid:
-wrong nonces, fees below the minimum, wrong senders, overspends, unbonded providers, early
-refunds, late receipts, unbonds before they mature) go through ``build_block``, ``apply_block``
-and a ``MemoryStore``; the model applies the rules below with plain dicts. They must agree on
-every transaction's outcome (and whether it paid its fee), every account field and the total
-supply.
+Random transfers, agreements, receipts (some revealing a wrong key), refunds, cancels, stakes,
+unbonds and bad-key slash evidence (valid and invalid: wrong nonces, fees below the minimum,
+wrong senders, overspends, unbonded providers, early refunds, late receipts, unbonds before
+they mature, evidence against honest keys or twice against one trade) go through
+``build_block``, ``apply_block`` and a ``MemoryStore``; the model applies the rules below with
+plain dicts. They must agree on every transaction's outcome (and whether it paid its fee),
+every account field and the total supply.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FIELDS = [f.name for f in dataclasses.fields(ledger.Account)]
 
 KEYS = [factory.key_for(i, "model") for i in range(5)]
 START_BALANCE = 10_000
-START_BONDS = [1_000, 600, 0, 1_000, 0]
+START_BONDS = [1_000, 800, 600, 1_000, 0]
 FEE_MIN = 1
 PARAMS = ledger.ChainParams(
     fee_min=FEE_MIN,
@@ -51,6 +52,9 @@ class ModelTrade:
     deadline_ms: int
     opened_ms: int
     status: str = "open"
+    bad_key: bool = False
+    """Settled with a key that does not open the sealed outputs."""
+    slashed: bool = False
 
 
 @dataclasses.dataclass
@@ -187,6 +191,7 @@ class LedgerVersusModel(RuleBasedStateMachine):
     @precondition(lambda self: self._has_open_trade() and len(self.pending) < pending_max)
     @rule(data=st.data(), wall_ms=st.integers(0, 300_000), fee=fees, skew=skews, honest=mostly)
     def receipt(self, data: st.DataObject, wall_ms: int, fee: int, skew: int, honest: bool) -> None:
+        bad_key = data.draw(st.sampled_from([False] * 3 + [True]), label="bad key")
         job = self._draw_job(data)
         trade = self.trades.get(job)
         sender = trade.provider if honest and trade else data.draw(self.accounts, label="who")
@@ -199,8 +204,34 @@ class LedgerVersusModel(RuleBasedStateMachine):
             wall_ms=wall_ms,
             fee=fee,
             requester=KEYS[requester],
+            key=bytes(32) if bad_key else None,
         )
-        self._queue("receipt", sender, nonce, fee, tx, job=job, wall_ms=wall_ms)
+        self._queue("receipt", sender, nonce, fee, tx, job=job, wall_ms=wall_ms, bad_key=bad_key)
+
+    @precondition(lambda self: self.trades and len(self.pending) < pending_max)
+    @rule(data=st.data(), sender=accounts, fee=fees, index=st.sampled_from([0, 0, 1, 2]))
+    def slash_bad_key(self, data: st.DataObject, sender: int, fee: int, index: int) -> None:
+        """Bad-key evidence against any trade still in the state (settled or not, honest
+        key or not): only a settled, bad-key, not yet slashed one may be slashed."""
+        job = data.draw(st.sampled_from(sorted(self.trades)), label="evidence job")
+        job_id = factory.job_id_for(job)
+        _, chunks, _, _, plain_hashes = factory.sealed_outputs(job_id)
+        index = min(index, len(chunks) - 1)
+        nonce = self._nonce_for(sender, 0)
+        tx = ledger.sign_object(
+            ledger.SlashBadKey(
+                nonce=nonce,
+                fee=fee,
+                job_id=job_id,
+                index=index,
+                chunk=chunks[index],
+                plain_hash=plain_hashes[index],
+                proof=ledger.merkle_proof(ledger.output_leaves(chunks, plain_hashes), index),
+            ),
+            KEYS[sender],
+            factory.test_chain_id,
+        )
+        self._queue("slash_bad_key", sender, nonce, fee, tx, job=job)
 
     @precondition(lambda self: self._has_open_trade() and len(self.pending) < pending_max)
     @rule(data=st.data(), sender=accounts, fee=fees, skew=skews)
@@ -232,7 +263,7 @@ class LedgerVersusModel(RuleBasedStateMachine):
         self._queue("stake", sender, nonce, fee, tx, amount=amount)
 
     @precondition(lambda self: len(self.pending) < pending_max)
-    @rule(sender=accounts, amount=st.sampled_from([0, 0, 1, 100, 600, 2_000]), fee=fees)
+    @rule(sender=accounts, amount=st.sampled_from([0, 0, 0, 0, 1, 100, 600, 2_000]), fee=fees)
     def unbond(self, sender: int, amount: int, fee: int) -> None:
         nonce = self._nonce_for(sender, 0)
         tx = factory.unbond(KEYS[sender], nonce, amount, fee=fee)
@@ -350,6 +381,12 @@ class LedgerVersusModel(RuleBasedStateMachine):
                 s, a["provider"], a["price"], a["gpus"], a["max_cost"], a["deadline"], now
             )
             self.forgotten.pop(a["job"], None)
+        elif p.kind == "slash_bad_key":
+            trade = self.trades.get(p.args["job"])
+            if trade is None or trade.status != "settled" or not trade.bad_key or trade.slashed:
+                return False
+            self._slash(trade.provider, trade.requester, s)
+            trade.slashed = True
         else:
             trade = self.trades.get(p.args["job"])
             if trade is None or trade.status != "open":
@@ -360,6 +397,8 @@ class LedgerVersusModel(RuleBasedStateMachine):
                 self._close(trade, self._cost(trade, p.args["wall_ms"]))
                 self.acct[s]["completed"] += 1
                 trade.status = "settled"
+                trade.bad_key = bool(p.args["bad_key"])
+
             elif p.kind == "refund":
                 if now <= trade.deadline_ms:
                     return False
@@ -407,6 +446,6 @@ class LedgerVersusModel(RuleBasedStateMachine):
 
 
 LedgerVersusModel.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=80, deadline=None
+    max_examples=100, stateful_step_count=80, deadline=None
 )
 TestLedgerVersusModel = LedgerVersusModel.TestCase
