@@ -13,7 +13,7 @@ import compute
 from compute import market
 from node._json import to_json
 from p2p import P2PError
-from rpc import INVALID_PARAMS, Param, Result, RpcError
+from rpc import INTERNAL_ERROR, INVALID_PARAMS, SERVER_BUSY, Param, Result, RpcError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -29,6 +29,10 @@ OFFERS_PURPOSE = "offers"
 OFFER_TYPE_TAG = "gpumesh/offer/1"
 offer_prune_interval_s = 1.0
 job_dir_sweep_interval_s = 60.0
+image_import_wait_s = 20.0
+"""How long one ``image_import`` call waits (under the RPC call timeout); a longer import goes
+on in the node and the next call for the same path waits for it again."""
+image_imports_max = 4
 RELEASE_STATES = frozenset(
     {market.JobState.FAILED, market.JobState.CANCELLED, market.JobState.REFUNDED}
 )
@@ -36,7 +40,9 @@ RELEASE_STATES = frozenset(
 keeps it until the market releases it (outputs fetched) or the retention runs out."""
 
 
-def make_executor(config: ComputeSection, work_root: Path) -> compute.Executor:
+def make_executor(
+    config: ComputeSection, work_root: Path, images: compute.ImageStore | None = None
+) -> compute.Executor:
     """The executor ``[compute]`` asks for; ``SandboxError`` if that sandbox does not work."""
     uids: range | None = None
     if os.geteuid() == 0:
@@ -44,7 +50,7 @@ def make_executor(config: ComputeSection, work_root: Path) -> compute.Executor:
     if config.sandbox == "bwrap":
         # Probes bwrap and cgroups; raises if either does not work. Unprivileged, every job
         # runs as this daemon's uid, each in its own mount namespace.
-        return compute.Executor(work_root, job_uids=uids)
+        return compute.Executor(work_root, job_uids=uids, images=images)
     if uids is None:
         raise compute.SandboxError(
             'sandbox = "process" needs the daemon to run as root: without its own uid a job '
@@ -59,8 +65,30 @@ def jobs_root(address: bytes) -> Path:
     return Path("/var/tmp") / f"gpumesh-jobs-{address.hex()[:16]}"
 
 
+def image_roots(address: bytes) -> Path:
+    # Unpacked image roots: job uids must traverse to them, so not under the 0700 data dir.
+    return Path("/var/tmp") / f"gpumesh-images-{address.hex()[:16]}"
+
+
+class _Import:
+    """One image import running in the node (an RPC call may time out before it ends)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.image: compute.Image | None = None
+        self.error: compute.ImageError | None = None
+
+
 class ComputeService:
-    def __init__(self, *, key: SigningKey, chain_id: str, mesh: Mesh, config: ComputeSection):
+    def __init__(
+        self,
+        *,
+        key: SigningKey,
+        chain_id: str,
+        mesh: Mesh,
+        config: ComputeSection,
+        images_dir: Path | None = None,
+    ):
         self.key = key
         self.chain_id = chain_id
         self.mesh = mesh
@@ -73,9 +101,14 @@ class ComputeService:
         self.executor: compute.Executor | None = None
         self.provider_refused: str | None = None
         """Why this node does not provide although ``[compute] provider`` is on."""
+        self.images: compute.ImageStore | None = None
+        if images_dir is not None:
+            self.images = compute.ImageStore(images_dir, roots_dir=image_roots(key.address))
+        self._imports: dict[str, _Import] = {}
+        self._nursery: trio.Nursery | None = None
         if config.provider:
             try:
-                self.executor = make_executor(config, jobs_root(key.address))
+                self.executor = make_executor(config, jobs_root(key.address), self.images)
             except compute.SandboxError as exc:
                 # No weak fallback: a node whose sandbox does not work stays a requester.
                 self.provider_refused = str(exc)
@@ -86,6 +119,7 @@ class ComputeService:
             sandbox=self.executor.sandbox if self.executor is not None else "bwrap",
             job_memory_bytes_max=config.job_memory_bytes_max,
             job_disk_bytes_max=config.job_disk_bytes_max,
+            runtimes=self.executor.runtimes if self.executor is not None else (),
         )
         self.publisher: compute.OfferPublisher | None = None
         if self.executor is not None:
@@ -148,6 +182,7 @@ class ComputeService:
             },
         )
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._drain, offers)
             nursery.start_soon(self._prune)
             if self.executor is not None:
@@ -191,6 +226,41 @@ class ComputeService:
             await trio.sleep(offer_prune_interval_s)
             self.directory.prune(compute.wall_clock_ms())
 
+    async def import_image(self, path: Path) -> compute.Image | None:
+        """Import the archive at ``path`` (on this machine); ``None`` if it is still going
+        after ``image_import_wait_s`` (call again with the same path to wait on)."""
+        if self.images is None or self._nursery is None:
+            raise RpcError(INTERNAL_ERROR, "this node has no image store")
+        key = str(path)
+        job = self._imports.get(key)
+        if job is None:
+            if len(self._imports) >= image_imports_max:
+                raise RpcError(SERVER_BUSY, f"{image_imports_max} image imports are running")
+            job = self._imports[key] = _Import()
+            self._nursery.start_soon(self._run_import, path, job)
+        with trio.move_on_after(image_import_wait_s):
+            await job.done.wait()
+        if not job.done.is_set():
+            return None
+        self._imports.pop(key, None)
+        if job.error is not None:
+            raise job.error
+        return job.image
+
+    async def _run_import(self, path: Path, job: _Import) -> None:
+        assert self.images is not None
+        try:
+            # Abandoned on shutdown: the store removes a half-done import at its next start.
+            job.image = await trio.to_thread.run_sync(
+                self.images.import_archive,
+                path,
+                abandon_on_cancel=True,  # type: ignore[call-arg]
+            )
+        except compute.ImageError as exc:
+            job.error = exc
+        finally:
+            job.done.set()
+
     # -- RPC ------------------------------------------------------------------------------------
 
     def register_methods(self, registry: MethodRegistry) -> None:
@@ -215,6 +285,60 @@ class ComputeService:
                 raise RpcError(INVALID_PARAMS, str(exc)) from None
             return [dict(r) for r in self.directory.rows(parsed, compute.wall_clock_ms())]
 
+        async def image_import(path: str) -> dict[str, Any]:
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise RpcError(
+                    INVALID_PARAMS, "path must be an absolute path on the node's machine"
+                )
+            try:
+                image = await self.import_image(Path(path))
+            except (compute.ImageRejected, compute.ImageNotFound) as exc:
+                raise RpcError(INVALID_PARAMS, str(exc)) from None
+            except compute.ImageError as exc:
+                raise RpcError(INTERNAL_ERROR, str(exc)) from None
+            if image is None:
+                return {"done": False, "path": path}
+            return {"done": True, **image.to_json()}
+
+        async def image_list() -> list[dict[str, Any]]:
+            if self.images is None:
+                return []
+            images = await trio.to_thread.run_sync(self.images.images)
+            return [image.to_json() for image in images]
+
+        async def image_remove(ref: str) -> dict[str, Any]:
+            if self.images is None:
+                raise RpcError(INVALID_PARAMS, "this node has no image store")
+            try:
+                image = await trio.to_thread.run_sync(self.images.remove, str(ref))
+            except (compute.ImageNotFound, compute.ImageBusy) as exc:
+                raise RpcError(INVALID_PARAMS, str(exc)) from None
+            return image.to_json()
+
+        registry.register(
+            "image_import",
+            image_import,
+            description="Import an OCI image archive or a docker save archive from a path on "
+            "this machine into the node's image store (blobs verified, layers unpacked). "
+            f"Waits up to {image_import_wait_s:.0f} s: done=false means still importing, call "
+            "again with the same path.",
+            params=(Param("path", "string", True, "Absolute path of the archive."),),
+            result=Result("object", "{done, ref, config, layers, blob_bytes, ...}"),
+        )
+        registry.register(
+            "image_list",
+            image_list,
+            description="The images in this node's store, oldest import first.",
+            result=Result("array"),
+        )
+        registry.register(
+            "image_remove",
+            image_remove,
+            description="Remove an image (sha256:<hex> or a unique prefix of 12+ hex), its "
+            "unpacked root and the blobs no other image uses; refused while a job runs in it.",
+            params=(Param("ref", "string", True, "The image reference."),),
+            result=Result("object", "The removed image."),
+        )
         registry.register(
             "compute_resources",
             compute_resources,
@@ -241,4 +365,7 @@ class ComputeService:
         )
 
     def statistics(self) -> dict[str, Any]:
-        return {"directory": to_json(self.directory.statistics())}
+        stats: dict[str, Any] = {"directory": to_json(self.directory.statistics())}
+        if self.images is not None:
+            stats["images"] = self.images.statistics()
+        return stats

@@ -63,7 +63,11 @@ class Node:
             config=self._consensus_config(),
         )
         self.compute = ComputeService(
-            key=key, chain_id=self.chain_id, mesh=self.mesh, config=config.compute
+            key=key,
+            chain_id=self.chain_id,
+            mesh=self.mesh,
+            config=config.compute,
+            images_dir=home.data_dir / "images",
         )
         self.market_net = MeshNet(self.mesh)
         self.job_store = market.JobStore(home.data_dir / "jobs")

@@ -14,7 +14,9 @@ from rpc.exceptions import RegistryError, RpcError
 JsonType = Literal["string", "integer", "number", "boolean", "object", "array", "null", "any"]
 Handler = Callable[..., Awaitable[Any]]
 
-NAMESPACES: Final = ("node", "net", "compute", "market", "job", "chain", "consensus", "admin")
+NAMESPACES: Final = (
+    "node", "net", "compute", "market", "job", "chain", "consensus", "admin", "image"
+)  # fmt: skip
 """Namespaces open to registration; ``rpc_`` is reserved for the server's own methods."""
 builtin_namespace: Final = "rpc"
 

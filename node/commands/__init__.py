@@ -9,6 +9,7 @@ Where things live:
 - ``job``: ``job submit|status|result|logs|cancel|list`` (``submit --wait`` follows the
   ``jobs`` topic).
 - ``testnet``: ``testnet init|up|down|status``.
+- ``image``: ``image import|ls|rm``, the node's container image store.
 - ``dashboard``: the URL of the node's dashboard (token in the fragment).
 - ``service``: the systemd unit (``service unit``, ``service install``).
 
@@ -18,9 +19,9 @@ A command's handler is bound with ``set_defaults(run=...)`` where its parser is 
 
 from __future__ import annotations
 
-from node.commands import chain, daemon, dashboard, info, job, service, testnet
+from node.commands import chain, daemon, dashboard, image, info, job, service, testnet
 
-MODULES = (daemon, info, chain, job, testnet, dashboard, service)
+MODULES = (daemon, info, chain, job, image, testnet, dashboard, service)
 """In the order ``gpumesh --help`` lists them."""
 
 __all__ = ["MODULES"]
