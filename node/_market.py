@@ -227,6 +227,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         sandbox: str = "",
         memory_bytes: int = 0,
         disk_bytes: int = 0,
+        verify: int = 1,
     ) -> dict[str, Any]:
         try:
             decoded_inputs = tuple(
@@ -260,6 +261,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             deadline_ms=deadline_ms,
             bid_window_ms=bid_window_ms,
             strategy=strategy,
+            verify=verify,
         )
         try:
             record = await service.submit(submission)
@@ -336,6 +338,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             Param("sandbox", "string", False, 'Sandbox the provider must use: "bwrap"|"process".'),
             Param("memory_bytes", "integer", False, "Memory cap of the job (0: provider default)."),
             Param("disk_bytes", "integer", False, "Disk cap of the job dir (0: provider default)."),
+            Param("verify", "integer", False, "Run on N providers; pay only the majority."),
         ),
         result=Result("object", "The job record."),
     )

@@ -54,6 +54,8 @@ from compute.types import JobId as ExecJobId
 from ledger import Cancel, Delivery, DeliveryAck, Receipt, SlashBadKey
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from compute import Executor
     from compute.market._context import Context, JobBook
     from compute.market.types import JobRecord
@@ -357,6 +359,8 @@ class RequesterExchange:
         """Attempts whose delivery did not match its roots: never acked, never paid."""
         self._notices: dict[bytes, trio.Event] = {}
         self._polls: dict[bytes, int] = {}
+        self.ack_gate: Callable[[JobRecord, Delivery], bool] | None = None
+        """Set by the requester side for verified jobs (see ``may_ack``)."""
 
     async def on_delivered(self, peer_id: str, data: bytes) -> bytes:
         for record in self.book.records():
@@ -416,6 +420,11 @@ class RequesterExchange:
             raise Mismatch(f"the sealed outputs do not match the delivery: {exc}") from exc
         return Fetched(delivery, tuple(chunks), tuple(hashes))
 
+    def may_ack(self, record: JobRecord, delivery: Delivery) -> bool:
+        """Whether this checked delivery may be acked now (``--verify``: only once a majority
+        of the job's replicas delivered the same plain root); ``ack_gate`` decides."""
+        return self.ack_gate is None or self.ack_gate(record, delivery)
+
     def make_ack(self, delivery: Delivery) -> DeliveryAck:
         return self.ctx.sign(DeliveryAck(delivery=delivery))
 
@@ -437,6 +446,8 @@ class RequesterExchange:
                 log.warning("job %s: delivery refused: %s", record.job_id.hex()[:16], exc)
                 return
             self.fetched[aid] = fetched
+        if not self.may_ack(record, fetched.delivery):
+            return
         ack = self.make_ack(fetched.delivery)
         try:
             await self.ctx.request(

@@ -325,6 +325,45 @@ class SettleStep(enum.Enum):
     REFUNDED = "refunded"
 
 
+# ---- requester: verification (``--verify N``) -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyDecision:
+    winner: bytes | None
+    """The plain root a majority of the planned replicas delivered: ack exactly those."""
+    run_extra: bool = False
+    """Every replica is in and no root has a majority: run one more replica."""
+    undecided: bool = False
+    """Every replica is in, the extra run too, and still no majority: ack nobody."""
+
+
+def verify_step(
+    planned: int, roots: Sequence[bytes | None], all_in: bool, extra_used: bool
+) -> VerifyDecision:
+    """Which deliveries of a verified job to ack. ``roots`` holds one entry per replica of
+    the group (None: no delivery yet, or never); ``all_in``: no replica can still deliver.
+    A root wins once a strict majority of the ``planned`` replicas delivered it."""
+    counts: dict[bytes, int] = {}
+    for root in roots:
+        if root is not None:
+            counts[root] = counts.get(root, 0) + 1
+    for root, count in sorted(counts.items()):
+        if count >= planned // 2 + 1:
+            return VerifyDecision(root)
+    if not all_in:
+        return VerifyDecision(None)
+    if not extra_used:
+        return VerifyDecision(None, run_extra=True)
+    return VerifyDecision(None, undecided=True)
+
+
+def spot_checked(job_id: bytes, rate: float) -> bool:
+    """Whether a job is re-run on a second provider at a spot-check ``rate`` (0..1): decided
+    by the job's id, so a restart decides the same and nobody picks which."""
+    return int.from_bytes(job_id[:8], "big") < rate * 2**64
+
+
 class ReleaseStep(enum.Enum):
     """Provider that will not deliver: what it must do so it is never slashed when honest."""
 

@@ -8,6 +8,7 @@ step at a time; the decisions are the pure functions of ``_protocol``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,9 @@ from compute.market._protocol import (
     reputation,
     retry_after_refund,
     room_for_round,
+    spot_checked,
     terms_refusal,
+    verify_step,
     watch_step,
 )
 from compute.market._transfers import serve_input
@@ -77,7 +80,15 @@ from compute.market.types import (
     input_files_max,
     log_bytes_max,
 )
-from ledger import Agreement, AgreementTerms, Cancel, Refund
+from ledger import (
+    Agreement,
+    AgreementTerms,
+    Cancel,
+    Delivery,
+    Refund,
+    SlashOutvoted,
+    TradeStatus,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -93,6 +104,7 @@ capacity_backoff_ms_max = 3_000
 capacity_rounds_max = 2_000
 """Waiting for capacity is bounded by the job's deadline; this only bounds the loop."""
 driver_passes_max = 10_000
+verify_replicas_max = 5
 agreement_wait_blocks_max = 30
 
 
@@ -108,6 +120,12 @@ class Requester:
         self.exchange = self.exchange_cls(ctx, self.book)
         self.bidding: set[bytes] = set()
         """Jobs whose bid window is open right now (bids are persisted in their records)."""
+        self.roots: dict[bytes, bytes] = {}
+        """Verified jobs: each replica's delivered plain root (by replica job id)."""
+        self.outvoted: dict[bytes, Delivery] = {}
+        """Replicas whose delivery the majority contradicts (the slash evidence), by job id."""
+        self.slashed: set[bytes] = set()
+        self.exchange.ack_gate = self.verify_gate
 
     def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:
         """The stream protocols this side serves (to providers)."""
@@ -137,6 +155,8 @@ class Requester:
         deadline = submission.deadline_ms or now + ctx.config.default_deadline_ms
         if deadline <= now + submission.max_wall_ms:
             raise InvalidSubmission("the deadline leaves less than max_wall_ms to run the job")
+        if not 1 <= submission.verify <= verify_replicas_max:
+            raise InvalidSubmission(f"verify must be 1..{verify_replicas_max}")
         request = ctx.sign(
             JobRequest(
                 chain_id=ctx.chain_id,
@@ -151,6 +171,9 @@ class Requester:
             )
         )
         job_id = ledger.hash_of(request)
+        verify = submission.verify
+        if verify == 1 and spot_checked(job_id, ctx.config.spot_check_rate):
+            verify = 2
         record = JobRecord(
             role=Role.REQUESTER,
             job_id=job_id,
@@ -159,10 +182,111 @@ class Requester:
             strategy=submission.strategy,
             attempt_job_id=job_id,
             stamps=(Stamp(JobState.BIDDING, now),),
+            group_id=job_id if verify > 1 else b"",
+            verify=verify,
         )
         self.book.add(record, manifest=manifest, blobs=blobs)
         self.drivers.start(job_id)
+        for replica in range(1, verify):
+            self.add_replica(record, replica)
         return record
+
+    def add_replica(self, first: JobRecord, replica: int) -> JobRecord:
+        """One more run of a verified job: its own request (and job id) in the same group."""
+        now = self.ctx.clock_ms()
+        request = self.ctx.sign(
+            dataclasses.replace(
+                first.request,
+                created_ms=now,
+                replica=replica,
+                signer=b"",
+                signature=b"",
+            )
+        )
+        job_id = ledger.hash_of(request)
+        manifest = self.ctx.store.manifest(first.job_id)
+        record = JobRecord(
+            role=Role.REQUESTER,
+            job_id=job_id,
+            state=JobState.BIDDING,
+            request=request,
+            strategy=first.strategy,
+            attempt_job_id=job_id,
+            stamps=(Stamp(JobState.BIDDING, now),),
+            group_id=first.group_id,
+            verify=first.verify,
+        )
+        self.book.add(record, manifest=manifest)
+        self.drivers.start(job_id)
+        return record
+
+    def replicas(self, record: JobRecord) -> list[JobRecord]:
+        return [r for r in self.book.records() if record.group_id and r.group_id == record.group_id]
+
+    def verify_gate(self, record: JobRecord, delivery: Delivery) -> bool:
+        """Ack a verified job's delivery only once a majority of its replicas delivered the
+        same plain root; never ack one the majority contradicts (it is slash evidence)."""
+        if not record.group_id:
+            return True
+        self.roots[record.job_id] = delivery.plain_root
+        replicas = self.replicas(record)
+        extra_used = any(r.request.replica >= record.verify for r in replicas)
+        planned = record.verify + (1 if extra_used else 0)
+        all_in = all(r.job_id in self.roots or r.state.terminal for r in replicas)
+        decision = verify_step(
+            planned, [self.roots.get(r.job_id) for r in replicas], all_in, extra_used
+        )
+        if decision.run_extra:
+            first = next(r for r in replicas if r.job_id == record.group_id)
+            log.info("job %s: replicas disagree, one more run", record.group_id.hex()[:16])
+            self.add_replica(first, record.verify)
+            return False
+        if decision.winner is None:
+            return False
+        if delivery.plain_root != decision.winner:
+            self.outvoted[record.job_id] = delivery
+            return False
+        return True
+
+    async def slash_outvoted(self, record: JobRecord) -> None:
+        """Submit the evidence against an outvoted replica once two replicas of the majority
+        have settled (the chain checks the roots itself)."""
+        delivery = self.outvoted.get(record.job_id)
+        if delivery is None or record.job_id in self.slashed:
+            return
+        winners = []
+        for other in self.replicas(record):
+            trade = self.ctx.chain.trade(other.attempt_job_id) if other.terms else None
+            if (
+                trade is not None
+                and trade.status is TradeStatus.SETTLED
+                and trade.plain_root != delivery.plain_root
+                and trade.terms.provider != delivery.signer
+            ):
+                winners.append(other.attempt_job_id)
+        if len(winners) < 2:
+            return
+        ctx = self.ctx
+
+        def build(nonce: int) -> ledger.Transaction:
+            return ctx.sign(
+                SlashOutvoted(
+                    nonce=nonce,
+                    fee=ctx.fee(),
+                    delivery=delivery,
+                    job_y=ledger.JobId(winners[0]),
+                    job_z=ledger.JobId(winners[1]),
+                )
+            )
+
+        self.slashed.add(record.job_id)
+        try:
+            ok, error = await ctx.submit_and_commit(build, lambda _: None)
+        except ChainRejected as exc:
+            ok, error = False, str(exc)
+        outcome = "its provider was slashed" if ok else f"the slash failed: {error}"
+        log.warning("job %s: replica outvoted; %s", record.job_id.hex()[:16], outcome)
+        self.book.update(record, error=f"outvoted by the other replicas; {outcome}")
 
     def check_submission(self, sub: JobSubmission) -> tuple[JobManifest, list[bytes]]:
         if not 0 < len(sub.argv) <= argv_items_max:
@@ -213,6 +337,10 @@ class Requester:
 
     async def result(self, job_id: bytes) -> JobResultView:
         record = self.get(job_id)
+        if record.state is not JobState.DONE and record.group_id == job_id:
+            # A verified job: the outputs are the majority's, whichever replica ran them.
+            done = [r for r in self.replicas(record) if r.state is JobState.DONE]
+            record = done[0] if done else record
         if record.state is not JobState.DONE:
             raise JobNotReady(f"job {job_id.hex()[:16]} is {record.state.label}, not done")
         outputs: dict[str, bytes] = {}
@@ -337,18 +465,20 @@ class Requester:
         )
 
     def group_of(self, record: JobRecord) -> bytes:
-        """The trade group of a job's attempts: the job id itself."""
-        return record.job_id
+        """The trade group of a job's attempts: the verify group's id, else the job's own."""
+        return record.group_id or record.job_id
 
     async def award_next(self, record: JobRecord, *, first: bool) -> None:
         """Award the best untried bid; on success the record is AWARDED with signed terms."""
         ctx = self.ctx
         request = record.request
         peers = dict(zip((b.signer for b in record.bids), record.bid_peers, strict=True))
+        # The replicas of a verified job each go to a different provider.
+        taken = {p for r in self.replicas(record) if r.job_id != record.job_id for p in r.tried}
         ranked = [
             b
             for b in rank_bids(record.bids, record.strategy, self.score)
-            if b.signer not in record.tried
+            if b.signer not in record.tried and b.signer not in taken
         ]
         refusals: list[str] = []
         attempt = record.attempt if first else record.attempt + 1
@@ -464,6 +594,20 @@ class Requester:
                     cost=trade.paid,
                 )
                 return
+            if record.job_id in self.outvoted:
+                # Never retried: the evidence goes in once two of the majority settled.
+                await self.slash_outvoted(record)
+                closed = step in (WatchStep.CANCELLED, WatchStep.REFUNDED)
+                others_over = all(
+                    r.state.terminal for r in self.replicas(record) if r.job_id != record.job_id
+                )
+                if closed and (record.job_id in self.slashed or others_over):
+                    why = self.book[record.job_id].error or "outvoted by the other replicas"
+                    self.book.finish(record, JobState.OUTPUT_MISMATCH, why)
+                    return
+                if closed:
+                    await ctx.wait_block()
+                    continue
             if step is WatchStep.CANCELLED:
                 # Not asked for here (that goes through cancel_trade): the provider gave the
                 # job up with its own Cancel, and the escrow came back in full.

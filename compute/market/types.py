@@ -166,6 +166,9 @@ class JobRequest:
     bid_window_ms: int
     manifest_digest: bytes
     inputs_bytes: int
+    replica: int = 0
+    """Which run of a verified job this is (``--verify N``: replicas 0..N-1, then maybe one
+    more); it also keeps the replicas' job ids apart."""
     signer: bytes = b""
     signature: bytes = b""
 
@@ -314,6 +317,11 @@ class JobRecord:
     attempt it will not deliver (so an honest provider is never slashed for it)."""
     bid_rounds: int = 0
     """Bid rounds held so far (a round whose every bidder refused the award is repeated)."""
+    group_id: bytes = b""
+    """Requester, verified job: the group's id (replica 0's job id), shared by every replica;
+    empty for a job run once."""
+    verify: int = 1
+    """Requester: how many replicas of the group must run (a majority of them must agree)."""
     stamps: tuple[Stamp, ...] = ()
 
     def to_json(self) -> dict[str, object]:
@@ -338,6 +346,9 @@ class JobRecord:
             "max_wall_ms": self.request.max_wall_ms,
             "deadline_ms": self.request.deadline_ms,
             "strategy": self.strategy,
+            "group_id": self.group_id.hex() or None,
+            "replica": self.request.replica,
+            "verify": self.verify,
             "bids": len(self.bids),
             "error": self.error or None,
             "agreement_tx": self.agreement_tx.hex() or None,
@@ -368,6 +379,9 @@ class JobSubmission:
     deadline_ms: int = 0
     bid_window_ms: int = 0
     strategy: str = "cheapest"
+    verify: int = 1
+    """Run on this many distinct providers and pay only those whose outputs agree with the
+    majority (1: once, unless the node's spot-check rate picks it for a second run)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +415,8 @@ class MarketConfig:
     """A provider keeps at least this much bonded (and at least the chain's
     ``provider_bond_min``): it stakes from its balance at start and whenever a slash or an
     unbond takes the bond below that. 0: just the chain's minimum."""
+    spot_check_rate: float = 0.0
+    """Share of this node's jobs (0..1) re-run on a second provider, as if ``verify=2``."""
     bid_timeout_ms: int = 2_000
     """How long a provider waits for a requester to take its bid (a requester that holds bid
     streams open costs the provider this long, per bid, at most)."""
@@ -420,6 +436,8 @@ class MarketConfig:
             raise ValueError("[market] bid_window_ms must be 1..60000")
         if not 0 < self.request_timeout_s <= 120:
             raise ValueError("[market] request_timeout_s must be in (0, 120]")
+        if not 0 <= self.spot_check_rate <= 1:
+            raise ValueError("[market] spot_check_rate must be in 0..1")
         if not 1 <= self.jobs_active_max <= 10_000:
             raise ValueError("[market] jobs_active_max must be 1..10000")
 

@@ -54,6 +54,13 @@ def register(sub: Subparsers) -> None:
     j.add_argument(
         "--sandbox", choices=["bwrap", "process"], default=None, help="require this sandbox"
     )
+    j.add_argument(
+        "--verify",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run on N providers, pay only those whose outputs agree with the majority",
+    )
     j.add_argument("--memory", default=None, help="memory cap of the job, e.g. 2GB")
     j.add_argument("--disk", default=None, help="disk cap of the job directory, e.g. 10GB")
     j.add_argument("--input", action="append", default=[], metavar="FILE", help="input file")
@@ -182,6 +189,8 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
         params["memory_bytes"] = parse_size(args.memory)
     if args.disk:
         params["disk_bytes"] = parse_size(args.disk)
+    if args.verify != 1:
+        params["verify"] = args.verify
     if args.deadline:
         params["deadline_ms"] = int(time.time() * 1000) + parse_duration_ms(args.deadline)
     if args.bid_window:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +14,7 @@ from compute.market import (
     PROTOCOL_AWARD,
     Award,
     JobManifest,
+    JobRecord,
     JobRequest,
     JobState,
     JobSubmission,
@@ -388,3 +391,52 @@ async def test_a_provider_stakes_up_to_its_configured_bond(tmp_path: Path) -> No
         )
         account = cluster.chain.account(cluster.requester.key.address)
         assert account.bonded == BOND, "a node that does not provide staked"
+
+
+async def test_verify_pays_the_majority_and_slashes_the_outvoted_provider(
+    tmp_path: Path,
+) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        requester = cluster.requester
+        cheat = cluster.nodes[1]  # the cheapest: picked first
+        assert cheat.provider is not None
+        executor = cheat.provider.executor
+        honest_run = executor.run
+
+        async def cheap_run(job_id: Any, spec: Any, allocation: Any) -> Any:
+            # Cheap work: skip the job, write a plausible answer, seal and deliver it honestly.
+            cheap = ("sh", "-c", 'echo cheap > "$GPUMESH_OUTPUT_DIR/out.txt"')
+            return await honest_run(job_id, dataclasses.replace(spec, argv=cheap), allocation)
+
+        executor.run = cheap_run  # type: ignore[method-assign]
+        # A deterministic job (no GPU id in its output): honest replicas agree byte for byte.
+        argv = ("sh", "-c", 'cat in.txt > "$GPUMESH_OUTPUT_DIR/out.txt"')
+        submission = copy_job(b"the real answer\n", argv=argv, verify=2)
+        record = await requester.market.submit(submission)
+        assert record.group_id == record.job_id and record.verify == 2, record.to_json()
+
+        def group() -> list[JobRecord]:
+            return [r for r in requester.market.list(Role.REQUESTER) if r.group_id == record.job_id]
+
+        await wait_until(
+            lambda: all(r.state.terminal for r in group()) and len(group()) == 3,
+            90,
+            "every replica of the verified job ends (a mismatch gets one more run)",
+        )
+        replicas = group()
+        states = [(r.state.label, r.error) for r in replicas]
+        cheats = [r for r in replicas if r.terms and r.terms.provider == cheat.key.address]
+        assert len(cheats) == 1, f"the cheat should have run one replica: {states}"
+        assert cheats[0].state is JobState.OUTPUT_MISMATCH, f"not caught: {states}"
+        assert "outvoted" in cheats[0].error and "slashed" in cheats[0].error, states
+        honest = [r for r in replicas if r is not cheats[0]]
+        assert all(r.state is JobState.DONE for r in honest), f"honest replicas: {states}"
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"out.txt": b"the real answer\n"}, f"outputs {result.outputs}"
+        account = cluster.chain.account(cheat.key.address)
+        assert account.slashed == 1 and account.earned == 0, f"cheat not slashed: {account}"
+        providers = {r.terms.provider for r in replicas if r.terms is not None}
+        assert len(providers) == 3, "the replicas must run on distinct providers"
+        for other in honest:
+            trade = cluster.chain.trade(other.attempt_job_id)
+            assert trade is not None and trade.status is TradeStatus.SETTLED, f"{trade}"

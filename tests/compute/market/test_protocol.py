@@ -30,7 +30,9 @@ from compute.market._protocol import (
     request_refusal,
     retry_after_refund,
     settle_step,
+    spot_checked,
     terms_refusal,
+    verify_step,
     watch_step,
     within_caps,
 )
@@ -244,3 +246,18 @@ def test_the_jobs_topic_validator() -> None:
     assert gossip_verdict(request, now_ms=NOW, **other_chain) is False  # type: ignore[arg-type]
     stale = gossip_verdict(request, now_ms=request.deadline_ms, **kw)  # type: ignore[arg-type]
     assert stale is None, "a stale request is dropped without blame"
+
+
+def test_verification_acks_only_the_majority() -> None:
+    a, b = b"a" * 32, b"b" * 32
+    assert verify_step(2, [a, None], False, False).winner is None, "wait for the second run"
+    assert verify_step(2, [a, a], True, False).winner == a
+    disagree = verify_step(2, [a, b], True, False)
+    assert disagree.winner is None and disagree.run_extra, "a mismatch gets one more run"
+    assert verify_step(3, [a, b, b], True, True).winner == b, "the extra run decides"
+    assert verify_step(3, [a, b, None], False, True).winner is None
+    stuck = verify_step(3, [a, b, None], True, True)
+    assert stuck.undecided and stuck.winner is None, "no majority after the extra run: ack none"
+    assert verify_step(3, [a, a, None], False, False).winner == a, "2 of 3 need not wait"
+    assert not spot_checked(b"\xff" * 32, 0.5) and spot_checked(b"\x00" * 32, 0.5)
+    assert not spot_checked(b"\x00" * 32, 0.0) and spot_checked(b"\xff" * 32, 1.0)
