@@ -134,7 +134,7 @@ class NodeCaller:
                 try:
                     client = RpcClient.from_home(self.node.home.root, timeout_s=rpc_timeout_s)
                     out.append(("ok", client.call(method, params)))
-                except (OSError, RpcError, ValueError) as exc:
+                except (OSError, RpcError, RpcCallError, ValueError) as exc:
                     out.append(("error", exc))
                 done.set()
             if closed:
@@ -195,8 +195,8 @@ def send_loop(
             result = caller.call("chain_sendTx", {"tx": ledger.encode(tx).hex()})
         except RpcCallError as exc:
             with book.lock:
-                reason = str(exc)
-                book.refused[reason[:60]] = book.refused.get(reason[:60], 0) + 1
+                reason = str(exc)[:60]
+                book.refused[reason] = book.refused.get(reason, 0) + 1
             continue
         except (OSError, RpcError, TimeoutError):
             with book.lock:
@@ -211,7 +211,7 @@ def heads(callers: list[NodeCaller]) -> list[int | None]:
     for caller in callers:
         try:
             out.append(int(caller.call("chain_head")["height"]))
-        except (OSError, RpcError, TimeoutError):
+        except (OSError, RpcError, RpcCallError, TimeoutError):
             out.append(None)
     return out
 
@@ -309,7 +309,7 @@ def test_no_acknowledged_transfer_is_lost_under_faults(tmp_path: Path) -> None:
 def _peer_count(caller: NodeCaller) -> int:
     try:
         return int(caller.call("net_peerCount"))
-    except (OSError, RpcError, TimeoutError):
+    except (OSError, RpcError, RpcCallError, TimeoutError):
         return -1
 
 
@@ -327,7 +327,7 @@ class Seen:
                 block = caller.call("chain_block", {"height": self.height + 1})
                 self.hashes.update(block["tx_hashes"])
                 self.height += 1
-        except (OSError, RpcError, TimeoutError):
+        except (OSError, RpcError, RpcCallError, TimeoutError):
             pass  # polled again
         return self.hashes
 
