@@ -11,6 +11,8 @@ Where things live:
   with its own uid, cgroup, capped ``/tmp`` and job directory.
 - ``_images``: ``ImageStore``, the content-addressed store of OCI images (docker-save or OCI
   archives in, verified, unpacked by ``umoci`` into read-only roots jobs run in).
+- ``_gpu_mounts``: ``gpu_mount_plan`` binds a GPU job's device nodes, driver libraries and
+  tools into its sandbox (as the NVIDIA Container Toolkit does), over the ``GpuHost`` seam.
 - ``_cgroups``: the job cgroups (v2, or v1 ``memory``/``pids``/``cpuacct``) and their limits.
 - ``abc``: ``NvmlAPI``, ``ExecutorAPI`` (what the market needs of an executor), callbacks.
 - ``_runner``: ``run_job`` = allocate, run in the sandbox, release.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from compute._allocator import Allocation, SlotAllocator
 from compute._directory import AddOutcome, OfferDirectory, OfferMatch, OfferQuery, QueryError
+from compute._gpu_mounts import GpuHost, GpuMountPlan, gpu_mount_plan
 from compute._images import Image, ImageConfig, ImageLimits, ImageRef, ImageStore
 from compute._inventory import (
     KNOWN_GPU_MODELS,
@@ -58,6 +61,7 @@ from compute._sandbox import (
 from compute.exceptions import (
     AllocationError,
     ComputeError,
+    GpuDriverError,
     ImageBusy,
     ImageError,
     ImageNotFound,
@@ -113,6 +117,9 @@ __all__ = [
     "ComputeError",
     "Executor",
     "GpuDevice",
+    "GpuDriverError",
+    "GpuHost",
+    "GpuMountPlan",
     "GpuUuid",
     "Image",
     "ImageBusy",
@@ -157,6 +164,7 @@ __all__ = [
     "collect_outputs",
     "decode_offer",
     "default_sandbox_uid",
+    "gpu_mount_plan",
     "normalize_model_name",
     "outputs_digest",
     "parse_simulate_gpus",

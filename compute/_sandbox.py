@@ -49,6 +49,7 @@ import trio
 
 import ledger
 from compute._cgroups import Cgroups, JobCgroup, probe_cgroups
+from compute._gpu_mounts import GpuHost, GpuMountPlan, gpu_mount_plan
 from compute.exceptions import JobSpecError, SandboxError
 from compute.types import (
     RUNTIME_BWRAP,
@@ -434,6 +435,27 @@ def _bwrap_base_args(tmp_bytes: int, rootfs: Path | None = None) -> list[str]:
     return args
 
 
+def bwrap_argv(
+    bwrap: str,
+    argv: Sequence[str],
+    *,
+    work: Path,
+    tmp_bytes: int,
+    rootfs: Path | None = None,
+    working_dir: str = "",
+    gpus: GpuMountPlan | None = None,
+) -> list[str]:
+    """The bubblewrap command line of a job: the host's ``/usr`` (or the image ``rootfs`` as
+    ``/``), the job directory at ``/job``, the start directory (an image's ``WorkingDir``, else
+    ``/job``), and the GPU plan's device nodes, libraries and tools."""
+    args = [bwrap, *_bwrap_base_args(tmp_bytes, rootfs), "--bind", str(work), BWRAP_JOB_DIR]
+    args += ["--chdir", working_dir or BWRAP_JOB_DIR]
+    if gpus is not None:
+        # Only the allocated GPUs' device nodes exist inside; the control nodes are shared.
+        args += gpus.bwrap_args()
+    return [*args, "--", *argv]
+
+
 def default_job_uids() -> range | None:
     """The default job uid range when the daemon runs as root (jobs never run as root), else
     ``None``: an unprivileged daemon cannot switch uids, its jobs run as itself."""
@@ -547,6 +569,7 @@ class Executor:
         memory_poll_ms: int = memory_poll_ms,
         disk_poll_ms: int = disk_poll_ms,
         images: ImageStore | None = None,
+        gpu_host: GpuHost | None = None,
     ) -> None:
         """``sandbox=None`` means ``bwrap``, probed: ``SandboxError`` if it does not work here
         (there is no silent fallback; ``process`` must be asked for by name).
@@ -555,6 +578,7 @@ class Executor:
         (``SandboxError`` if neither v2 nor v1 is usable). ``images``: the store a job's
         ``JobSpec.image`` names (bwrap only; without it the node runs no images)."""
         self.images = images
+        self._gpu_host = gpu_host or GpuHost()
         if sandbox_uid is None:
             job_uids = None
         uids = default_job_uids() if job_uids is True else (job_uids or None)
@@ -755,29 +779,21 @@ class Executor:
         self,
         spec: JobSpec,
         work: Path,
-        gpu_minors: Sequence[int],
         tmp_bytes: int,
         image: tuple[Image, Path] | None = None,
+        plan: GpuMountPlan | None = None,
     ) -> list[str]:
         if self._bwrap is None:
             return list(spec.argv)
-        rootfs = image[1] if image else None
-        args = [
+        return bwrap_argv(
             self._bwrap,
-            *_bwrap_base_args(tmp_bytes, rootfs),
-            "--bind",
-            str(work),
-            BWRAP_JOB_DIR,
-        ]
-        # An image's WorkingDir (made at import, read-only) is where it expects to start.
-        args += ["--chdir", (image[0].config.working_dir if image else "") or BWRAP_JOB_DIR]
-        # Only the allocated GPUs' device nodes exist inside; the control nodes are shared.
-        nodes = [f"/dev/nvidia{m}" for m in gpu_minors if m >= 0]
-        if nodes:
-            nodes += ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
-        for node in nodes:
-            args += ["--dev-bind-try", node, node]
-        return [*args, "--", *spec.argv]
+            spec.argv,
+            work=work,
+            tmp_bytes=tmp_bytes,
+            rootfs=image[1] if image else None,
+            working_dir=image[0].config.working_dir if image else "",
+            gpus=plan,
+        )
 
     @staticmethod
     def _limits_fn(
@@ -861,6 +877,18 @@ class Executor:
         allocation: Allocation | None,
         image: tuple[Image, Path] | None,
     ) -> JobResult:
+        plan: GpuMountPlan | None = None
+        minors = allocation.gpu_minors if allocation else ()
+        if self._bwrap is not None and any(m >= 0 for m in minors):
+            # Before anything is set up: a node without the driver refuses the job cleanly.
+            plan = await trio.to_thread.run_sync(
+                lambda: gpu_mount_plan(
+                    self._gpu_host,
+                    minors=minors,
+                    uuids=allocation.gpu_uuids if allocation else (),
+                    image=image is not None,
+                )
+            )
         uid = self._uids.acquire() if self._uids is not None else None
         try:
             # The directory first: it refuses a job id that is already here (maybe running).
@@ -876,7 +904,7 @@ class Executor:
             raise
         self._running.add(job_id)
         try:
-            return await self._run_in(job_id, spec, allocation, uid, cgroup, work, image)
+            return await self._run_in(job_id, spec, allocation, uid, cgroup, work, image, plan)
         finally:
             self._running.discard(job_id)
             # Only an empty cgroup proves every process of the job is gone.
@@ -901,12 +929,14 @@ class Executor:
         cgroup: JobCgroup,
         work: Path,
         image: tuple[Image, Path] | None = None,
+        plan: GpuMountPlan | None = None,
     ) -> JobResult:
         limits = spec.limits
         gpu_uuids: tuple[str, ...] = allocation.gpu_uuids if allocation else ()
         slots = allocation.slot_count if allocation else 1
-        minors = allocation.gpu_minors if allocation else ()
         env = self._env(job_id, spec, work, gpu_uuids, image[0] if image else None)
+        if plan is not None:
+            plan.apply_env(env)
         preexec = self._limits_fn(
             limits,
             # CUDA reserves huge virtual ranges, so RLIMIT_AS would break every GPU job.
@@ -918,7 +948,7 @@ class Executor:
         started = time.monotonic()
         try:
             proc = await trio.lowlevel.open_process(
-                self._argv(spec, work, minors, limits.tmp_bytes, image),
+                self._argv(spec, work, limits.tmp_bytes, image, plan),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -73,3 +73,8 @@ class ImageBusy(ImageError):
 
 class ImageToolError(ImageError):
     """Raised when the unpacker (``umoci``) is missing or fails."""
+
+
+class GpuDriverError(SandboxError):
+    """Raised when GPUs were allocated to a job but this machine's NVIDIA driver pieces (the
+    GPU's ``/dev/nvidia<minor>``, ``/dev/nvidiactl``, ``libcuda.so``) are not there."""
