@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import trio
@@ -54,8 +55,6 @@ from compute.types import JobId as ExecJobId
 from ledger import Cancel, Delivery, DeliveryAck, Receipt, SlashBadKey
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from compute import Executor
     from compute.market._context import Context, JobBook
     from compute.market.types import JobRecord
@@ -73,6 +72,10 @@ fetch_retry_s = 0.5
 delivery_poll_blocks = 5
 """While a trade is open the requester asks for the delivery on a provider's notice, or
 every this many blocks (a notice can be lost, or sent before a restart)."""
+bundles_cached_max = 8
+"""Sealed bundles a provider (fetched ones a requester) keeps in memory, each up to the
+outputs cap; an evicted one is rebuilt on demand (re-sealed from the job directory to the same
+bytes, or fetched again)."""
 _KEY_TAG = "gpumesh/output-key/1"
 
 
@@ -146,7 +149,7 @@ class ProviderExchange:
         self.ctx = ctx
         self.book = book
         self.executor = executor
-        self.sealed: dict[bytes, Sealed] = {}
+        self.sealed: OrderedDict[bytes, Sealed] = OrderedDict()
         self.acks: dict[bytes, DeliveryAck] = {}
         self._acked: dict[bytes, trio.Event] = {}
 
@@ -192,6 +195,8 @@ class ProviderExchange:
         delivery = self.make_delivery(record, output_root, plain_root, size)
         sealed = Sealed(key, chunks, plain_hashes, delivery)
         self.sealed[aid] = sealed
+        while len(self.sealed) > bundles_cached_max:
+            self.sealed.popitem(last=False)
         return sealed
 
     def make_delivery(
@@ -236,7 +241,7 @@ class ProviderExchange:
             raise NetError(f"bad delivery ack: {exc}") from exc
         aid = ack.delivery.job_id
         record = self.job_for_peer(aid, peer_id)
-        sealed = self.sealed.get(aid)
+        sealed = self.sealed.get(aid) if record.result is None else await self.seal(record)
         if sealed is None or ack.delivery != sealed.delivery:
             raise NetError("the ack is not for this job's delivery")
         if ack.signer != record.counterparty:
@@ -260,9 +265,12 @@ class ProviderExchange:
 
     def build_receipt(self, record: JobRecord, nonce: int) -> ledger.Transaction:
         aid = record.attempt_job_id
-        sealed, ack = self.sealed[aid], self.acks[aid]
         tx = Receipt(
-            nonce=nonce, fee=self.ctx.fee(), job_id=ledger.JobId(aid), ack=ack, key=sealed.key
+            nonce=nonce,
+            fee=self.ctx.fee(),
+            job_id=ledger.JobId(aid),
+            ack=self.acks[aid],
+            key=self.output_key(aid),
         )
         return self.ctx.sign(tx)
 
@@ -298,6 +306,19 @@ class ProviderExchange:
     async def settle(self, record: JobRecord) -> None:
         """SETTLING: deliver, wait for the ack, submit the receipt (or see what closed the
         trade) and end the job."""
+        try:
+            await self._settle(record)
+        finally:
+            if self.book[record.attempt_job_id].state.terminal:
+                self.forget(record.attempt_job_id)
+
+    def forget(self, aid: bytes) -> None:
+        """Drop what was kept in memory for an attempt that ended."""
+        self.sealed.pop(aid, None)
+        self.acks.pop(aid, None)
+        self._acked.pop(aid, None)
+
+    async def _settle(self, record: JobRecord) -> None:
         assert record.result is not None, "a settling provider job has its result"
         aid = record.attempt_job_id
         trade = self.ctx.chain.trade(aid)
@@ -353,14 +374,12 @@ class RequesterExchange:
     def __init__(self, ctx: Context, book: JobBook) -> None:
         self.ctx = ctx
         self.book = book
-        self.fetched: dict[bytes, Fetched] = {}
+        self.fetched: OrderedDict[bytes, Fetched] = OrderedDict()
         self.acked: set[bytes] = set()
         self.refused: dict[bytes, str] = {}
         """Attempts whose delivery did not match its roots: never acked, never paid."""
         self._notices: dict[bytes, trio.Event] = {}
         self._polls: dict[bytes, int] = {}
-        self.ack_gate: Callable[[JobRecord, Delivery], bool] | None = None
-        """Set by the requester side for verified jobs (see ``may_ack``)."""
 
     async def on_delivered(self, peer_id: str, data: bytes) -> bytes:
         for record in self.book.records():
@@ -420,11 +439,6 @@ class RequesterExchange:
             raise Mismatch(f"the sealed outputs do not match the delivery: {exc}") from exc
         return Fetched(delivery, tuple(chunks), tuple(hashes))
 
-    def may_ack(self, record: JobRecord, delivery: Delivery) -> bool:
-        """Whether this checked delivery may be acked now (``--verify``: only once a majority
-        of the job's replicas delivered the same plain root); ``ack_gate`` decides."""
-        return self.ack_gate is None or self.ack_gate(record, delivery)
-
     def make_ack(self, delivery: Delivery) -> DeliveryAck:
         return self.ctx.sign(DeliveryAck(delivery=delivery))
 
@@ -446,8 +460,8 @@ class RequesterExchange:
                 log.warning("job %s: delivery refused: %s", record.job_id.hex()[:16], exc)
                 return
             self.fetched[aid] = fetched
-        if not self.may_ack(record, fetched.delivery):
-            return
+            while len(self.fetched) > bundles_cached_max:
+                self.fetched.popitem(last=False)
         ack = self.make_ack(fetched.delivery)
         try:
             await self.ctx.request(
@@ -497,7 +511,10 @@ class RequesterExchange:
         receipt = record.receipt or self.ctx.chain.receipt(aid)
         if trade is None or receipt is None or not trade.key:
             raise MarketError("the trade settled but its receipt is not readable")
-        fetched = self.fetched.get(aid)
+        fetched = self.fetched.pop(aid, None)
+        for table in (self._notices, self._polls):
+            table.pop(aid, None)
+        self.acked.discard(aid)
         last_error = ""
         for _ in range(fetch_attempts_max):
             if fetched is not None and fetched.delivery.output_root == trade.output_root:
@@ -542,7 +559,6 @@ class RequesterExchange:
             stdout=info.stdout[:log_bytes_max],
             stderr=info.stderr[:log_bytes_max],
         )
-        self.fetched.pop(aid, None)
         self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
 
     def check_bundle(self, bundle: OutputBundle) -> list[bytes]:
