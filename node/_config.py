@@ -135,8 +135,13 @@ class MarketSection:
     """Default bid window of a job submitted here."""
     bid_timeout_ms: int = 2000
     """How long this node, as a provider, waits for a requester to take its bid."""
+    spot_check_percent: int = 0
+    """Share (0..100 %) of the jobs submitted here that also run on a second provider, paid
+    only if both agree (as ``job submit --verify 2``)."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.spot_check_percent <= 100:
+            raise ConfigError("[market] spot_check_percent must be in 0..100")
         if self.stake < 0 or self.fee < 0:
             raise ConfigError("[market] stake and fee must be >= 0")
         if not 0 < self.bid_window_ms <= 60_000:

@@ -92,6 +92,7 @@ class Node:
                 fee=config.market.fee,
                 bid_window_ms=config.market.bid_window_ms,
                 bid_timeout_ms=config.market.bid_timeout_ms,
+                spot_check_rate=config.market.spot_check_percent / 100,
             ),
         )
         self.registry = MethodRegistry()
