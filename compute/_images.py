@@ -386,6 +386,10 @@ class ImageStore:
             layout.write_text('{"imageLayoutVersion":"1.0.0"}')
         for leftover in (self.directory / "tmp").iterdir():
             shutil.rmtree(leftover, ignore_errors=True)  # an import a crash interrupted
+        known = {p.stem for p in (self.directory / "images").glob("*.json")}
+        for root in self.roots_dir.iterdir():
+            if root.name not in known:  # unpacked, but the crash came before its record
+                shutil.rmtree(root, ignore_errors=True)
         if not (self.directory / "index.json").exists():
             self._write_index()
 

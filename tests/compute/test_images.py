@@ -159,3 +159,16 @@ def test_digests_and_limits_are_checked(base: Path) -> None:
     (base / "x.tar").write_bytes(testing.tar_layer([(tarfile.TarInfo("hello.txt"), b"")]))
     with pytest.raises(ImageRejected, match="not an image archive"):
         store.import_archive(base / "x.tar")
+
+
+def test_a_restart_removes_what_an_interrupted_import_left(base: Path) -> None:
+    store = store_at(base)
+    kept = store.import_archive(
+        testing.write_docker_archive(base / "d.tar", testing.busybox_layers())
+    )
+    (base / "store/tmp/import-crashed/blobs").mkdir(parents=True)
+    (base / "roots" / ("f" * 64) / "rootfs").mkdir(parents=True)
+    again = store_at(base)
+    assert os.listdir(base / "store/tmp") == [], "a half-done import's staging is removed"
+    assert os.listdir(base / "roots") == [kept.hex], "a root without a record is removed"
+    assert again.get(kept.ref) == kept
