@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -561,14 +562,17 @@ class ChainService:
     async def _restore_journal(self, app: LedgerApp) -> None:
         """Put the journaled transactions back (those the chain has not committed or made
         stale meanwhile), queue them for gossip, and rewrite the journal to just those."""
+        not_restored: collections.Counter[str] = collections.Counter()
         for tx in await trio.to_thread.run_sync(self._journal.load):
             try:
                 txh = app.mempool.add(tx, local=True)
             except MempoolRejected as exc:
-                log.info("journaled tx not restored", extra={"reason": exc.reason})
+                not_restored[exc.reason] += 1  # committed or made stale while we were down
                 continue
             self._own_pending[txh] = tx
         self.journal_restored = len(self._own_pending)
+        if not_restored:
+            log.info("journaled txs not restored", extra=dict(not_restored))
         await trio.to_thread.run_sync(self._journal.rewrite, list(self._own_pending.values()))
         if self._own_pending:
             log.info("restored own pending transactions", extra={"txs": self.journal_restored})
@@ -628,8 +632,9 @@ class ChainService:
 
     @property
     def ready(self) -> bool:
-        """True once ``run`` has opened the store; the read API asserts it."""
-        return self.app is not None
+        """True once ``run`` has opened the store, restored the journal and made the driver
+        (RPC answers "starting" until then); the read API asserts the store is open."""
+        return self.app is not None and self.driver is not None
 
     def _app(self) -> LedgerApp:
         assert self.app is not None, "the chain service is not running"
