@@ -11,6 +11,7 @@ trees the sandbox mounts are bound (at their own path). An image job sees nothin
 the files are bound under ``/usr/local/nvidia/{lib64,bin}`` (a tmpfs, read-only once filled,
 on a mount point every image root gets) with the soname links the toolkit would make, and
 ``LD_LIBRARY_PATH``/``PATH`` point there (the directories CUDA base images already list).
+``/proc/driver/nvidia/gpus`` is masked by a tmpfs holding the allocated GPUs' entries only.
 
 The host is behind ``GpuHost`` (the ``/dev`` directory, the library list, the tool
 directories) so tests use a fake tree in a temporary directory. ``GpuDriverError`` when GPUs
@@ -60,6 +61,9 @@ HOST_VISIBLE_TREES = ("/usr", "/etc", "/opt", "/bin", "/sbin", "/lib", "/lib32",
 IMAGE_NVIDIA_DIR = "/usr/local/nvidia"
 IMAGE_LIB_DIR = IMAGE_NVIDIA_DIR + "/lib64"
 IMAGE_BIN_DIR = IMAGE_NVIDIA_DIR + "/bin"
+PROC_GPUS_DIR = "/proc/driver/nvidia/gpus"
+"""One directory per GPU (its PCI bus id); masked to the allocated ones, as the toolkit does."""
+proc_information_bytes_max = 64 * 1024
 TOOL_DIRS = ("/usr/bin", "/usr/local/bin", "/usr/local/nvidia/bin", "/opt/nvidia/bin")
 libraries_max = 256
 ldconfig_timeout_s = 10.0
@@ -127,6 +131,27 @@ class GpuHost:
     """Returns ``ldconfig -p`` output; ``None``: use ``library_dirs`` only."""
     char_devices_only: bool = True
     """Device entries must be character devices (fake trees in tests hold plain files)."""
+    proc_gpus_dir: Path = Path(PROC_GPUS_DIR)
+    """The host's per-GPU driver directories (``<bus id>/information`` names the minor)."""
+
+    def proc_gpus(self) -> dict[int, Path] | None:
+        """Minor number -> that GPU's driver directory; ``None`` if there is no such tree."""
+        try:
+            entries = sorted(os.listdir(self.proc_gpus_dir))
+        except OSError:
+            return None
+        found: dict[int, Path] = {}
+        for entry in entries[:libraries_max]:
+            try:
+                with open(self.proc_gpus_dir / entry / "information", "rb") as handle:
+                    text = handle.read(proc_information_bytes_max).decode(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "Device Minor" and value.strip().isdigit():
+                    found[int(value.strip())] = self.proc_gpus_dir / entry
+        return found
 
     def device(self, name: str) -> Path | None:
         path = self.dev_dir / name
@@ -203,6 +228,14 @@ def gpu_mount_plan(
         if path is not None:
             # Inside, always at /dev/<name>, wherever the host's tree is.
             mounts.append(Mount("dev-bind", f"/dev/{name}", str(path)))
+    gpus = host.proc_gpus()
+    if gpus is not None:
+        # The other GPUs' driver entries (PCI ids, serials) are not the job's business.
+        mounts.append(Mount("tmpfs", PROC_GPUS_DIR))
+        for minor in minors:
+            if minor in gpus:
+                source = gpus[minor]
+                mounts.append(Mount("ro-bind", f"{PROC_GPUS_DIR}/{source.name}", str(source)))
     libraries = host.libraries()
     if not any(p.name.startswith("libcuda.so") for p in libraries):
         raise GpuDriverError(

@@ -57,6 +57,8 @@ ImageRef = NewType("ImageRef", str)
 """``sha256:<64 hex>``: the sha256 of the image's manifest bytes."""
 
 ref_prefix_chars_min = 12
+image_env_items_max = 256
+image_env_value_chars_max = 32 * 1024
 copy_chunk_bytes = MIB
 umoci_timeout_s = 600.0
 MOUNT_POINTS = ("proc", "dev", "tmp", "job", "usr/local/nvidia")
@@ -239,10 +241,14 @@ def _parse_config(data: bytes) -> tuple[ImageConfig, tuple[str, ...]]:
         doc = json.loads(data)
         inner = doc.get("config") or {}
         env: list[tuple[str, str]] = []
+        if len(inner.get("Env") or ()) > image_env_items_max:
+            raise ImageRejected(f"image Env has over {image_env_items_max} entries")
         for item in inner.get("Env") or ():
             name, sep, value = str(item).partition("=")
             if not sep or not _ENV_NAME.match(name) or "\0" in value:
                 raise ImageRejected(f"image Env entry {str(item)[:64]!r} is not NAME=value")
+            if len(value) > image_env_value_chars_max:
+                raise ImageRejected(f"image Env {name} is over {image_env_value_chars_max} chars")
             env.append((name, value))
         working_dir = str(inner.get("WorkingDir") or "")
         if working_dir and (

@@ -103,7 +103,11 @@ class ComputeService:
         """Why this node does not provide although ``[compute] provider`` is on."""
         self.images: compute.ImageStore | None = None
         if images_dir is not None:
-            self.images = compute.ImageStore(images_dir, roots_dir=image_roots(key.address))
+            try:
+                self.images = compute.ImageStore(images_dir, roots_dir=image_roots(key.address))
+            except OSError as exc:
+                # The node runs without images (its offer says so) rather than not at all.
+                log.error("no image store: %s", exc)
         self._imports: dict[str, _Import] = {}
         self._nursery: trio.Nursery | None = None
         if config.provider:

@@ -37,6 +37,9 @@ def fake() -> Iterator[Path]:
     (root / "lib" / "libcuda.so").symlink_to("libcuda.so.1")
     (root / "lib" / "libfoo.so.1").write_text("not the driver\n")
     (root / "lib32" / f"libcuda.so.{VERSION}").write_text("32-bit\n")
+    for minor, bus in enumerate(("0000:01:00.0", "0000:41:00.0", "0000:81:00.0")):
+        (root / "proc" / bus).mkdir(parents=True)
+        (root / "proc" / bus / "information").write_text(f"Model: H200\nDevice Minor:\t {minor}\n")
     smi = root / "bin" / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho fake nvidia-smi\n")
     os.chmod(smi, 0o755)
@@ -62,6 +65,7 @@ def host_of(root: Path, **changes: object) -> GpuHost:
         "tool_dirs": (root / "bin",),
         "ldconfig": lambda: listing,
         "char_devices_only": False,
+        "proc_gpus_dir": root / "proc",
     }
     fields.update(changes)
     return GpuHost(**fields)  # type: ignore[arg-type]
@@ -73,7 +77,9 @@ def test_image_plan_binds_only_the_allocated_gpus_and_the_driver_files(fake: Pat
     assert devices == ["/dev/nvidia1", "/dev/nvidia2", "/dev/nvidiactl", "/dev/nvidia-uvm"]
     assert all(m.source.startswith(str(fake / "dev")) for m in plan.mounts if m.kind == "dev-bind")
     lib = "/usr/local/nvidia/lib64"
-    binds = {m.dest: m.source for m in plan.mounts if m.kind == "ro-bind"}
+    binds = {
+        m.dest: m.source for m in plan.mounts if m.kind == "ro-bind" and "/proc/" not in m.dest
+    }
     assert binds == {
         f"{lib}/libcuda.so.{VERSION}": str(fake / "lib" / f"libcuda.so.{VERSION}"),
         f"{lib}/libnvidia-ml.so.{VERSION}": str(fake / "lib" / f"libnvidia-ml.so.{VERSION}"),
@@ -82,6 +88,12 @@ def test_image_plan_binds_only_the_allocated_gpus_and_the_driver_files(fake: Pat
         ),
         "/usr/local/nvidia/bin/nvidia-smi": str(fake / "bin" / "nvidia-smi"),
     }, "each real driver file once, no libfoo, no 32-bit copy"
+    procs = [m for m in plan.mounts if m.dest.startswith("/proc/")]
+    assert procs == [
+        Mount("tmpfs", "/proc/driver/nvidia/gpus"),
+        Mount("ro-bind", "/proc/driver/nvidia/gpus/0000:41:00.0", str(fake / "proc/0000:41:00.0")),
+        Mount("ro-bind", "/proc/driver/nvidia/gpus/0000:81:00.0", str(fake / "proc/0000:81:00.0")),
+    ], "only the allocated GPUs' driver entries are visible"
     links = {m.dest: m.source for m in plan.mounts if m.kind == "symlink"}
     assert links[f"{lib}/libcuda.so.1"] == f"libcuda.so.{VERSION}"
     assert links[f"{lib}/libcuda.so"] == f"libcuda.so.{VERSION}"
@@ -101,13 +113,16 @@ def test_host_plan_binds_files_outside_the_visible_trees_at_their_own_path(fake:
     binds = {m.dest: m.source for m in plan.mounts if m.kind == "ro-bind"}
     real = str(fake / "lib" / f"libcuda.so.{VERSION}")
     assert binds[real] == real, "a library outside /usr is bound where it is"
-    assert not any(m.kind == "tmpfs" for m in plan.mounts), "no image directory on the host"
+    assert not any(m.dest.startswith("/usr/local/nvidia") for m in plan.mounts), (
+        "no image library directory for a job on the host's /usr"
+    )
     inside = GpuHost(
         dev_dir=fake / "dev",
         library_dirs=(),
         ldconfig=lambda: "\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1",
         tool_dirs=(),
         char_devices_only=False,
+        proc_gpus_dir=fake / "none",
     )
     plain = gpu_mount_plan(inside, minors=(0,), uuids=UUIDS[:1], image=False)
     assert [m.kind for m in plain.mounts] == ["dev-bind"] * 3, "/usr is visible: devices only"
@@ -151,7 +166,8 @@ def test_bwrap_argv_places_the_gpu_mounts_after_the_root_and_dev(fake: Path) -> 
     assert str(fake / "dev" / "nvidia0") not in argv, "another job's GPU is not bound"
     assert argv[argv.index("--chdir") + 1] == "/app"
     assert argv[-3:] == ["--", "python", "train.py"]
-    assert argv[argv.index("--tmpfs", gpu) + 1] == "/usr/local/nvidia"
+    tmpfs = [argv[i + 1] for i in range(gpu, len(argv)) if argv[i] == "--tmpfs"]
+    assert tmpfs == ["/proc/driver/nvidia/gpus", "/usr/local/nvidia"]
 
 
 async def test_an_image_job_with_gpus_sees_its_devices_and_driver_files(fake: Path) -> None:
@@ -167,7 +183,9 @@ async def test_an_image_job_with_gpus_sees_its_devices_and_driver_files(fake: Pa
     image = store.import_archive(
         testing.write_docker_archive(fake / "busybox.tar", testing.busybox_layers())
     )
-    executor = compute.Executor(fake / "jobs", images=store, gpu_host=host_of(fake))
+    # No /proc/driver/nvidia in this sandbox's /proc to mask: the fake tree is for the plan test.
+    gpu_host = host_of(fake, proc_gpus_dir=fake / "none")
+    executor = compute.Executor(fake / "jobs", images=store, gpu_host=gpu_host)
     try:
         allocation = compute.Allocation(
             compute.JobId("g1"), (1,), (compute.GpuUuid(UUIDS[1]),), "RTX4090", gpu_minors=(1,)
