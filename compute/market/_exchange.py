@@ -55,6 +55,8 @@ from compute.types import JobId as ExecJobId
 from ledger import Cancel, Delivery, DeliveryAck, Receipt, SlashBadKey
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from compute import Executor
     from compute.market._context import Context, JobBook
     from compute.market.types import JobRecord
@@ -380,6 +382,8 @@ class RequesterExchange:
         """Attempts whose delivery did not match its roots: never acked, never paid."""
         self._notices: dict[bytes, trio.Event] = {}
         self._polls: dict[bytes, int] = {}
+        self.ack_gate: Callable[[JobRecord, Delivery], bool] | None = None
+        """Set by the requester side for verified jobs (see ``may_ack``)."""
 
     async def on_delivered(self, peer_id: str, data: bytes) -> bytes:
         for record in self.book.records():
@@ -439,6 +443,11 @@ class RequesterExchange:
             raise Mismatch(f"the sealed outputs do not match the delivery: {exc}") from exc
         return Fetched(delivery, tuple(chunks), tuple(hashes))
 
+    def may_ack(self, record: JobRecord, delivery: Delivery) -> bool:
+        """Whether this checked delivery may be acked now (``--verify``: only once a majority
+        of the job's replicas delivered the same plain root); ``ack_gate`` decides."""
+        return self.ack_gate is None or self.ack_gate(record, delivery)
+
     def make_ack(self, delivery: Delivery) -> DeliveryAck:
         return self.ctx.sign(DeliveryAck(delivery=delivery))
 
@@ -462,6 +471,8 @@ class RequesterExchange:
             self.fetched[aid] = fetched
             while len(self.fetched) > bundles_cached_max:
                 self.fetched.popitem(last=False)
+        if not self.may_ack(record, fetched.delivery):
+            return
         ack = self.make_ack(fetched.delivery)
         try:
             await self.ctx.request(
@@ -476,12 +487,16 @@ class RequesterExchange:
         """One pass of an open trade's watch: ack a delivery if one is due, then wait for the
         next block or the provider's delivery notice."""
         aid = record.attempt_job_id
-        notice = self._notices.setdefault(aid, trio.Event())
+        # A notice that came is consumed here, so the wait below always waits for a new one
+        # (an event left set would make every pass return at once: a busy loop).
+        old = self._notices.get(aid)
+        was_noticed = old is not None and old.is_set()
+        notice = old if old is not None and not was_noticed else trio.Event()
+        self._notices[aid] = notice
         polls = self._polls.get(aid, 0) + 1
         self._polls[aid] = polls
         if record.state in (JobState.LOCKED, JobState.RUNNING) and aid not in self.acked:
-            if notice.is_set() or polls % delivery_poll_blocks == 0:
-                self._notices[aid] = notice = trio.Event()
+            if was_noticed or polls % delivery_poll_blocks == 0:
                 await self.fetch_and_ack(record)
         with trio.move_on_after(2.0):
             async with trio.open_nursery() as nursery:
