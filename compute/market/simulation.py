@@ -63,12 +63,12 @@ from compute.market._service import (
     MarketService,
     ProviderSide,
 )
+from compute.market._wire import PROTOCOL_SEALED
 from compute.market.abc import ChainAPI, Incoming, MarketNetAPI
 from compute.market.exceptions import ChainRejected, MarketError, NetError
 from compute.market.types import (
     STRATEGIES,
     Bid,
-    BlobRequest,
     InputRef,
     JobManifest,
     JobRecord,
@@ -76,12 +76,11 @@ from compute.market.types import (
     JobState,
     JobSubmission,
     MarketConfig,
-    OutputsInfo,
     Requirements,
     Role,
     RunResult,
 )
-from ledger import TradeStatus
+from ledger import Delivery, DeliveryAck, TradeStatus
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -114,6 +113,9 @@ settle_margin_ms = 10_000
 run_sim_ms_max = 240_000
 """A run whose honest jobs are not all final after this much simulated time fails."""
 poll_ms = 50
+livelock_steps_max = 50_000
+"""Task steps at one simulated instant before a run counts as livelocked (a busy seed takes
+a few thousand)."""
 shm_dir = "/dev/shm"
 fetch_then_cancel_polls_max = 200
 squat_price_max = 40
@@ -149,6 +151,35 @@ def threads_inline() -> Iterator[None]:
         yield
     finally:
         setattr(trio.to_thread, "run_sync", saved)  # noqa: B010
+
+
+class LivelockGuard(trio.abc.Instrument):
+    """Fails a run whose tasks keep running without simulated time ever passing (a loop that
+    only checkpoints never lets the mock clock jump, so the run would hang in wall time)."""
+
+    def __init__(self) -> None:
+        self.scope: trio.CancelScope | None = None
+        self.tripped = ""
+        self._at = -1.0
+        self._steps = 0
+        self._tasks: dict[str, int] = {}
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        now = trio.current_time()
+        if now != self._at:
+            self._at, self._steps = now, 0
+            self._tasks.clear()
+            return
+        self._steps += 1
+        if self._steps > livelock_steps_max // 2:
+            self._tasks[task.name] = self._tasks.get(task.name, 0) + 1
+        if self._steps > livelock_steps_max and not self.tripped and self.scope is not None:
+            busiest = sorted(self._tasks.items(), key=lambda kv: -kv[1])[:3]
+            self.tripped = (
+                f"livelock: {self._steps} task steps at t={now:.3f} s with no simulated time "
+                f"passing; busiest tasks {busiest}"
+            )
+            self.scope.cancel()
 
 
 class SimFailure(AssertionError):
@@ -351,6 +382,10 @@ class SimLedger:
         self.rejected = 0
         self.agreed: dict[bytes, None] = {}
         """Every job id an Agreement was committed for, in order (open or closed since)."""
+        self.failed: list[tuple[Transaction, str]] = []
+        """Every transaction the mempool refused or a block included as failed, and why."""
+        self.cancelled_by: dict[bytes, bytes] = {}
+        """Who sent the Cancel that closed a trade (its requester or its provider)."""
         self._new_block = trio.Event()
         self._pending = trio.Event()
 
@@ -366,6 +401,7 @@ class SimLedger:
             txh = self.mempool.add(tx)
         except ledger.MempoolRejected as exc:
             self.rejected += 1
+            self.failed.append((tx, str(exc)))
             raise ChainRejected(str(exc)) from exc
         self._pending.set()
         return txh
@@ -378,9 +414,13 @@ class SimLedger:
         )
         new_state, results = ledger.apply_block(self.state, block)
         self.store.commit_block(block, None, new_state, results)
-        for tx in txs:
-            if isinstance(tx, ledger.Agreement):
+        for tx, result in zip(txs, results.tx_results, strict=True):
+            if not result.ok:
+                self.failed.append((tx, result.error))
+            elif isinstance(tx, ledger.Agreement):
                 self.agreed.setdefault(bytes(tx.terms.job_id), None)
+            elif isinstance(tx, ledger.Cancel):
+                self.cancelled_by[bytes(tx.job_id)] = bytes(tx.signer)
         self.state = new_state
         self.mempool.update(block, new_state)
         self.blocks += 1
@@ -1177,6 +1217,17 @@ class AwardSquatter(Cheat):
             )
 
 
+class _UnstakedProvider(Provider):
+    """Bids like any provider but never puts a bond at risk."""
+
+    async def keep_bonded(self) -> None:
+        await trio.sleep_forever()
+
+
+class _UnstakedService(MarketService):
+    provider_cls = _UnstakedProvider
+
+
 class UnstakedBidder(Cheat):
     name = "unstaked-bidder"
     caught_by = "a bid is accepted only from a signer whose bond covers provider_bond_min"
@@ -1192,6 +1243,7 @@ class UnstakedBidder(Cheat):
             key=self.key,
             world=self.world,
             root=self.world.root,
+            service_cls=_UnstakedService,
             inventory=inventory,
             price=10,
             honest=False,
@@ -1255,8 +1307,31 @@ class ContradictingBid(Cheat):
         self.engaged = any("offer" in r for r in refused)
 
 
+class _ForgedAckExchange(ProviderExchange):
+    """Claims the payment without the requester's ack: a Receipt whose DeliveryAck it signed
+    itself, for a delivery of all-zero roots."""
+
+    async def wait_ack(self, record: JobRecord) -> DeliveryAck | None:
+        aid = record.attempt_job_id
+        zero = self.ctx.sign(
+            Delivery(
+                job_id=ledger.JobId(aid),
+                output_root=bytes(32),
+                plain_root=bytes(32),
+                output_bytes=0,
+                wall_ms=record.request.max_wall_ms,
+                exit_status=0,
+            )
+        )
+        forged = self.ctx.sign(DeliveryAck(delivery=zero))
+        self.acks[aid] = forged
+        return forged
+
+
 class _ZeroReceiptProvider(Provider):
-    """Runs nothing: claims the job done with an all-zero output digest and settles."""
+    """Runs nothing, then settles with a forged ack of a zero delivery."""
+
+    exchange_cls = _ForgedAckExchange
 
     async def run_job(self, record: JobRecord) -> None:
         self._release(record)
@@ -1278,12 +1353,12 @@ class _ZeroReceiptService(MarketService):
 
 
 class _WithholdingExchange(ProviderExchange):
-    """Runs the job, then never hands over its outputs."""
+    """Runs the job, then never hands over its (sealed) outputs."""
 
-    async def on_outputs(self, peer_id: str, data: bytes) -> bytes:
+    async def on_sealed(self, peer_id: str, data: bytes) -> bytes:
         raise NetError("outputs withheld")
 
-    async def on_output(self, peer_id: str, data: bytes) -> bytes:
+    async def on_sealed_chunks(self, peer_id: str, data: bytes) -> bytes:
         raise NetError("outputs withheld")
 
 
@@ -1333,6 +1408,18 @@ class ZeroReceipt(_UnpaidProviderCheat):
     caught_by = "a Receipt settles only with the requester's DeliveryAck of the delivered outputs"
     service_cls = _ZeroReceiptService
 
+    async def verify(self) -> None:
+        await super().verify()
+        refused = [
+            error
+            for tx, error in self.world.ledger.failed
+            if isinstance(tx, ledger.Receipt) and tx.signer == self.key.address
+        ]
+        self.engaged = bool(refused)
+        other = [e for e in refused if "ack" not in e]
+        if other:
+            raise self.world.fail(f"the forged receipts failed for other reasons: {other}")
+
 
 class OutputWithholding(_UnpaidProviderCheat):
     name = "output-withholding"
@@ -1359,16 +1446,14 @@ class FetchThenCancelRequester(Requester):
             if trade is None or trade.status is not TradeStatus.OPEN:
                 break
             try:
-                data = await ctx.request(peer, PROTOCOL_OUTPUTS, aid)
+                data = await ctx.request(peer, PROTOCOL_SEALED, aid)
             except NetError:
                 await trio.sleep(poll_ms / 1000)
                 continue
             self.grabbed.append(data)
-            info = ledger.decode(OutputsInfo, data)
-            for file in info.files:
-                ask = ledger.encode(BlobRequest(aid, file.sha256, 0))
-                try:
-                    self.grabbed.append(await ctx.request(peer, PROTOCOL_OUTPUT, ask))
+            for protocol in (PROTOCOL_OUTPUTS, PROTOCOL_OUTPUT):
+                try:  # whatever else a provider might hand out before it is paid
+                    self.grabbed.append(await ctx.request(peer, protocol, aid))
                 except NetError:
                     continue
             break
@@ -1431,14 +1516,16 @@ class FetchThenCancel(Cheat):
             for plain in expected.values():
                 if plain.strip() in data:
                     raise world.fail("the requester got the outputs of a trade it then cancelled")
-        trades = world.trades_of(self.job_id)
         self.engaged = bool(self.grabbed)
-        for trade in trades:
-            if trade.status is TradeStatus.CANCELLED and trade.paid <= 0:
-                raise world.fail(
-                    f"a cancel of the open trade {trade.terms.job_id.hex()[:12]} paid the "
-                    "provider nothing"
-                )
+        for trade in world.trades_of(self.job_id):
+            by = world.ledger.cancelled_by.get(trade.terms.job_id)
+            # A provider gives up a trade it got no ack for by its own Cancel (paid nothing).
+            if trade.status is TradeStatus.CANCELLED and by == self.key.address:
+                if trade.paid <= 0:
+                    raise world.fail(
+                        f"the requester's cancel of {trade.terms.job_id.hex()[:12]} paid the "
+                        "provider nothing"
+                    )
 
 
 class _CheapExecutor(SimExecutor):
@@ -1485,12 +1572,13 @@ ZOO: dict[str, type[Cheat]] = {
         AwardSquatter,
         UnstakedBidder,
         ContradictingBid,
+        ZeroReceipt,
+        OutputWithholding,
+        FetchThenCancel,
     )
 }
 """The cheats whose checks have landed: every CI seed runs one of them."""
-PENDING: dict[str, type[Cheat]] = {
-    cls.name: cls for cls in (ZeroReceipt, OutputWithholding, FetchThenCancel, CheapWorkUnverified)
-}
+PENDING: dict[str, type[Cheat]] = {cls.name: cls for cls in (CheapWorkUnverified,)}
 """Cheats whose checks have not landed yet (``--cheat NAME`` runs one)."""
 
 
@@ -1580,7 +1668,9 @@ async def _chaos(world: World) -> None:
         await _restart(world, node, down_ms)
 
 
-async def simulate(seed: int, root: Path, *, cheat: str | None = None) -> SimResult:
+async def simulate(
+    seed: int, root: Path, *, cheat: str | None = None, guard: LivelockGuard | None = None
+) -> SimResult:
     """One seeded run: an honest requester's jobs among two honest providers and one cheat."""
     rng = random.Random(seed)
     names = list(ZOO)
@@ -1601,6 +1691,8 @@ async def simulate(seed: int, root: Path, *, cheat: str | None = None) -> SimRes
         validators=(ledger.Validator(keys[0].address, 1),),
     )
     async with trio.open_nursery() as nursery:
+        if guard is not None:
+            guard.scope = nursery.cancel_scope
         world = World(seed, root, nursery, sim_config(), genesis)
         world.rng = rng
         world.network.rng = rng
@@ -1723,18 +1815,27 @@ def run_seed(seed: int, *, cheat: str | None = None) -> SimResult:
     # Job stores sync every write; on a memory file system that costs little (the soak runs
     # thousands of seeds), and nothing of a run depends on the disk.
     scratch = shm_dir if os.access(shm_dir, os.W_OK) else None
+    guard = LivelockGuard()
     with tempfile.TemporaryDirectory(prefix="gpumesh-market-sim-", dir=scratch) as tmp:
         try:
             with threads_inline():
                 result: SimResult = trio.run(
-                    lambda: simulate(seed, Path(tmp), cheat=cheat),
+                    lambda: simulate(seed, Path(tmp), cheat=cheat, guard=guard),
                     clock=trio.testing.MockClock(autojump_threshold=0),
+                    instruments=[guard],
                 )
-        except BaseExceptionGroup as group:
+        except BaseException as error:
+            if guard.tripped:
+                raise SimFailure(f"seed {seed}: {guard.tripped}") from error
+            if not isinstance(error, BaseExceptionGroup):
+                raise
+            group = error
             failure = _first_assertion(group)
             if failure is None:
                 raise
             raise failure from group
+    if guard.tripped:
+        raise SimFailure(f"seed {seed}: {guard.tripped}")
     return result
 
 
