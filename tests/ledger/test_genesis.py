@@ -41,6 +41,9 @@ def test_write_load_round_trip_and_initial_state(tmp_path: Path) -> None:
         (lambda g: g.update(validators=[]), "validators"),
         (lambda g: g["validators"][0].update(power=0), r"validators\[0\].power"),
         (lambda g: [g["accounts"][i].update(balance=2**62) for i in range(3)], "total supply"),
+        (lambda g: g["accounts"][0].update(bonded=-1), r"accounts\[0\].bonded"),
+        (lambda g: g["accounts"][0].update(bonded="5"), r"accounts\[0\].bonded"),
+        (lambda g: g["accounts"][0].update(bonded=2**63 - 1), "total supply"),
         (lambda g: g.update(params=[]), "params must be a dict"),
         (lambda g: g["params"].update(fee_mni=1), r"params.fee_mni is not a chain parameter"),
         (lambda g: g["params"].update(fee_min=-1), r"params.fee_min -1 is outside"),
@@ -68,6 +71,24 @@ def test_params_default_when_absent_and_round_trip() -> None:
     network = ledger.ChainParams.default()
     assert network.fee_min >= 1 and network.provider_bond_min > 0, network
     assert not network.problems(), network.problems()
+
+
+def test_genesis_accounts_may_start_bonded_and_bonds_are_supply() -> None:
+    genesis = ledger.Genesis(
+        chain_id="bonds",
+        genesis_time_ms=1,
+        accounts=(
+            ledger.GenesisAccount(KEYS[0].address, 100, 40),
+            ledger.GenesisAccount(KEYS[1].address, 7),
+        ),
+        validators=(ledger.Validator(KEYS[0].address, 1),),
+    )
+    raw = json.loads(genesis.to_json())
+    assert raw["accounts"][0]["bonded"] == 40 and "bonded" not in raw["accounts"][1], raw
+    assert ledger.Genesis.from_json(genesis.to_json()) == genesis, "bonds through JSON"
+    state = genesis.initial_state()
+    assert state.account(KEYS[0].address) == ledger.Account(balance=100, bonded=40), "bonded"
+    assert state.supply == state.total_supply() == 147 == genesis.supply(), "bonds are supply"
 
 
 def test_garbage_is_not_a_genesis() -> None:
