@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import enum
 import os
+import secrets
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,12 @@ from compute.market import (
     JobStore,
     JobSubmission,
     MarketConfig,
+    MarketService,
     NetError,
 )
 from compute.market import Requirements as MarketRequirements
-from compute.market.simulation import HostileRequesterService
-from ledger import Account, Receipt, Trade, Transaction
+from compute.market.simulation import FetchThenCancelRequester, HostileRequesterService
+from ledger import Account, ChainParams, Receipt, Trade, Transaction
 from node import _testnet
 from node._home import Home
 from node._market import MeshNet
@@ -106,10 +110,29 @@ def start_testnet(tmp_path: Path, name: str) -> tuple[Path, list[Home], _testnet
     return directory, homes, layout
 
 
+def from_json(cls: Any, data: Any) -> Any:
+    """Rebuild a ledger object from its RPC JSON (the inverse of ``node._json.to_json``)."""
+    supertype = getattr(cls, "__supertype__", None)
+    if supertype is not None:
+        return from_json(supertype, data)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        build: Any = cls
+        return build(**{k: from_json(hints[k], v) for k, v in data.items() if k in fields})
+    if isinstance(cls, type) and issubclass(cls, enum.Enum):
+        return cls[data.upper()]
+    if cls is bytes:
+        return bytes.fromhex(data)
+    if typing.get_origin(cls) is tuple:
+        (item, *_) = typing.get_args(cls)
+        return tuple(from_json(item, v) for v in data)
+    return data
+
+
 class RpcChain(ChainAPI):
-    """A ``ChainAPI`` for an outside peer, over one node's JSON-RPC. The hostile requester
-    never gets as far as a trade (the provider refuses its award), so trades and receipts
-    are not read through here."""
+    """A ``ChainAPI`` for an outside peer, over one node's JSON-RPC (blocking reads: a test
+    peer's few calls to a local node)."""
 
     def __init__(self, rpc: RpcClient) -> None:
         self._rpc = rpc
@@ -129,10 +152,24 @@ class RpcChain(ChainAPI):
         return bytes.fromhex(reply["tx_hash"])
 
     def trade(self, job_id: bytes) -> Trade | None:
-        raise AssertionError("the hostile requester reached a trade: its award was accepted")
+        try:
+            data = self._rpc.call("chain_trade", {"job_id": job_id.hex()})
+        except RpcCallError:
+            return None
+        trade: Trade = from_json(Trade, data)
+        return trade
 
     def receipt(self, job_id: bytes) -> Receipt | None:
-        raise AssertionError("the hostile requester reached a receipt")
+        try:
+            data = self._rpc.call("chain_receipt", {"job_id": job_id.hex()})
+        except RpcCallError:
+            return None
+        receipt: Receipt = from_json(Receipt, data["receipt"])
+        return receipt
+
+    def params(self) -> ChainParams:
+        params: ChainParams = from_json(ChainParams, self._rpc.call("chain_params"))
+        return params
 
     def account(self, address: bytes) -> Account:
         data = self._rpc.call("chain_account", {"address": address.hex()})
@@ -160,7 +197,7 @@ class RpcChain(ChainAPI):
         return True, bool(status["ok"]), str(status["error"] or "")
 
     def fee_min(self) -> int:
-        return fee
+        return self.params().fee_min
 
 
 class RecordingNet(MeshNet):
@@ -291,5 +328,107 @@ def test_hostile_input_names_fail_with_a_reason_and_the_provider_keeps_serving(
         result = client(requester).call("job_result", {"job_id": job["id"]})
         assert base64.b64decode(result["outputs"]["r.txt"]).decode().strip() == "served"
         assert _testnet.read_pid(provider) == provider_pid, "the provider restarted"
+    finally:
+        _testnet.down(directory)
+
+
+async def grabbing_requester(
+    layout: _testnet.TestnetLayout,
+    rpc_home: Home,
+    store_dir: Path,
+    key: ledger.SigningKey,
+    secret: str,
+) -> tuple[bytes, list[bytes], str]:
+    """Join as a requester that takes whatever the provider serves of a job's outputs while
+    its trade is open, then cancels it (``simulation.FetchThenCancel``'s requester); returns
+    the attempt's job id, what it grabbed and the job's final state."""
+    bootstrap = tuple(f"/ip4/127.0.0.1/tcp/{n.p2p_port}/p2p/{n.peer_id}" for n in layout.nodes)
+    grabbed: list[bytes] = []
+
+    class Grabber(FetchThenCancelRequester):
+        pass
+
+    Grabber.grabbed = grabbed
+
+    class Service(MarketService):
+        requester_cls = Grabber
+
+    async with trio.open_nursery() as nursery:
+        mesh, _ = await start_mesh(
+            nursery, key.seed, layout.chain_id, p2p.P2PConfig.for_tests(bootstrap=bootstrap)
+        )
+        net = MeshNet(mesh)
+        await nursery.start(net.run)
+        directory = OfferDirectory(layout.chain_id)
+        nursery.start_soon(feed_offers, mesh, directory)
+        store = JobStore(store_dir)
+        service = Service(
+            key,
+            layout.chain_id,
+            net,
+            RpcChain(client(rpc_home)),
+            store,
+            directory,
+            None,
+            MarketConfig.for_tests(),
+        )
+        await nursery.start(service.run)  # type: ignore[arg-type]
+        await mesh_wait_until(
+            lambda: bool(directory.offers(int(time.time() * 1000))),
+            30,
+            "the grabbing requester sees the provider's offer",
+        )
+        record = await service.submit(
+            JobSubmission(
+                argv=("sh", "-c", f"sleep 1; mkdir -p out; echo {secret} > out/r.txt"),
+                requirements=MarketRequirements(gpus=1),
+                max_price_per_gpu_second=1000,
+                max_wall_ms=20_000,
+                bid_window_ms=500,
+            )
+        )
+        await mesh_wait_until(
+            lambda: service.get(record.job_id).state.terminal, 90, "the grabbed job ends"
+        )
+        final = service.get(record.job_id)
+        nursery.cancel_scope.cancel()
+    store.close()
+    return final.attempt_job_id, grabbed, final.state.label
+
+
+async def feed_offers(mesh: p2p.Mesh, directory: OfferDirectory) -> None:
+    async with mesh.subscribe("offers") as receive:
+        async for message in receive:
+            try:
+                directory.add(message.payload, int(time.time() * 1000))
+            except OfferRejected as exc:
+                raise AssertionError(f"the provider sent a bad offer: {exc}") from exc
+
+
+def test_fetch_then_cancel_gets_no_usable_outputs_and_pays_pro_rata(tmp_path: Path) -> None:
+    directory, homes, layout = start_testnet(tmp_path, "grab")
+    provider, requester = homes
+    provider_address = layout.nodes[0].address
+    try:
+        key = ledger.SigningKey.generate()
+        fund(requester, key.address, 10**9)
+        earned_before = client(provider).call("chain_account", {"address": provider_address})[
+            "earned"
+        ]
+        secret = f"secret-{secrets.token_hex(8)}"
+        aid, grabbed, state = trio.run(
+            grabbing_requester, layout, requester, tmp_path / "grab-store", key, secret
+        )
+        assert grabbed, "the provider served nothing at all while the trade was open"
+        assert not any(secret.encode() in data for data in grabbed), (
+            "the requester read the outputs of a trade it then cancelled"
+        )
+        assert state == "cancelled", f"the grabbed job ended {state}"
+        trade = client(provider).call("chain_trade", {"job_id": aid.hex()})
+        assert trade["status"] == "cancelled", trade
+        assert trade["paid"] > 0, f"the cancel paid the provider nothing: {trade}"
+        assert trade["paid"] < trade["terms"]["max_cost"], f"the cancel paid it all: {trade}"
+        earned = client(provider).call("chain_account", {"address": provider_address})["earned"]
+        assert earned - earned_before == trade["paid"]
     finally:
         _testnet.down(directory)
