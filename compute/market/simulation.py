@@ -827,6 +827,17 @@ class World:
         attempts = {attempt_job_id(job_id, attempt) for attempt in range(32)}
         return [t for t in self.ledger.trades() if t.terms.job_id in attempts]
 
+    def group(self, job_id: bytes) -> list[JobRecord]:
+        """The requester's records of a job: the job itself and, verified, its replicas."""
+        requester = self.requester
+        if requester.service is None:
+            return []
+        return [
+            r
+            for r in requester.service.list(Role.REQUESTER)
+            if r.job_id == job_id or (r.group_id and r.group_id == job_id)
+        ]
+
     def record(self, job_id: bytes) -> JobRecord | None:
         requester = self.requester
         if requester.service is None:
@@ -861,35 +872,39 @@ async def check_invariants(world: World) -> None:
     honest = {n.address for n in world.nodes if n.honest}
     for job in world.jobs:
         short = job.job_id.hex()[:12]
-        record = world.record(job.job_id)
-        if record is None:
+        group = world.group(job.job_id)
+        if not group:
             raise world.fail(f"honest job {short} is unknown to its requester")
-        if not record.state.terminal:
-            raise world.fail(f"honest job {short} is still {record.state.label}")
+        running = [r for r in group if not r.state.terminal]
+        if running:
+            raise world.fail(f"honest job {short} is still {running[0].state.label}")
         if job.cancel:
             continue
-        if record.state is not JobState.DONE:
-            paid = sum(t.paid for t in world.trades_of(job.job_id))
+        paid = sum(t.paid for r in group for t in world.trades_of(r.job_id))
+        try:
+            result = await world.requester.market.result(job.job_id)
+        except MarketError as exc:
+            # Done or refunded: a job may end unfinished only if it paid nothing for it.
             if not world.troubled or paid:
+                states = [r.state.label for r in group]
                 raise world.fail(
-                    f"honest job {short} ended {record.state.label} (paid {paid}): {record.error}"
-                )
+                    f"honest job {short} ended {states} (paid {paid}): {exc}; {group[0].error}"
+                ) from exc
             continue
-        for trade in world.trades_of(job.job_id):
-            billed = trade.status is TradeStatus.SETTLED
-            if (
-                billed
-                and trade.terms.provider in honest
-                and trade.terms.job_id != record.attempt_job_id
-            ):
-                raise world.fail(
-                    f"honest job {short} paid attempt {trade.terms.job_id.hex()[:12]} "
-                    "whose outputs it never got"
-                )
-        result = await world.requester.market.result(job.job_id)
         expected = expected_outputs(job.submission.argv, job.submission.inputs)
         if result.outputs != expected:
             raise world.fail(f"honest job {short} got outputs {result.outputs}, not {expected}")
+        for record in group:
+            for trade in world.trades_of(record.job_id):
+                taken = trade.terms.job_id == record.attempt_job_id and (
+                    record.state is JobState.DONE
+                )
+                billed = trade.status is TradeStatus.SETTLED
+                if billed and trade.terms.provider in honest and not taken:
+                    raise world.fail(
+                        f"honest job {short} paid attempt {trade.terms.job_id.hex()[:12]} "
+                        "whose outputs it never got"
+                    )
 
 
 # --- the cheater zoo ------------------------------------------------------------------------
@@ -901,6 +916,8 @@ class Cheat:
 
     name: ClassVar[str]
     caught_by: ClassVar[str]
+    jobs_verify: ClassVar[int] = 1
+    """``--verify`` of the honest requester's jobs in this cheat's seeds."""
 
     @classmethod
     def balance(cls) -> int:
@@ -1535,6 +1552,41 @@ class _CheapExecutor(SimExecutor):
         return {"result.txt": b"0\n"}
 
 
+class CheapWork(Cheat):
+    name = "cheap-work"
+    caught_by = (
+        "--verify 2: a delivery the majority of replicas contradicts is never acked, and "
+        "SlashOutvoted slashes its provider"
+    )
+    jobs_verify = 2
+
+    def nodes(self) -> list[SimNode]:
+        inventory = read_inventory(simulate_gpus="RTX4090:1", simulate_seed="cheap")
+        return [
+            SimNode(
+                name="cheater",
+                key=self.key,
+                world=self.world,
+                root=self.world.root,
+                inventory=inventory,
+                price=10,
+                executor_cls=_CheapExecutor,
+                honest=False,
+            )
+        ]
+
+    async def verify(self) -> None:
+        world = self.world
+        trades = [t for t in world.ledger.trades() if t.terms.provider == self.key.address]
+        for trade in trades:
+            if trade.status is TradeStatus.SETTLED:
+                raise world.fail(f"cheap work was paid {trade.paid}")
+        account = world.ledger.state.account(self.key.address)
+        self.engaged = bool(trades)
+        if trades and not account.slashed and not world.troubled:
+            raise world.fail("cheap work outvoted by --verify 2 was not slashed")
+
+
 class CheapWorkUnverified(Cheat):
     """A provider that returns cheap wrong work to a requester that did not ask for
     ``--verify``: nothing in the protocol can tell, so the run must fail (the invariants'
@@ -1578,7 +1630,7 @@ ZOO: dict[str, type[Cheat]] = {
     )
 }
 """The cheats whose checks have landed: every CI seed runs one of them."""
-PENDING: dict[str, type[Cheat]] = {cls.name: cls for cls in (CheapWorkUnverified,)}
+PENDING: dict[str, type[Cheat]] = {cls.name: cls for cls in (CheapWork, CheapWorkUnverified)}
 """Cheats whose checks have not landed yet (``--cheat NAME`` runs one)."""
 
 
@@ -1752,6 +1804,7 @@ async def simulate(
                     max_wall_ms=2_000,
                     deadline_ms=sim_now_ms() + 60_000,
                     strategy="cheapest" if rng.random() < 0.6 else rng.choice(STRATEGIES),
+                    verify=cheat_cls.jobs_verify,
                 )
                 record = await _submit(world, world.requester, submission)
                 world.jobs.append(HonestJob(record.job_id, submission))
@@ -1763,7 +1816,8 @@ async def simulate(
 
         def settled() -> bool:
             return the_cheat.final() and all(
-                (r := world.record(j.job_id)) is not None and r.state.terminal for j in world.jobs
+                (group := world.group(j.job_id)) and all(r.state.terminal for r in group)
+                for j in world.jobs
             )
 
         await _wait_for(world, "every honest job is final", settled, run_sim_ms_max)
