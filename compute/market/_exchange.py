@@ -71,7 +71,7 @@ the deadline and gives the trade up, so its Cancel still commits in time (past t
 Refund would slash it)."""
 fetch_attempts_max = 5
 fetch_retry_s = 0.5
-delivery_poll_blocks = 5
+delivery_poll_blocks = 2
 """While a trade is open the requester asks for the delivery on a provider's notice, or
 every this many blocks (a notice can be lost, or sent before a restart)."""
 bundles_cached_max = 8
@@ -355,6 +355,9 @@ class ProviderExchange:
                 trade = self.ctx.chain.trade(aid)
                 assert trade is not None
                 if not ok and trade.status is ledger.TradeStatus.OPEN:
+                    # Give the trade up while it is still open: left open, a Refund past the
+                    # deadline would slash this provider.
+                    await self.give_up(record)
                     self.book.finish(record, JobState.FAILED, f"the receipt was rejected: {error}")
                     return
         step = settle_step(trade.status)
