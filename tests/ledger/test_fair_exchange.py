@@ -236,3 +236,30 @@ def test_outvote_evidence_needs_one_group_and_three_providers() -> None:
     bad = ledger.sign_object(dataclasses.replace(tx, job_z=y), WITNESS, factory.test_chain_id)
     with pytest.raises(ledger.InvalidTransaction, match="three trades"):
         bad.validate(factory.test_chain_id)
+
+
+def test_an_outvoted_provider_that_cancelled_first_is_still_slashed() -> None:
+    state = genesis()
+    state, x = open_trade(state, PROVIDER, "x3")
+    state, y = open_trade(state, OTHER_B, "y3")
+    state, z = open_trade(state, OTHER_C, "z3")
+    cheat = factory.delivery(PROVIDER, x, wall_ms=1, plain_root=b"\x07" * 32)
+    # Never acked, the cheater gives the trade up itself before the others settle.
+    state, results = run(state, factory.cancel(PROVIDER, nonce(state, PROVIDER), x, fee=1))
+    assert results[0].ok and state.trades[x].status is ledger.TradeStatus.CANCELLED, results
+    state = settle(state, OTHER_B, y)
+    root = state.trades[y].plain_root
+    z_delivery = ledger.sign_object(
+        dataclasses.replace(factory.delivery(OTHER_C, z, wall_ms=2_000), plain_root=root),
+        OTHER_C,
+        factory.test_chain_id,
+    )
+    z_ack = ledger.sign_object(ledger.DeliveryAck(delivery=z_delivery), REQUESTER, "gpumesh-test")
+    z_tx = ledger.Receipt(nonce=nonce(state, OTHER_C), fee=1, job_id=z, ack=z_ack, key=bytes(32))
+    state, results = run(state, ledger.sign_object(z_tx, OTHER_C, factory.test_chain_id))
+    assert results[0].ok, results[0].error
+    tx = ledger.SlashOutvoted(nonce=nonce(state, WITNESS), fee=1, delivery=cheat, job_y=y, job_z=z)
+    state, results = run(state, ledger.sign_object(tx, WITNESS, factory.test_chain_id))
+    assert results[0].ok, results[0].error
+    provider = state.account(PROVIDER.address)
+    assert (provider.failed, provider.slashed, provider.bonded) == (1, 1, 1_200), provider
