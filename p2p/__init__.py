@@ -9,6 +9,9 @@ Where things live:
 - ``_identity``: the node's Ed25519 seed as a libp2p key pair and peer id.
 - ``_stats``: the counters behind ``Mesh.statistics()``.
 - ``_limits``: per-peer token-bucket rate limits and decaying ban scores.
+- ``_router``: GossipSub for the StrictNoSign wire format (content-addressed message cache,
+  lean forwarding); ``_tuning``: py-libp2p hot paths cached or replaced (yamux credit, signed
+  peer records).
 - ``types``: ``PeerId``, ``PeerInfo``, ``PeerSource``, ``GossipMessage``, ``PeerEvent``,
   ``Verdict`` (a validator's ACCEPT / IGNORE / REJECT).
 - ``abc``: ``MeshAPI``; ``exceptions``: ``P2PError`` and its subclasses.

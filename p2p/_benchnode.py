@@ -163,6 +163,7 @@ async def _measure(
                 "connections_closed",
             )
         },
+        dial_failures_by_reason=mesh.statistics()["dial_failures_by_reason"],
     )
     nursery.cancel_scope.cancel()
 

@@ -8,6 +8,7 @@ the host, so pubsub never sees traffic after its nursery closed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -100,6 +101,7 @@ pubsub_read_chunk_bytes = 64 * 1024
 varint_bytes_max = 10
 connection_slack = 16
 banned_peers_max = 1_024
+dial_failure_reasons_max = 32
 
 
 def topic_name(chain_id: str, purpose: str) -> str:
@@ -419,6 +421,7 @@ class Mesh(MeshAPI):
         self._topic_limits: dict[str, tuple[float, int]] = {}
         self._buckets: dict[ID, dict[str, TokenBucket]] = {}
         self._banned: dict[ID, None] = {}
+        self._dial_failures: collections.Counter[str] = collections.Counter()
         self._publish_lock = trio.Lock()
         self._publish_next_s = 0.0
         self._counters: dict[str, int] = {
@@ -652,12 +655,14 @@ class Mesh(MeshAPI):
         self._counters["dial_attempts"] += 1
         self._dialing_sources[peer] = candidate.source
         ok = False
+        reason = "timeout"
         try:
             with trio.move_on_after(self.config.dial_timeout_ms / 1000):
                 await self._host.connect(Libp2pPeerInfo(peer, candidate.addrs))
                 ok = True
         except (BaseLibp2pError, OSError) as exc:
             logger.debug("dial %s (%s) failed: %s", peer, candidate.source, exc)
+            reason = _dial_failure_reason(exc)
         finally:
             # The swarm may report the connection after connect() returns: keep the source
             # for _on_connected to take, unless the dial failed or it was already taken.
@@ -670,6 +675,8 @@ class Mesh(MeshAPI):
             candidate.next_attempt = 0.0
             return
         self._counters["dial_failures"] += 1
+        if reason in self._dial_failures or len(self._dial_failures) < dial_failure_reasons_max:
+            self._dial_failures[reason] += 1
         candidate.failures += 1
         backoff_ms = min(
             self.config.backoff_initial_ms * 2 ** min(candidate.failures - 1, 30),
@@ -1013,6 +1020,7 @@ class Mesh(MeshAPI):
                 "by_reason": dict(self._rejections.by_reason),
                 "by_peer": {p: dict(c) for p, c in self._rejections.by_peer.items()},
             },
+            "dial_failures_by_reason": dict(self._dial_failures),
             "ban_scores": self._ban_scores.snapshot(now),
             "banned": [p.to_base58() for p in self._banned],
             "requests": self._reqresp.statistics(),
@@ -1067,6 +1075,16 @@ def _disable_auto_connector(network: Any) -> None:
 
     connector.maybe_connect = disabled
     connector.run_background_task = disabled
+
+
+def _dial_failure_reason(exc: BaseException) -> str:
+    """A short, bounded label for why a dial failed (the innermost cause's type)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc)
+    if "negative cache" in text:
+        return "negative_cache"
+    return type(exc).__name__
 
 
 def _shorten_negative_dial_cache(network: Any, ttl_s: float) -> None:
