@@ -298,6 +298,8 @@ def test_no_acknowledged_transfer_is_lost_under_faults(tmp_path: Path) -> None:
                 }
             )
             print(json.dumps(report))
+            internal = {r: n for r, n in book.refused.items() if "internal error" in r}
+            assert not internal, f"nodes answered with internal errors: {internal}"
         finally:
             stop.set()
             for caller in callers:
