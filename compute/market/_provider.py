@@ -590,7 +590,19 @@ class Provider:
     async def run_job(self, record: JobRecord) -> None:
         executor = self.side.executor
         self.ensure_allocation(record)
-        spec = await self.fetch_spec(record)
+        terms = record.terms
+        assert terms is not None, "a provider job has its terms"
+        # Start only a run that can end before the deadline: one that cannot is given up now
+        # (our own Cancel, no slash) rather than refunded and slashed later. Fetching the
+        # inputs (with its retries) may use the slack, not the run's time.
+        max_wall_ms = record.request.max_wall_ms
+        budget_ms = terms.deadline_ms - self.ctx.clock_ms() - max_wall_ms
+        if budget_ms <= 0:
+            raise MarketError("no time left to run the job before its deadline")
+        with trio.move_on_after(budget_ms / 1000) as fetching:
+            spec = await self.fetch_spec(record)
+        if fetching.cancelled_caught or self.ctx.clock_ms() + max_wall_ms >= terms.deadline_ms:
+            raise MarketError("the inputs came too late to run the job before its deadline")
         if record.state is not JobState.RUNNING:
             record = self.book.update(record, state=JobState.RUNNING)
         self.ctx.start_soon(lambda: self.notify_running(record))

@@ -21,6 +21,7 @@ from compute.market._exchange import RequesterExchange
 from compute.market._matching import explain_unsatisfiable, rank_bids
 from compute.market._protocol import (
     CancelStep,
+    VerifyDecision,
     WatchStep,
     attempt_deadline,
     attempt_job_id,
@@ -124,6 +125,8 @@ class Requester:
         """Verified jobs: each replica's delivered plain root (by replica job id)."""
         self.outvoted: dict[bytes, Delivery] = {}
         """Replicas whose delivery the majority contradicts (the slash evidence), by job id."""
+        self.deliveries: dict[bytes, Delivery] = {}
+        """Verified jobs: each replica's checked delivery (the evidence if it is outvoted)."""
         self.slashed: set[bytes] = set()
         self.exchange.ack_gate = self.verify_gate
 
@@ -229,17 +232,10 @@ class Requester:
         if not record.group_id:
             return True
         self.roots[record.job_id] = delivery.plain_root
-        replicas = self.replicas(record)
-        extra_used = any(r.request.replica >= record.verify for r in replicas)
-        planned = record.verify + (1 if extra_used else 0)
-        all_in = all(r.job_id in self.roots or r.state.terminal for r in replicas)
-        decision = verify_step(
-            planned, [self.roots.get(r.job_id) for r in replicas], all_in, extra_used
-        )
+        self.deliveries[record.job_id] = delivery
+        decision = self.group_decision(record)
         if decision.run_extra:
-            first = next(r for r in replicas if r.job_id == record.group_id)
-            log.info("job %s: replicas disagree, one more run", record.group_id.hex()[:16])
-            self.add_replica(first, record.verify)
+            self.run_extra(record)
             return False
         if decision.winner is None:
             return False
@@ -247,6 +243,23 @@ class Requester:
             self.outvoted[record.job_id] = delivery
             return False
         return True
+
+    def run_extra(self, record: JobRecord) -> None:
+        """The replicas disagree with no majority: one more run of the group."""
+        first = next((r for r in self.replicas(record) if r.job_id == record.group_id), None)
+        if first is None:
+            return
+        log.info("job %s: replicas disagree, one more run", record.group_id.hex()[:16])
+        self.add_replica(first, record.verify)
+
+    def group_decision(self, record: JobRecord) -> VerifyDecision:
+        """What the deliveries of ``record``'s group decide so far (no side effects)."""
+        replicas = self.replicas(record)
+        extra_used = any(r.request.replica >= record.verify for r in replicas)
+        planned = record.verify + (1 if extra_used else 0)
+        all_in = all(r.job_id in self.roots or r.state.terminal for r in replicas)
+        roots = [self.roots.get(r.job_id) for r in replicas]
+        return verify_step(planned, roots, all_in, extra_used)
 
     async def slash_outvoted(self, record: JobRecord) -> None:
         """Submit the evidence against an outvoted replica once two replicas of the majority
@@ -594,13 +607,25 @@ class Requester:
                     cost=trade.paid,
                 )
                 return
+            closed = step in (WatchStep.CANCELLED, WatchStep.REFUNDED)
+            others_over = all(
+                r.state.terminal for r in self.replicas(record) if r.job_id != record.job_id
+            )
+            if record.job_id in self.deliveries and record.job_id not in self.outvoted:
+                # A replica that delivered: the group decides, even after its provider gave
+                # the trade up waiting for an ack (then it is not retried while undecided).
+                decision = self.group_decision(record)
+                if decision.run_extra:
+                    self.run_extra(record)
+                winner = decision.winner
+                if winner is not None and winner != self.roots[record.job_id]:
+                    self.outvoted[record.job_id] = self.deliveries[record.job_id]
+                elif winner is None and closed and not others_over and not decision.undecided:
+                    await ctx.wait_block()
+                    continue
             if record.job_id in self.outvoted:
                 # Never retried: the evidence goes in once two of the majority settled.
                 await self.slash_outvoted(record)
-                closed = step in (WatchStep.CANCELLED, WatchStep.REFUNDED)
-                others_over = all(
-                    r.state.terminal for r in self.replicas(record) if r.job_id != record.job_id
-                )
                 if closed and (record.job_id in self.slashed or others_over):
                     why = self.book[record.job_id].error or "outvoted by the other replicas"
                     self.book.finish(record, JobState.OUTPUT_MISMATCH, why)
