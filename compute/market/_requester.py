@@ -252,13 +252,36 @@ class Requester:
         log.info("job %s: replicas disagree, one more run", record.group_id.hex()[:16])
         self.add_replica(first, record.verify)
 
+    def group_providers(self, record: JobRecord) -> set[bytes]:
+        """Every provider a verified job's group has used (none for a job run once)."""
+        if not record.group_id:
+            return set()
+        used: set[bytes] = set()
+        for r in self.replicas(record):
+            used.update(r.tried)
+            if r.counterparty:
+                used.add(r.counterparty)
+            delivery = self.deliveries.get(r.job_id)
+            if delivery is not None:
+                used.add(delivery.signer)
+        return used
+
     def group_decision(self, record: JobRecord) -> VerifyDecision:
-        """What the deliveries of ``record``'s group decide so far (no side effects)."""
+        """What the deliveries of ``record``'s group decide so far (no side effects). Each
+        provider's vote counts once, whatever number of replicas it delivered."""
         replicas = self.replicas(record)
         extra_used = any(r.request.replica >= record.verify for r in replicas)
         planned = record.verify + (1 if extra_used else 0)
         all_in = all(r.job_id in self.roots or r.state.terminal for r in replicas)
-        roots = [self.roots.get(r.job_id) for r in replicas]
+        voters: set[bytes] = set()
+        roots: list[bytes | None] = []
+        for r in replicas:
+            delivery = self.deliveries.get(r.job_id)
+            if delivery is None or delivery.signer in voters:
+                roots.append(None)
+                continue
+            voters.add(delivery.signer)
+            roots.append(delivery.plain_root)
         return verify_step(planned, roots, all_in, extra_used)
 
     async def slash_outvoted(self, record: JobRecord) -> None:
@@ -486,8 +509,10 @@ class Requester:
         ctx = self.ctx
         request = record.request
         peers = dict(zip((b.signer for b in record.bids), record.bid_peers, strict=True))
-        # The replicas of a verified job each go to a different provider.
-        taken = {p for r in self.replicas(record) if r.job_id != record.job_id for p in r.tried}
+        # The replicas of a verified job each go to a different provider: none that was
+        # awarded, tried or delivered for any replica of the group (this one's earlier
+        # attempts included), and a provider's vote counts once anyway (group_decision).
+        taken = self.group_providers(record)
         ranked = [
             b
             for b in rank_bids(record.bids, record.strategy, self.score)
