@@ -31,11 +31,12 @@ from compute.market._wire import (
     PROTOCOL_STATUS,
     guarded,
 )
-from compute.market.exceptions import UnknownJob
+from compute.market.exceptions import NetError, UnknownJob
 from compute.market.types import Role
 
 if TYPE_CHECKING:
     import builtins
+    from collections.abc import Awaitable, Callable
 
     from trio._core._run import TaskStatus
 
@@ -125,7 +126,8 @@ class MarketService:
             async with trio.open_nursery() as nursery:
                 ctx.nursery = nursery
                 for protocol, handler in handlers.items():
-                    ctx.net.set_handler(protocol, guarded(protocol, handler, self._counters))
+                    barrier = guarded(protocol, handler, self._counters)
+                    ctx.net.set_handler(protocol, self._in_service(protocol, barrier))
                 if self.provider is not None:
                     nursery.start_soon(self.provider.requests_loop)
                     nursery.start_soon(self.provider.keep_bonded)
@@ -137,6 +139,46 @@ class MarketService:
                 await trio.sleep_forever()
         finally:
             ctx.nursery = None
+
+    def _in_service(
+        self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]
+    ) -> Callable[[str, bytes], Awaitable[bytes]]:
+        """``handler`` run as a task of the service's nursery, so that no request a peer
+        sent can still be writing to the job store once ``run`` has returned (the net calls
+        handlers from its own tasks, which outlive the service). A request that arrives
+        while the service is not running is refused; one in flight when it stops is
+        cancelled with the service and answered with an error."""
+
+        async def serve(peer_id: str, data: bytes) -> bytes:
+            nursery = self._ctx.nursery
+            if nursery is None:
+                raise NetError(f"the market service is not running ({protocol})")
+            done = trio.Event()
+            scope = trio.CancelScope()
+            answer: list[bytes] = []
+            failure: list[Exception] = []
+
+            async def call() -> None:
+                try:
+                    with scope:
+                        answer.append(await handler(peer_id, data))
+                except Exception as exc:  # handed to the caller's task below, not swallowed
+                    failure.append(exc)
+                finally:
+                    done.set()
+
+            nursery.start_soon(call)
+            try:
+                await done.wait()
+            finally:
+                scope.cancel()  # the caller gave up (or timed out): the handler stops too
+            if failure:
+                raise failure[0]
+            if not answer:
+                raise NetError(f"the market service stopped while serving {protocol}")
+            return answer[0]
+
+        return serve
 
     async def submit(self, submission: JobSubmission) -> JobRecord:
         """Check, persist and start a job; raises ``Unsatisfiable`` at once (naming the unmet

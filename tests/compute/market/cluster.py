@@ -209,84 +209,93 @@ async def open_cluster(
     genesis = funded_genesis(keys, BALANCE, chain_id=CHAIN_ID, params=PARAMS, bonded=BOND)
     chain = LocalChain(genesis, ledger.LevelDBStore(tmp_path / "chain"), proposer=keys[0].address)
     p2p_config = p2p.P2PConfig.for_tests()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(chain.run)
-        nodes: list[Node] = []
-        cluster = Cluster(chain, nodes, nursery)
-        for index in range(count):
-            bootstrap = tuple(n.mesh.listen_addrs()[0] for n in nodes)
-            scopes: list[trio.CancelScope] = []
-            mesh, scope = await start_mesh(
-                nursery,
-                seed_for(index, NAMESPACE),
-                CHAIN_ID,
-                dataclasses.replace(p2p_config, bootstrap=bootstrap),
-            )
-            assert mesh.public_key == keys[index].address, "mesh key and ledger key must agree"
-            net_cls = TamperingNet if index in tampering else MeshNet
-            scopes.append(scope)
-            net_nursery, net_scope = await nursery.start(_scoped_nursery)
-            scopes.append(net_scope)
-            net = net_cls(mesh)  # the node's own adapter, so these tests cover it too
-            await net_nursery.start(net.run)
-            directory = OfferDirectory(CHAIN_ID)
-            provider = None
-            if index > 0:
-                spec, price = providers[index - 1]
-                inventory = read_inventory(simulate_gpus=spec, simulate_seed=str(index))
-                allocator = SlotAllocator(inventory.gpus)
-                offer_config = dataclasses.replace(
-                    OfferConfig.for_tests(), price_per_gpu_second=price
+    nodes: list[Node] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(chain.run)
+            cluster = Cluster(chain, nodes, nursery)
+            for index in range(count):
+                bootstrap = tuple(n.mesh.listen_addrs()[0] for n in nodes)
+                scopes: list[trio.CancelScope] = []
+                mesh, scope = await start_mesh(
+                    nursery,
+                    seed_for(index, NAMESPACE),
+                    CHAIN_ID,
+                    dataclasses.replace(p2p_config, bootstrap=bootstrap),
                 )
-                executor = Executor(tmp_path / f"jobs-{index}", sandbox="process", sandbox_uid=None)
-                provider = ProviderSide(executor, allocator, inventory, offer_config)
-                publisher = OfferPublisher(
-                    key=keys[index],
-                    chain_id=CHAIN_ID,
-                    inventory=inventory,
-                    allocator=allocator,
-                    config=offer_config,
-                    sandbox="process",
-                    publish=_offer_publisher(mesh),
-                )
+                assert mesh.public_key == keys[index].address, "mesh key and ledger key must agree"
+                net_cls = TamperingNet if index in tampering else MeshNet
+                scopes.append(scope)
+                net_nursery, net_scope = await nursery.start(_scoped_nursery)
+                scopes.append(net_scope)
+                net = net_cls(mesh)  # the node's own adapter, so these tests cover it too
+                await net_nursery.start(net.run)
+                directory = OfferDirectory(CHAIN_ID)
+                provider = None
+                if index > 0:
+                    spec, price = providers[index - 1]
+                    inventory = read_inventory(simulate_gpus=spec, simulate_seed=str(index))
+                    allocator = SlotAllocator(inventory.gpus)
+                    offer_config = dataclasses.replace(
+                        OfferConfig.for_tests(), price_per_gpu_second=price
+                    )
+                    executor = Executor(
+                        tmp_path / f"jobs-{index}", sandbox="process", sandbox_uid=None
+                    )
+                    provider = ProviderSide(executor, allocator, inventory, offer_config)
+                    publisher = OfferPublisher(
+                        key=keys[index],
+                        chain_id=CHAIN_ID,
+                        inventory=inventory,
+                        allocator=allocator,
+                        config=offer_config,
+                        sandbox="process",
+                        publish=_offer_publisher(mesh),
+                    )
 
-                scopes.append(_start_scoped(nursery, publisher.run))
-            scopes.append(_start_scoped(nursery, lambda m=mesh, d=directory: _feed_directory(m, d)))
-            node = Node(
-                index,
-                keys[index],
-                mesh,
-                scopes,
-                net,
-                directory,
-                tmp_path / f"store-{index}",
-                provider,
-                config,
-            )
-            nodes.append(node)
-        for node in nodes:
-            await cluster.start_service(node)
-        providers_count = len(providers)
-        await wait_until(
-            lambda: len(nodes[0].directory.offers(now_ms())) == providers_count,
-            20,
-            f"the requester sees all {providers_count} provider offers",
-        )
-        jobs_topic = nodes[0].mesh.topic("jobs")
-        await wait_until(
-            # Private, but the only way to know the providers' subscriptions reached us.
-            lambda: len(nodes[0].mesh._pubsub.peer_topics.get(jobs_topic, ())) >= providers_count,
-            20,
-            "the requester knows every provider subscribes to job requests",
-        )
-        try:
-            yield cluster
-        finally:
-            nursery.cancel_scope.cancel()
+                    scopes.append(_start_scoped(nursery, publisher.run))
+                scopes.append(
+                    _start_scoped(nursery, lambda m=mesh, d=directory: _feed_directory(m, d))
+                )
+                node = Node(
+                    index,
+                    keys[index],
+                    mesh,
+                    scopes,
+                    net,
+                    directory,
+                    tmp_path / f"store-{index}",
+                    provider,
+                    config,
+                )
+                nodes.append(node)
             for node in nodes:
-                if node.store is not None:
-                    node.store.close()
-            chain.store.close()
+                await cluster.start_service(node)
+            providers_count = len(providers)
+            await wait_until(
+                lambda: len(nodes[0].directory.offers(now_ms())) == providers_count,
+                20,
+                f"the requester sees all {providers_count} provider offers",
+            )
+            jobs_topic = nodes[0].mesh.topic("jobs")
+            await wait_until(
+                # Private, but the only way to know the providers' subscriptions reached us.
+                lambda: (
+                    len(nodes[0].mesh._pubsub.peer_topics.get(jobs_topic, ())) >= providers_count
+                ),
+                20,
+                "the requester knows every provider subscribes to job requests",
+            )
+            try:
+                yield cluster
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        # The stores close only once every task that could write to them has ended.
+        for node in nodes:
+            if node.store is not None:
+                node.store.close()
+        chain.store.close()
 
 
 def _offer_publisher(mesh: p2p.Mesh) -> Callable[[bytes], Awaitable[None]]:
