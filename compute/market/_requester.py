@@ -276,13 +276,25 @@ class Requester:
         voters: set[bytes] = set()
         roots: list[bytes | None] = []
         for r in replicas:
-            delivery = self.deliveries.get(r.job_id)
-            if delivery is None or delivery.signer in voters:
+            vote = self.vote(r)
+            if vote is None or vote[0] in voters:
                 roots.append(None)
                 continue
-            voters.add(delivery.signer)
-            roots.append(delivery.plain_root)
+            voters.add(vote[0])
+            roots.append(vote[1])
         return verify_step(planned, roots, all_in, extra_used)
+
+    def vote(self, replica: JobRecord) -> tuple[bytes, bytes] | None:
+        """``(provider, plain root)`` a replica delivered: from the checked delivery held in
+        memory, else (after a restart, which loses those) from its settled trade, where the
+        chain keeps the delivery's plain root."""
+        delivery = self.deliveries.get(replica.job_id)
+        if delivery is not None:
+            return delivery.signer, delivery.plain_root
+        trade = self.ctx.chain.trade(replica.attempt_job_id) if replica.terms else None
+        if trade is None or trade.status is not TradeStatus.SETTLED or not trade.plain_root:
+            return None
+        return trade.terms.provider, trade.plain_root
 
     async def slash_outvoted(self, record: JobRecord) -> None:
         """Submit the evidence against an outvoted replica once two replicas of the majority
