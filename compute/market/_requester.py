@@ -128,6 +128,10 @@ class Requester:
         self.deliveries: dict[bytes, Delivery] = {}
         """Verified jobs: each replica's checked delivery (the evidence if it is outvoted)."""
         self.slashed: set[bytes] = set()
+        for record in self.book.records():
+            if record.delivery is not None:
+                self.deliveries[record.job_id] = record.delivery
+                self.roots[record.job_id] = record.delivery.plain_root
         self.exchange.ack_gate = self.verify_gate
 
     def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:
@@ -233,6 +237,8 @@ class Requester:
             return True
         self.roots[record.job_id] = delivery.plain_root
         self.deliveries[record.job_id] = delivery
+        if self.book[record.job_id].delivery != delivery:
+            self.book.update(record, delivery=delivery)
         decision = self.group_decision(record)
         if decision.run_extra:
             self.run_extra(record)

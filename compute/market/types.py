@@ -13,7 +13,7 @@ import enum
 from typing import ClassVar, NewType
 
 from compute.types import SANDBOX_KINDS, OutputFile
-from ledger import AgreementTerms, Receipt  # noqa: TC001 - as above
+from ledger import AgreementTerms, Delivery, Receipt  # noqa: TC001 - as above
 
 MarketJobId = NewType("MarketJobId", bytes)
 """A job's 32-byte id: SHA-256 of its signed ``JobRequest``. Attempt ``n`` of the job trades
@@ -323,6 +323,9 @@ class JobRecord:
     verify: int = 1
     """Requester: how many replicas of the group must run (a majority of them must agree)."""
     stamps: tuple[Stamp, ...] = ()
+    delivery: Delivery | None = None
+    """Requester, verified job: the checked delivery of this replica, kept across a restart
+    (its vote, and the slash evidence if the majority outvotes it)."""
 
     def to_json(self) -> dict[str, object]:
         stamps: dict[str, int] = {}
