@@ -150,7 +150,12 @@ class Cgroups:
         jobs may still run); how many there were."""
         names: set[str] = set()
         for _, parent in self.parents:
-            names.update(p.name for p in parent.iterdir() if p.is_dir())
+            try:
+                names.update(p.name for p in parent.iterdir() if p.is_dir())
+            except FileNotFoundError:
+                # Another daemon starting at the same moment pruned our parent while it was
+                # still idle: nothing of ours is in it, and create() makes it again.
+                continue
         for job in sorted(names):
             JobCgroup(self.version, tuple((n, p / job) for n, p in self.parents)).remove_stale()
         return len(names)

@@ -88,6 +88,23 @@ async def test_idle_parents_are_pruned_and_made_again_when_needed() -> None:
         shutil.rmtree(root)
 
 
+async def test_a_parent_pruned_by_a_daemon_starting_beside_ours_is_no_error() -> None:
+    # Testnet daemons start together: one's probe can prune another's parent between that
+    # one's probe and its sweep. The sweep finds nothing to do and the next job makes it again.
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-cg-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    try:
+        first = compute.Executor(root / "a", sandbox="process")
+        for _, parent in first.cgroups.parents:
+            parent.rmdir()
+        assert first.cgroups.sweep() == 0
+        result = await first.run(compute.JobId("pruned-1"), compute.JobSpec(("/bin/true",)))
+        assert result.succeeded, result.reason
+        first.close()
+    finally:
+        shutil.rmtree(root)
+
+
 def test_a_restarted_executor_kills_what_a_crashed_one_left() -> None:
     root = Path(tempfile.mkdtemp(prefix="gpumesh-cg-", dir="/var/tmp"))
     os.chmod(root, 0o711)
