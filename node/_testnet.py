@@ -217,7 +217,12 @@ def up(directory: Path, *, wait: bool = True) -> TestnetLayout:
         if read_pid(Home(n.home)) is None
     ]
     if wait:
-        wait_ready([h for h, _ in procs], [p for _, p in procs])
+        try:
+            wait_ready([h for h, _ in procs], [p for _, p in procs])
+        except TestnetError:
+            # A testnet that does not come up is taken down whole: no node is left running.
+            down(directory)
+            raise
     return layout
 
 

@@ -135,3 +135,19 @@ def test_cli_init_run_status_and_second_daemon_refused(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(e["msg"] == "shutting down" for e in lines), "JSON logs must record the shutdown"
     assert not (home / "rpc.cookie").exists()
+
+
+def test_a_testnet_that_does_not_come_up_leaves_no_node_running(tmp_path: Path) -> None:
+    directory = tmp_path / "net"
+    layout = _testnet.init_testnet(
+        directory, 2, chain_id="e2e-broken", base_port=free_port_block(4)
+    )
+    broken = Home(layout.nodes[1].home)
+    broken.config_path.write_text("this is [not toml\n")
+    try:
+        with pytest.raises(_testnet.TestnetError, match="exited with"):
+            _testnet.up(directory)
+        homes = [Home(n.home) for n in layout.nodes]
+        assert [_testnet.read_pid(h) for h in homes] == [None, None], "a node was left running"
+    finally:
+        _testnet.down(directory)
