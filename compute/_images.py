@@ -163,6 +163,9 @@ class Image:
     source: str
     """``oci`` or ``docker``: the archive format it came from."""
     imported_at_ms: int
+    origin: str = "import"
+    """``import`` (a user imported it) or ``mesh`` (fetched for a job: a cache entry that
+    ``evict`` may remove once unused)."""
 
     @property
     def hex(self) -> str:
@@ -178,6 +181,7 @@ class Image:
             "unpacked_bytes": self.unpacked_bytes,
             "source": self.source,
             "imported_at_ms": self.imported_at_ms,
+            "origin": self.origin,
         }
 
     @classmethod
@@ -191,6 +195,7 @@ class Image:
             unpacked_bytes=doc["unpacked_bytes"],
             source=doc["source"],
             imported_at_ms=doc["imported_at_ms"],
+            origin=str(doc.get("origin", "import")),
         )
 
 
@@ -337,6 +342,71 @@ class _Archive:
         return hasher.hexdigest()
 
 
+class _LayoutDir:
+    """An OCI layout on disk (``oci-layout``, ``index.json``, ``blobs/sha256/*``), read like
+    ``_Archive``; blobs missing from it are looked up in ``blob_dirs`` (the store's own, so a
+    layer this node already holds need not travel again). Copies are hard links where the
+    file system allows (the blob is hashed again either way)."""
+
+    def __init__(self, directory: Path, blob_dirs: tuple[Path, ...], limits: ImageLimits) -> None:
+        self._limits = limits
+        self._dirs = (directory / "blobs" / "sha256", *blob_dirs)
+        self._root = directory
+
+    def close(self) -> None:
+        pass
+
+    def _path(self, name: str) -> Path | None:
+        if name in ("index.json", "oci-layout"):
+            path = self._root / name
+            return path if path.is_file() and not path.is_symlink() else None
+        match = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", name)
+        if match is None:
+            return None
+        for directory in self._dirs:
+            path = directory / match.group(1)
+            if path.is_file() and not path.is_symlink():
+                return path
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._path(name) is not None
+
+    def size(self, name: str) -> int:
+        path = self._path(name)
+        if path is None:
+            raise ImageRejected(f"image layout has no file {name!r}")
+        return path.stat().st_size
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[IO[bytes]]:
+        path = self._path(name)
+        if path is None:
+            raise ImageRejected(f"image layout has no file {name!r}")
+        with open(path, "rb") as handle:
+            yield handle
+
+    def read_json_bytes(self, name: str) -> bytes:
+        if self.size(name) > self._limits.json_bytes_max:
+            raise ImageRejected(f"{name} is over {self._limits.json_bytes_max} bytes")
+        with self.open(name) as handle:
+            return handle.read(self._limits.json_bytes_max + 1)
+
+    def copy_blob(self, name: str, target: Path) -> str:
+        path = self._path(name)
+        if path is None:
+            raise ImageRejected(f"image layout has no file {name!r}")
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+        hasher = hashlib.sha256()
+        with open(target, "rb") as handle:
+            while chunk := handle.read(copy_chunk_bytes):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+
 def _json_doc(data: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
@@ -435,6 +505,70 @@ class ImageStore:
             )
         return matches[0]
 
+    def has(self, ref: str) -> bool:
+        """Whether the image ``ref`` (a full ``sha256:<hex>``) is stored here."""
+        text = ref.removeprefix("sha256:")
+        return bool(_HEX.match(text)) and (self.directory / "images" / f"{text}.json").exists()
+
+    def blob_path(self, hex_: str) -> Path | None:
+        """The stored blob ``hex_`` (a manifest, config or layer), if this store holds it."""
+        if not _HEX.match(hex_):
+            return None
+        path = self.directory / "blobs" / "sha256" / hex_
+        return path if path.is_file() else None
+
+    def blob_hexes(self, image: Image) -> set[str]:
+        """The blobs ``image`` is made of: its manifest, its config and its layers."""
+        return _blob_names(image)
+
+    def touch(self, ref: str) -> None:
+        """Mark the image used now (``evict`` removes the least recently used first)."""
+        with self._lock:
+            image = self._resolve(ref)
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.directory / "images" / f"{image.hex}.json")
+
+    def held_bytes(self) -> int:
+        """Blobs plus unpacked roots of every stored image."""
+        with self._lock:
+            return self._blob_bytes() + sum(i.unpacked_bytes for i in self._records())
+
+    def evict(self, bytes_max: int, *, keep: frozenset[str] = frozenset()) -> list[Image]:
+        """Remove ``mesh`` images (fetched for jobs), least recently used first, until the
+        store holds at most ``bytes_max``; never one a job has pinned, one in ``keep`` (hex),
+        or one a user imported. The removed images."""
+        removed: list[Image] = []
+        with self._lock:
+            records = self._records()
+            held = self._blob_bytes() + sum(i.unpacked_bytes for i in records)
+            if held <= bytes_max:
+                return removed
+
+            def used_ns(image: Image) -> int:
+                try:
+                    return (self.directory / "images" / f"{image.hex}.json").stat().st_mtime_ns
+                except FileNotFoundError:
+                    return 0
+
+            candidates = [
+                i
+                for i in records
+                if i.origin == "mesh" and not self._pins.get(i.hex) and i.hex not in keep
+            ]
+            candidates.sort(key=lambda i: (used_ns(i), i.hex))
+        for image in candidates:
+            if held <= bytes_max:
+                break
+            try:
+                self.remove(image.ref)
+            except (ImageBusy, ImageNotFound):
+                continue  # pinned or removed since the listing
+            removed.append(image)
+            held = self.held_bytes()
+        if removed:
+            log.info("image cache evicted %d image(s)", len(removed))
+        return removed
+
     def rootfs(self, ref: str) -> Path:
         image = self.get(ref)
         return self.roots_dir / image.hex / "rootfs"
@@ -492,6 +626,17 @@ class ImageStore:
     def import_archive(self, path: Path) -> Image:
         """Verify and store the image in ``path``; the stored image (the same one if it was
         already here). ``ImageRejected`` for a bad archive, ``ImageToolError`` if umoci fails."""
+        return self._import(lambda: _Archive(Path(path), self.limits), "import")
+
+    def import_layout(self, directory: Path, *, origin: str = "mesh") -> Image:
+        """Verify and store the image of the OCI layout ``directory`` (blobs it lacks are
+        taken from this store), exactly as an archive is: every digest, diff_id and entry
+        checked again, unpacked by umoci. ``origin`` ``mesh``: a cache entry ``evict`` may
+        remove."""
+        blobs = (self.directory / "blobs" / "sha256",)
+        return self._import(lambda: _LayoutDir(Path(directory), blobs, self.limits), origin)
+
+    def _import(self, open_source: Any, origin: str) -> Image:
         if self._umoci is None:
             raise ImageToolError("umoci is not installed (apt-get install umoci)")
         with self._lock:
@@ -500,16 +645,16 @@ class ImageStore:
         staging = Path(os.path.realpath(self.directory / "tmp")) / f"import-{os.urandom(8).hex()}"
         (staging / "blobs" / "sha256").mkdir(parents=True, mode=0o700)
         try:
-            archive = _Archive(Path(path), self.limits)
+            archive = open_source()
             try:
                 manifest_bytes, source = self._stage(archive, staging)
             finally:
                 archive.close()
-            return self._commit(staging, manifest_bytes, source)
+            return self._commit(staging, manifest_bytes, source, origin)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _stage(self, archive: _Archive, staging: Path) -> tuple[bytes, str]:
+    def _stage(self, archive: _Archive | _LayoutDir, staging: Path) -> tuple[bytes, str]:
         """Copy and verify every blob the image uses into ``staging``; (manifest bytes, format)."""
         if archive.has("index.json") and archive.has("oci-layout"):
             return self._stage_oci(archive, staging), "oci"
@@ -523,7 +668,9 @@ class ImageStore:
     def _blob_in(self, staging: Path, hex_: str) -> Path:
         return staging / "blobs" / "sha256" / hex_
 
-    def _copy_verified(self, archive: _Archive, name: str, staging: Path, hex_: str) -> Path:
+    def _copy_verified(
+        self, archive: _Archive | _LayoutDir, name: str, staging: Path, hex_: str
+    ) -> Path:
         target = self._blob_in(staging, hex_)
         if target.exists():
             return target
@@ -532,7 +679,7 @@ class ImageStore:
             raise ImageRejected(f"blob {name} has sha256 {got}, not the {hex_} it is named by")
         return target
 
-    def _stage_oci(self, archive: _Archive, staging: Path) -> bytes:
+    def _stage_oci(self, archive: _Archive | _LayoutDir, staging: Path) -> bytes:
         index = _json_doc(archive.read_json_bytes("index.json"), "index.json")
         manifest_hex = self._pick_manifest(archive, index, depth=0)
         manifest_bytes = archive.read_json_bytes(f"blobs/sha256/{manifest_hex}")
@@ -562,7 +709,9 @@ class ImageStore:
         (staging / "blobs" / "sha256" / config_hex).write_bytes(config_bytes)
         return manifest_bytes
 
-    def _pick_manifest(self, archive: _Archive, index: dict[str, Any], depth: int) -> str:
+    def _pick_manifest(
+        self, archive: _Archive | _LayoutDir, index: dict[str, Any], depth: int
+    ) -> str:
         manifests = index.get("manifests")
         if not isinstance(manifests, list) or not manifests:
             raise ImageRejected("index.json lists no manifests")
@@ -592,7 +741,7 @@ class ImageStore:
             return self._pick_manifest(archive, _json_doc(nested_bytes, "index"), depth + 1)
         return hex_
 
-    def _stage_docker(self, archive: _Archive, staging: Path) -> bytes:
+    def _stage_docker(self, archive: _Archive | _LayoutDir, staging: Path) -> bytes:
         try:
             entries_doc = json.loads(archive.read_json_bytes("manifest.json"))
             entry = entries_doc[0]
@@ -684,7 +833,9 @@ class ImageStore:
         if got != diff_id:
             raise ImageRejected(f"layer {blob.name[:16]}: tar is {got}, config: {diff_id}")
 
-    def _commit(self, staging: Path, manifest_bytes: bytes, source: str) -> Image:
+    def _commit(
+        self, staging: Path, manifest_bytes: bytes, source: str, origin: str = "import"
+    ) -> Image:
         manifest_hex = hashlib.sha256(manifest_bytes).hexdigest()
         manifest = _json_doc(manifest_bytes, "manifest")
         config_hex = _digest_hex(manifest["config"], "config")
@@ -725,6 +876,7 @@ class ImageStore:
             unpacked_bytes=unpacked,
             source=source,
             imported_at_ms=int(time.time() * 1000),
+            origin=origin,
         )
         with self._lock:
             if existing.exists():  # a concurrent import of the same image won

@@ -151,6 +151,20 @@ class MarketSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImagesSection:
+    """The node's container image store (``gpumesh image``) and, as a provider, its cache of
+    the images jobs bring over the mesh."""
+
+    cache_bytes_max: int = 64 * 1024**3
+    """Past this, images fetched for jobs are evicted, least recently used first (never one a
+    job runs in, never one imported with ``gpumesh image import``)."""
+
+    def __post_init__(self) -> None:
+        if self.cache_bytes_max < 0:
+            raise ConfigError("[images] cache_bytes_max must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeConfig:
     node: NodeSection = dataclasses.field(default_factory=NodeSection)
     p2p: P2PSection = dataclasses.field(default_factory=P2PSection)
@@ -158,6 +172,7 @@ class NodeConfig:
     compute: ComputeSection = dataclasses.field(default_factory=ComputeSection)
     consensus: ConsensusSection = dataclasses.field(default_factory=ConsensusSection)
     market: MarketSection = dataclasses.field(default_factory=MarketSection)
+    images: ImagesSection = dataclasses.field(default_factory=ImagesSection)
 
     @classmethod
     def default(cls) -> NodeConfig:

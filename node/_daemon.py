@@ -93,7 +93,9 @@ class Node:
                 bid_window_ms=config.market.bid_window_ms,
                 bid_timeout_ms=config.market.bid_timeout_ms,
                 spot_check_rate=config.market.spot_check_percent / 100,
+                image_cache_bytes_max=config.images.cache_bytes_max,
             ),
+            images=self.compute.images,
         )
         self.registry = MethodRegistry()
         self.rpc = RpcServer(

@@ -228,6 +228,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         memory_bytes: int = 0,
         disk_bytes: int = 0,
         verify: int = 1,
+        image: str = "",
     ) -> dict[str, Any]:
         try:
             decoded_inputs = tuple(
@@ -262,6 +263,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             bid_window_ms=bid_window_ms,
             strategy=strategy,
             verify=verify,
+            image=str(image),
         )
         try:
             record = await service.submit(submission)
@@ -339,6 +341,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             Param("memory_bytes", "integer", False, "Memory cap of the job (0: provider default)."),
             Param("disk_bytes", "integer", False, "Disk cap of the job dir (0: provider default)."),
             Param("verify", "integer", False, "Run on N providers; pay only the majority."),
+            Param("image", "string", False, "Run in this image of the node's store (a ref)."),
         ),
         result=Result("object", "The job record."),
     )

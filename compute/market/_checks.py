@@ -79,7 +79,7 @@ def check_input_names(names: list[str] | tuple[str, ...]) -> None:
 
 def check_manifest(manifest: JobManifest, inputs_bytes_max: int) -> None:
     """Everything a provider needs to trust about a manifest before it takes a slot."""
-    if not 0 < len(manifest.argv) <= argv_items_max:
+    if not (0 if manifest.image else 1) <= len(manifest.argv) <= argv_items_max:
         raise InvalidManifest(f"the command must have 1..{argv_items_max} arguments")
     if not all(isinstance(arg, str) for arg in manifest.argv):
         raise InvalidManifest("every argument must be a string")
@@ -92,12 +92,14 @@ def check_manifest(manifest: JobManifest, inputs_bytes_max: int) -> None:
     total = sum(ref.size_bytes for ref in manifest.inputs)
     if total > inputs_bytes_max:
         raise InvalidManifest(f"inputs are {total} bytes; the limit is {inputs_bytes_max}")
+    image = "" if manifest.image is None else f"sha256:{manifest.image.manifest_sha256.hex()}"
     try:
         # The sandbox's own rules (argument and environment limits, reserved names).
         spec = JobSpec(
             argv=tuple(manifest.argv),
             inputs=tuple((ref.name, b"") for ref in manifest.inputs),
             env=tuple(manifest.env),
+            image=image,
         )
         spec.validate()
     except ComputeError as exc:

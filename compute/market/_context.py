@@ -23,7 +23,7 @@ from compute.market.types import JobRecord, JobState, Stamp
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
 
-    from compute import OfferDirectory
+    from compute import ImageStore, OfferDirectory
     from compute.abc import ClockMs
     from compute.market._store import JobStore
     from compute.market.abc import ChainAPI, MarketNetAPI
@@ -87,6 +87,8 @@ class Context:
     events: Events
     nursery: trio.Nursery | None = None
     """The service's nursery while it runs (drivers and helper tasks start in it)."""
+    images: ImageStore | None = None
+    """The node's image store: the images its jobs name (``_imagemesh``); None: no images."""
 
     @property
     def address(self) -> bytes:

@@ -34,6 +34,8 @@ def fit_on_node(
     """``(model, free slots of that model, price)`` if this node can run ``req`` right now."""
     if req.sandbox and req.sandbox != config.sandbox:
         return None
+    if req.runtime and req.runtime not in config.runtimes:
+        return None
     if req.memory_bytes > config.job_memory_bytes_max or req.disk_bytes > config.job_disk_bytes_max:
         return None
     if req.gpus == 0:
@@ -59,6 +61,8 @@ def _offer_capacity(
 ) -> list[tuple[str, int, int]]:
     """Per model: ``(model, GPUs meeting req, price)`` in ``offer``; CPU: ``("cpu", slots, p)``."""
     if req.sandbox and offer.sandbox != req.sandbox:
+        return []
+    if req.runtime and req.runtime not in offer.runtimes:
         return []
     if req.memory_bytes > offer.job_memory_bytes_max or req.disk_bytes > offer.job_disk_bytes_max:
         return []

@@ -24,6 +24,7 @@ from compute.exceptions import ComputeError
 from compute.market._checks import check_manifest
 from compute.market._context import Drivers, JobBook
 from compute.market._exchange import ProviderExchange, exec_id
+from compute.market._imagemesh import ImageFetcher, image_refusal
 from compute.market._matching import fit_on_node
 from compute.market._protocol import (
     OpenStep,
@@ -138,6 +139,11 @@ class Provider:
         self.seen: OrderedDict[bytes, _Seen] = OrderedDict()
         self.runs: dict[bytes, trio.CancelScope] = {}
         self.bid_slots = trio.Semaphore(bids_in_flight_max)
+        self.images = ImageFetcher(
+            ctx,
+            getattr(side.executor, "images", None),
+            cache_bytes_max=ctx.config.image_cache_bytes_max,
+        )
 
     def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:
         """The stream protocols this side serves (to requesters)."""
@@ -368,6 +374,9 @@ class Provider:
             check_manifest(award.manifest, ctx.config.inputs_bytes_max)
         except InvalidManifest as exc:
             raise NetError(f"bad manifest: {exc}") from exc
+        why = image_refusal(award.manifest.image, self.images.images)
+        if why is not None:
+            raise NetError(why)
         aid = award.attempt_job_id
         existing = self.book.get(aid)
         if existing is not None:
@@ -585,7 +594,14 @@ class Provider:
             )
         except ComputeError as exc:
             raise MarketError(f"the job's limits are not acceptable here: {exc}") from exc
-        return JobSpec(argv=manifest.argv, inputs=tuple(inputs), env=manifest.env, limits=limits)
+        image = ""
+        if manifest.image is not None:  # from this node's image cache, or over the mesh
+            image = await self.images.ensure(
+                record.counterparty_peer_id, record.job_id, manifest.image
+            )
+        return JobSpec(
+            argv=manifest.argv, inputs=tuple(inputs), env=manifest.env, limits=limits, image=image
+        )
 
     async def run_job(self, record: JobRecord) -> None:
         executor = self.side.executor

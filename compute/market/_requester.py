@@ -18,6 +18,12 @@ import ledger
 from compute.market._checks import check_manifest
 from compute.market._context import Drivers, JobBook
 from compute.market._exchange import RequesterExchange
+from compute.market._imagemesh import (
+    PROTOCOL_IMAGE_BLOB,
+    describe_image,
+    serve_image_blob,
+    with_image_runtime,
+)
 from compute.market._matching import explain_unsatisfiable, rank_bids
 from compute.market._protocol import (
     CancelStep,
@@ -139,6 +145,7 @@ class Requester:
         return {
             PROTOCOL_BID: self.on_bid,
             PROTOCOL_INPUT: self.on_input,
+            PROTOCOL_IMAGE_BLOB: self.on_image_blob,
             PROTOCOL_STATUS: self.on_status,
             PROTOCOL_DELIVERED: self.exchange.on_delivered,
         }
@@ -147,6 +154,7 @@ class Requester:
 
     async def submit(self, submission: JobSubmission) -> JobRecord:
         ctx = self.ctx
+        submission = with_image_runtime(submission)
         manifest, blobs = self.check_submission(submission)
         active = self.book.count(lambda r: not r.state.terminal)
         if active >= ctx.config.jobs_active_max:
@@ -343,7 +351,8 @@ class Requester:
         self.book.update(record, error=f"outvoted by the other replicas; {outcome}")
 
     def check_submission(self, sub: JobSubmission) -> tuple[JobManifest, list[bytes]]:
-        if not 0 < len(sub.argv) <= argv_items_max:
+        # An image job may leave the command to the image's entrypoint and Cmd.
+        if not (0 if sub.image else 1) <= len(sub.argv) <= argv_items_max:
             raise InvalidSubmission(f"the command must have 1..{argv_items_max} arguments")
         if len(sub.env) > env_items_max or len(sub.inputs) > input_files_max:
             raise InvalidSubmission(
@@ -363,7 +372,8 @@ class Requester:
         if not 0 <= sub.bid_window_ms <= 60_000:
             raise InvalidSubmission("bid_window_ms must be 0..60000")
         refs = tuple(InputRef(name, ledger.digest(data), len(data)) for name, data in sub.inputs)
-        manifest = JobManifest(tuple(sub.argv), tuple(sub.env), refs)
+        image = describe_image(self.ctx.images, sub.image) if sub.image else None
+        manifest = JobManifest(tuple(sub.argv), tuple(sub.env), refs, image)
         check_manifest(manifest, self.ctx.config.inputs_bytes_max)
         return manifest, [data for _, data in sub.inputs]
 
@@ -798,6 +808,11 @@ class Requester:
         ask = decode(BlobRequest, data)
         self.job_for_peer(ask.job_id, peer_id)
         return serve_input(self.ctx, self.ctx.store.manifest(ask.job_id), ask)
+
+    async def on_image_blob(self, peer_id: str, data: bytes) -> bytes:
+        ask = decode(BlobRequest, data)
+        self.job_for_peer(ask.job_id, peer_id)
+        return await serve_image_blob(self.ctx.images, self.ctx.store.manifest(ask.job_id), ask)
 
     async def on_status(self, peer_id: str, data: bytes) -> bytes:
         for record in self.book.records():

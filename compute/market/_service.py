@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from trio._core._run import TaskStatus
 
     import ledger
-    from compute import OfferDirectory
+    from compute import ImageStore, OfferDirectory
     from compute.abc import ClockMs
     from compute.market._store import JobStore
     from compute.market.abc import ChainAPI, MarketNetAPI
@@ -90,6 +90,7 @@ class MarketService:
         config: MarketConfig,
         *,
         clock_ms: ClockMs = wall_clock_ms,
+        images: ImageStore | None = None,
     ) -> None:
         counters = {
             "requests_seen": 0,
@@ -113,6 +114,7 @@ class MarketService:
             clock_ms=clock_ms,
             counters=counters,
             events=Events(counters),
+            images=images,
         )
         self.requester = self.requester_cls(self._ctx)
         self.provider = None if provider is None else self.provider_cls(self._ctx, provider)

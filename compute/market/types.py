@@ -12,7 +12,7 @@ import dataclasses
 import enum
 from typing import ClassVar, NewType
 
-from compute.types import SANDBOX_KINDS, OutputFile
+from compute.types import RUNTIME_KINDS, SANDBOX_KINDS, OutputFile
 from ledger import AgreementTerms, Delivery, Receipt  # noqa: TC001 - as above
 
 MarketJobId = NewType("MarketJobId", bytes)
@@ -81,10 +81,14 @@ class Requirements:
     """Memory cap the job runs under (the whole process tree); 0: the provider's default."""
     disk_bytes: int = 0
     """Cap on the job directory's disk use; 0: the provider's default."""
+    runtime: str = ""
+    """A runtime the provider's offer must list (``"bwrap-image"`` for a job in an image)."""
 
     def __post_init__(self) -> None:
         if self.sandbox not in ("", *SANDBOX_KINDS):
             raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)} (or any)")
+        if self.runtime not in ("", *RUNTIME_KINDS):
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIME_KINDS)} (or any)")
         if self.memory_bytes < 0 or self.disk_bytes < 0:
             raise ValueError("memory_bytes and disk_bytes must be >= 0")
 
@@ -100,6 +104,8 @@ class Requirements:
             text += f" with {_gib(self.memory_bytes)} memory"
         if self.disk_bytes:
             text += f" and {_gib(self.disk_bytes)} disk"
+        if self.runtime:
+            text += f" with the {self.runtime} runtime"
         return text
 
     def _describe_gpus(self) -> str:
@@ -126,6 +132,7 @@ class Requirements:
             "sandbox": self.sandbox or None,
             "memory_bytes": self.memory_bytes,
             "disk_bytes": self.disk_bytes,
+            "runtime": self.runtime or None,
         }
 
 
@@ -143,6 +150,17 @@ class InputRef:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ImageDescriptor:
+    """The container image a job runs in (``_imagemesh``): the sha256 and size of its OCI
+    image manifest, which names the config and layer blobs the provider fetches by digest."""
+
+    manifest_sha256: bytes
+    manifest_bytes: int
+    total_bytes: int
+    """Manifest, config and layers together, as the requester's store holds them."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class JobManifest:
     """What the provider fetches first: the command and the input files' digests. The
     request carries ``hash_of(manifest)``, so a provider can check it got the right one."""
@@ -150,6 +168,8 @@ class JobManifest:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     inputs: tuple[InputRef, ...]
+    image: ImageDescriptor | None = None
+    """The image to run in (its root as ``/``); ``None``: the provider's host ``/usr``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,6 +405,8 @@ class JobSubmission:
     verify: int = 1
     """Run on this many distinct providers and pay only those whose outputs agree with the
     majority (1: once, unless the node's spot-check rate picks it for a second run)."""
+    image: str = ""
+    """An image of the requester's image store (reference or unique prefix); "": none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,6 +449,8 @@ class MarketConfig:
     fee: int = 0
     wait_for_open: bool = True
     """Provider starts a job only once it sees the trade OPEN on chain (the safe default)."""
+    image_cache_bytes_max: int = 64 * 1024**3
+    """Provider: images fetched for jobs past this are evicted, least recently used first."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -57,7 +57,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = [
         [
             str(image["ref"]).removeprefix("sha256:")[:12],
-            str(image["source"]),
+            str(image["source"]) + (" (mesh)" if image.get("origin") == "mesh" else ""),
             str(len(image["layers"])),
             _mib(image["blob_bytes"]),
             _mib(image["unpacked_bytes"]),

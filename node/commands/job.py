@@ -64,6 +64,13 @@ def register(sub: Subparsers) -> None:
     j.add_argument("--memory", default=None, help="memory cap of the job, e.g. 2GB")
     j.add_argument("--disk", default=None, help="disk cap of the job directory, e.g. 10GB")
     j.add_argument("--input", action="append", default=[], metavar="FILE", help="input file")
+    j.add_argument(
+        "--image",
+        default="",
+        metavar="REF",
+        help="run in this image of the node's store (gpumesh image ls); the command may be "
+        "empty to run the image's entrypoint/Cmd",
+    )
     j.add_argument("--output-dir", type=Path, default=None, help="write outputs here")
     j.add_argument("--wait", action="store_true", help="follow the job until it ends")
     j.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the command")
@@ -157,7 +164,7 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
     command = list(args.argv)
     if command and command[0] == "--":
         command = command[1:]
-    if not command:
+    if not command and not args.image:
         raise NodeError("give the command after --, e.g. gpumesh job submit -- echo hi")
     inputs: dict[str, str] = {}
     total = 0
@@ -191,6 +198,8 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
         params["disk_bytes"] = parse_size(args.disk)
     if args.verify != 1:
         params["verify"] = args.verify
+    if args.image:
+        params["image"] = args.image
     if args.deadline:
         params["deadline_ms"] = int(time.time() * 1000) + parse_duration_ms(args.deadline)
     if args.bid_window:

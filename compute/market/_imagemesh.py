@@ -1,0 +1,336 @@
+"""Container images over the mesh: a job's image travels from the requester to the provider
+blob by blob, into the provider's image store, which is its cache.
+
+The requester names the image in the manifest (``ImageDescriptor``: the sha256 and size of the
+OCI image manifest, and the total of its blobs) and demands the ``bwrap-image`` runtime in the
+request, so only providers whose offer lists it bid. A provider that already holds the image
+(its store is keyed by the manifest's digest) runs it at once. Otherwise it fetches the
+manifest, then the config and every layer it does not hold yet (layers are shared between
+images by digest), each over ``PROTOCOL_IMAGE_BLOB`` in ``chunk_bytes_max`` chunks into
+``<store>/fetch/<manifest hex>/blobs/sha256/<hex>.part``, resuming from what is on disk after
+a cut or a restart, bounded by the sizes the manifest states, and checked against its digest
+before it is kept. The fetched OCI layout is then imported exactly as an archive is
+(``ImageStore.import_layout``: every digest and diff_id checked again, unsafe entries refused,
+unpacked by umoci), with origin ``mesh``: a cache entry that ``ImageStore.evict`` removes,
+least recently used first and never while a job runs in it, once the store passes the
+provider's ``cache_bytes_max``.
+
+The requester serves only the blobs of the image of the job the asking peer was awarded
+(``serve_image_blob``). Transport is ``Context.request``, so the seeded simulation runs it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+import ledger
+from compute.exceptions import ImageError, ImageNotFound, ImageRejected
+from compute.market._transfers import read_chunk
+from compute.market._wire import Mismatch
+from compute.market.exceptions import InvalidSubmission, MarketError, NetError
+from compute.market.types import BlobRequest, ImageDescriptor, chunk_bytes_max
+from compute.types import RUNTIME_BWRAP_IMAGE
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from compute import ImageStore
+    from compute.market._context import Context
+    from compute.market.types import JobManifest, JobSubmission
+
+log = logging.getLogger("gpumesh.compute.market.images")
+
+PROTOCOL_IMAGE_BLOB = "/gpumesh/market/image-blob/1"
+"""Provider -> requester: one chunk of one blob (manifest, config, layer) of a job's image."""
+fetch_attempts_max = 5
+fetch_retry_s = 0.5
+fetch_dirs_max = 16
+"""Partial fetches kept for resuming; the oldest beyond this are removed."""
+disk_headroom_factor = 3
+"""Free disk a fetch needs: the blobs plus room for their unpacked root (gzip layers grow)."""
+
+
+def image_ref(image: ImageDescriptor) -> str:
+    return f"sha256:{image.manifest_sha256.hex()}"
+
+
+def with_image_runtime(sub: JobSubmission) -> JobSubmission:
+    """A submission with an image demands the ``bwrap-image`` runtime of its provider."""
+    if not sub.image or sub.requirements.runtime == RUNTIME_BWRAP_IMAGE:
+        return sub
+    requirements = dataclasses.replace(sub.requirements, runtime=RUNTIME_BWRAP_IMAGE)
+    return dataclasses.replace(sub, requirements=requirements)
+
+
+def describe_image(images: ImageStore | None, ref: str) -> ImageDescriptor:
+    """The manifest's description of the requester's image ``ref``; ``InvalidSubmission`` if
+    this node has no image store or no such image."""
+    if images is None:
+        raise InvalidSubmission("this node has no image store: it cannot submit image jobs")
+    try:
+        image = images.get(ref)
+    except ImageNotFound as exc:
+        raise InvalidSubmission(f"{exc} (import it first: gpumesh image import FILE)") from None
+    manifest = images.blob_path(image.hex)
+    if manifest is None:
+        raise InvalidSubmission(f"image {image.ref} has lost its manifest blob")
+    return ImageDescriptor(
+        manifest_sha256=bytes.fromhex(image.hex),
+        manifest_bytes=manifest.stat().st_size,
+        total_bytes=image.blob_bytes,
+    )
+
+
+def image_refusal(image: ImageDescriptor | None, images: ImageStore | None) -> str | None:
+    """Why this provider cannot take a job in ``image`` (checked on the award), or None."""
+    if image is None:
+        return None
+    if images is None:
+        return "this node runs no container images"
+    limits = images.limits
+    if len(image.manifest_sha256) != 32:
+        return "the image's manifest digest is not 32 bytes"
+    if not 0 < image.manifest_bytes <= limits.json_bytes_max:
+        return f"the image manifest must be 1..{limits.json_bytes_max} bytes"
+    if not image.manifest_bytes <= image.total_bytes <= limits.archive_bytes_max:
+        return f"the image is {image.total_bytes} bytes; this node takes {limits.archive_bytes_max}"
+    return None
+
+
+async def serve_image_blob(
+    images: ImageStore | None, manifest: JobManifest | None, ask: BlobRequest
+) -> bytes:
+    """One chunk of a blob of the job's image (requester side): only that image's blobs."""
+    if manifest is None or manifest.image is None:
+        raise NetError("this job runs in no image")
+    if images is None:
+        raise NetError("this node has no image store")
+    ref = image_ref(manifest.image)
+    try:
+        image = await trio.to_thread.run_sync(images.get, ref)
+    except ImageNotFound:
+        raise NetError(f"image {ref} was removed from the requester's store") from None
+    hex_ = ask.sha256.hex()
+    if hex_ not in images.blob_hexes(image):
+        raise NetError("not a blob of this job's image")
+    path = images.blob_path(hex_)
+    if path is None:
+        raise NetError(f"blob {hex_[:12]} of image {ref} is missing from the requester's store")
+    if ask.offset < 0:
+        raise NetError("negative offset")
+    return await read_chunk(path, ask.offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blob:
+    hex: str
+    size: int
+
+
+def _descriptor(doc: Any, what: str, size_max: int) -> _Blob:
+    if not isinstance(doc, dict):
+        raise Mismatch(f"the image manifest's {what} is not a descriptor")
+    digest, size = doc.get("digest"), doc.get("size")
+    match = re.fullmatch(r"sha256:([0-9a-f]{64})", digest) if isinstance(digest, str) else None
+    if match is None:
+        raise Mismatch(f"the image manifest's {what} digest is not sha256:<hex>")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= size_max:
+        raise Mismatch(f"the image manifest's {what} size is not 0..{size_max}")
+    return _Blob(match.group(1), size)
+
+
+class ImageFetcher:
+    """The provider's side: make the job's image present in its store, fetching what lacks."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        images: ImageStore | None,
+        *,
+        cache_bytes_max: int,
+        retry_s: float = fetch_retry_s,
+    ) -> None:
+        self.ctx = ctx
+        self.images = images
+        self.cache_bytes_max = cache_bytes_max
+        self.retry_s = retry_s
+        self._fetching: dict[str, trio.Event] = {}
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        self.ctx.counters[name] = self.ctx.counters.get(name, 0) + amount
+
+    async def ensure(self, peer: str, job_id: bytes, image: ImageDescriptor) -> str:
+        """The store's reference of ``image``, fetched from ``peer`` (the requester of
+        ``job_id``) unless it is cached. ``MarketError`` when it cannot be had."""
+        images = self.images
+        why = image_refusal(image, images)
+        if why is not None:
+            raise MarketError(why)
+        assert images is not None
+        ref = image_ref(image)
+        hex_ = image.manifest_sha256.hex()
+        while True:
+            if await trio.to_thread.run_sync(images.has, ref):
+                await trio.to_thread.run_sync(images.touch, ref)
+                self._count("image_cache_hits")
+                return ref
+            busy = self._fetching.get(hex_)
+            if busy is None:
+                break
+            await busy.wait()  # another job fetches the same image: then it is cached
+        done = self._fetching[hex_] = trio.Event()
+        try:
+            await self._fetch(peer, job_id, image, images)
+        finally:
+            del self._fetching[hex_]
+            done.set()
+        self._count("image_fetches")
+        return ref
+
+    async def _fetch(
+        self, peer: str, job_id: bytes, image: ImageDescriptor, images: ImageStore
+    ) -> None:
+        hex_ = image.manifest_sha256.hex()
+        root = images.directory / "fetch" / hex_
+        blobs = root / "blobs" / "sha256"
+        await trio.to_thread.run_sync(self._prune_fetch_dirs, images.directory / "fetch", hex_)
+        blobs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        last = ""
+        for _ in range(fetch_attempts_max):
+            try:
+                await self._fetch_blobs(peer, job_id, image, images, blobs)
+                break
+            except NetError as exc:
+                last = str(exc)
+                await trio.sleep(self.retry_s)
+            except Mismatch as exc:
+                raise MarketError(f"bad image from the requester: {exc}") from exc
+        else:
+            raise NetError(f"cannot fetch the job's image {image_ref(image)[:19]}: {last}")
+        (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        index = {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": image_ref(image),
+                    "size": image.manifest_bytes,
+                }
+            ],
+        }
+        (root / "index.json").write_text(json.dumps(index))
+        try:
+            await trio.to_thread.run_sync(images.import_layout, root)
+        except ImageRejected as exc:
+            await trio.to_thread.run_sync(shutil.rmtree, root, True)
+            raise MarketError(f"the job's image is not acceptable: {exc}") from exc
+        except ImageError as exc:
+            raise MarketError(f"the job's image cannot be unpacked here: {exc}") from exc
+        await trio.to_thread.run_sync(shutil.rmtree, root, True)
+        log.info("image %s fetched from %s", hex_[:12], peer)
+
+    async def _fetch_blobs(
+        self,
+        peer: str,
+        job_id: bytes,
+        image: ImageDescriptor,
+        images: ImageStore,
+        blobs: Path,
+    ) -> None:
+        limits = images.limits
+        manifest_blob = _Blob(image.manifest_sha256.hex(), image.manifest_bytes)
+        path = await self._fetch_blob(peer, job_id, manifest_blob, blobs)
+        try:
+            doc = json.loads(path.read_bytes())
+        except ValueError as exc:
+            raise Mismatch(f"the image manifest is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
+            raise Mismatch("the image manifest has no list of layers")
+        if len(doc["layers"]) > limits.layers_max:
+            raise Mismatch(f"the image has over {limits.layers_max} layers")
+        config = _descriptor(doc.get("config"), "config", limits.json_bytes_max)
+        wanted = {config.hex: config}
+        for i, layer in enumerate(doc["layers"]):
+            blob = _descriptor(layer, f"layer {i}", limits.archive_bytes_max)
+            wanted.setdefault(blob.hex, blob)
+        total = manifest_blob.size + sum(b.size for b in wanted.values())
+        if total > image.total_bytes:
+            raise Mismatch(f"the image's blobs are {total} bytes, not {image.total_bytes}")
+        missing = [b for b in wanted.values() if images.blob_path(b.hex) is None]
+        need = sum(b.size for b in missing)
+        keep = frozenset({manifest_blob.hex})
+        await trio.to_thread.run_sync(
+            lambda: images.evict(max(self.cache_bytes_max - need * 2, 0), keep=keep)
+        )
+        free = (await trio.to_thread.run_sync(shutil.disk_usage, blobs)).free
+        if free < need * disk_headroom_factor:
+            raise MarketError(
+                f"the image needs about {need * disk_headroom_factor} bytes of disk, "
+                f"{free} are free"
+            )
+        self._count("image_blobs_cached", len(wanted) - len(missing))
+        for blob in missing:
+            await self._fetch_blob(peer, job_id, blob, blobs)
+
+    async def _fetch_blob(self, peer: str, job_id: bytes, blob: _Blob, blobs: Path) -> Path:
+        """``blob`` into ``blobs/<hex>``, resuming ``<hex>.part``; checked before renamed."""
+        final = blobs / blob.hex
+        if final.is_file() and final.stat().st_size == blob.size:
+            return final  # fetched and checked by an earlier try
+        partial = blobs / f"{blob.hex}.part"
+        offset = partial.stat().st_size if partial.is_file() else 0
+        if offset > blob.size:
+            partial.unlink()
+            offset = 0
+        digest = bytes.fromhex(blob.hex)
+        async with await trio.open_file(partial, "ab") as out:
+            while offset < blob.size:
+                ask = ledger.encode(BlobRequest(job_id, digest, offset))
+                chunk = await self.ctx.request(peer, PROTOCOL_IMAGE_BLOB, ask)
+                if not chunk or len(chunk) > chunk_bytes_max or offset + len(chunk) > blob.size:
+                    bad = True
+                    break
+                await out.write(chunk)
+                await out.flush()  # what a cut leaves on disk, the next try resumes from
+                offset += len(chunk)
+                self._count("image_bytes_fetched", len(chunk))
+            else:
+                bad = False
+        if bad:
+            partial.unlink()
+            raise Mismatch(f"image blob {blob.hex[:12]} is not {blob.size} bytes as stated")
+        got = await trio.to_thread.run_sync(_sha256_hex, partial)
+        if got != blob.hex:
+            partial.unlink()
+            raise Mismatch(f"image blob {blob.hex[:12]} does not match its sha256")
+        partial.rename(final)
+        self._count("image_blobs_fetched")
+        return final
+
+    @staticmethod
+    def _prune_fetch_dirs(directory: Path, current: str) -> None:
+        try:
+            entries = sorted(
+                (p for p in directory.iterdir() if p.name != current),
+                key=lambda p: p.stat().st_mtime_ns,
+            )
+        except FileNotFoundError:
+            return
+        for old in entries[: max(len(entries) - fetch_dirs_max + 1, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256_hex(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes_max):
+            hasher.update(chunk)
+    return hasher.hexdigest()

@@ -1,0 +1,231 @@
+"""Images over the mesh: the provider fetches a job's image blob by blob from the requester,
+verified, bounded and resumable, into its store (its cache), and evicts unused ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import compute
+import ledger
+from compute import testing
+from compute.market._imagemesh import (
+    PROTOCOL_IMAGE_BLOB,
+    ImageFetcher,
+    describe_image,
+    image_refusal,
+    serve_image_blob,
+)
+from compute.market.exceptions import InvalidSubmission, MarketError, NetError
+from compute.market.types import BlobRequest, ImageDescriptor, JobManifest
+
+CI = os.environ.get("CI") == "true"
+JOB = b"\x01" * 32
+Serve = Callable[[bytes], Awaitable[bytes]]
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    problems = [t for t in ("umoci", testing.BUSYBOX) if shutil.which(t) is None]
+    if problems:
+        if CI:
+            pytest.fail(f"CI=true and images cannot be built here: {problems} missing")
+        pytest.skip(f"{problems} missing")
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-imagemesh-", dir="/var/tmp"))
+    yield root
+    shutil.rmtree(root)
+
+
+@dataclasses.dataclass
+class FakeCtx:
+    """What the fetcher uses of the market's Context: ``request`` and the counters."""
+
+    serve: Serve
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    asks: list[BlobRequest] = dataclasses.field(default_factory=list)
+
+    async def request(self, peer_id: str, protocol: str, payload: bytes) -> bytes:
+        assert protocol == PROTOCOL_IMAGE_BLOB
+        self.asks.append(ledger.decode(BlobRequest, payload))
+        return await self.serve(payload)
+
+
+def stores(base: Path) -> tuple[compute.ImageStore, compute.ImageStore, compute.Image]:
+    requester = compute.ImageStore(base / "req", roots_dir=base / "req-roots")
+    provider = compute.ImageStore(base / "prov", roots_dir=base / "prov-roots")
+    archive = testing.write_docker_archive(base / "busybox.tar", testing.busybox_layers())
+    return requester, provider, requester.import_archive(archive)
+
+
+def honest(requester: compute.ImageStore, manifest: JobManifest) -> Serve:
+    async def serve(payload: bytes) -> bytes:
+        return await serve_image_blob(requester, manifest, ledger.decode(BlobRequest, payload))
+
+    return serve
+
+
+def fetcher(ctx: FakeCtx, provider: compute.ImageStore, **kw: int) -> ImageFetcher:
+    return ImageFetcher(
+        ctx,  # type: ignore[arg-type]
+        provider,
+        cache_bytes_max=kw.get("cache_bytes_max", 1 << 40),
+        retry_s=0,
+    )
+
+
+def job_manifest(image: ImageDescriptor) -> JobManifest:
+    return JobManifest(("true",), (), (), image)
+
+
+async def test_a_fetched_image_is_the_requesters_and_a_second_job_hits_the_cache(
+    base: Path,
+) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.hex[:16])
+    assert descriptor.manifest_sha256.hex() == image.hex
+    manifest = job_manifest(descriptor)
+    ctx = FakeCtx(honest(requester, manifest))
+    ref = await fetcher(ctx, provider).ensure("peer", JOB, descriptor)
+    assert ref == image.ref
+    got = provider.get(ref)
+    assert got.layers == image.layers and got.config == image.config
+    assert got.origin == "mesh", "a fetched image is a cache entry"
+    assert (provider.rootfs(ref) / testing.IMAGE_MARKER).read_text() == "inside the image\n"
+    layer_bytes = sum(
+        requester.blob_path(h.removeprefix("sha256:")).stat().st_size  # type: ignore[union-attr]
+        for h in image.layers
+    )
+    assert layer_bytes > 1024 * 1024, "the test needs a layer of several chunks"
+    assert ctx.counters["image_fetches"] == 1
+    assert ctx.counters["image_blobs_fetched"] == 2 + len(image.layers)
+    asked = len(ctx.asks)
+    assert not list((provider.directory / "fetch").iterdir()), "the fetch directory is removed"
+
+    again = await fetcher(ctx, provider).ensure("peer", JOB, descriptor)
+    assert again == ref
+    assert len(ctx.asks) == asked, "a cached image is not fetched again"
+    assert ctx.counters["image_cache_hits"] == 1
+
+
+async def test_a_blob_with_a_wrong_digest_is_refused_and_not_kept(base: Path) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+    serve = honest(requester, job_manifest(descriptor))
+    layer = bytes.fromhex(image.layers[0].removeprefix("sha256:"))
+
+    async def flip(payload: bytes) -> bytes:
+        data = await serve(payload)
+        ask = ledger.decode(BlobRequest, payload)
+        if ask.sha256 == layer and ask.offset == 0:
+            return bytes([data[0] ^ 1]) + data[1:]
+        return data
+
+    with pytest.raises(MarketError, match="does not match its sha256"):
+        await fetcher(FakeCtx(flip), provider).ensure("peer", JOB, descriptor)
+    assert not provider.has(image.ref)
+    assert not list((provider.directory / "fetch").rglob(f"{layer.hex()}*")), "bad bytes kept"
+
+
+async def test_oversized_blobs_and_understated_totals_are_refused(base: Path) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+    serve = honest(requester, job_manifest(descriptor))
+
+    async def longer(payload: bytes) -> bytes:
+        data = await serve(payload)
+        ask = ledger.decode(BlobRequest, payload)
+        return data + b"x" if ask.sha256.hex() == image.config_digest[7:] else data
+
+    with pytest.raises(MarketError, match=r"is not \d+ bytes as stated"):
+        await fetcher(FakeCtx(longer), provider).ensure("peer", JOB, descriptor)
+
+    small = dataclasses.replace(descriptor, total_bytes=descriptor.manifest_bytes + 10)
+    with pytest.raises(MarketError, match=r"blobs are \d+ bytes, not"):
+        await fetcher(FakeCtx(serve), provider).ensure("peer", JOB, small)
+    huge = dataclasses.replace(descriptor, total_bytes=provider.limits.archive_bytes_max + 1)
+    assert "this node takes" in (image_refusal(huge, provider) or "")
+    assert image_refusal(descriptor, None) == "this node runs no container images"
+    assert not provider.has(image.ref)
+
+
+async def test_a_missing_blob_fails_clearly_after_bounded_retries(base: Path) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+    layer = image.layers[-1].removeprefix("sha256:")
+    requester.blob_path(layer).unlink()  # type: ignore[union-attr]
+    ctx = FakeCtx(honest(requester, job_manifest(descriptor)))
+    with pytest.raises(NetError, match="missing from the requester's store"):
+        await fetcher(ctx, provider).ensure("peer", JOB, descriptor)
+    assert not provider.has(image.ref)
+
+
+async def test_a_cut_fetch_resumes_where_it_stopped(base: Path) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+    serve = honest(requester, job_manifest(descriptor))
+    cut = {"done": False}
+
+    async def cutting(payload: bytes) -> bytes:
+        ask = ledger.decode(BlobRequest, payload)
+        if ask.offset > 0 and not cut["done"]:
+            cut["done"] = True
+            raise NetError("connection reset")
+        return await serve(payload)
+
+    ctx = FakeCtx(cutting)
+    await fetcher(ctx, provider).ensure("peer", JOB, descriptor)
+    assert cut["done"], "no blob had a second chunk: the cut never happened"
+    offsets = [(a.sha256, a.offset) for a in ctx.asks]
+    repeated = {o for o in offsets if offsets.count(o) > 1}
+    assert len(repeated) == 1, f"after the cut only the refused chunk is asked again: {repeated}"
+    assert provider.has(image.ref)
+
+
+async def test_the_requester_serves_only_the_blobs_of_the_jobs_image(base: Path) -> None:
+    requester, _, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+    manifest = job_manifest(descriptor)
+    config = bytes.fromhex(image.config_digest[7:])
+    assert await serve_image_blob(requester, manifest, BlobRequest(JOB, config, 0))
+    with pytest.raises(NetError, match="not a blob of this job's image"):
+        await serve_image_blob(requester, manifest, BlobRequest(JOB, b"\x02" * 32, 0))
+    with pytest.raises(NetError, match="runs in no image"):
+        await serve_image_blob(
+            requester, JobManifest(("true",), (), ()), BlobRequest(JOB, config, 0)
+        )
+    with pytest.raises(InvalidSubmission, match="image import"):
+        describe_image(requester, "0" * 16)
+    requester.remove(image.ref)
+    with pytest.raises(NetError, match="was removed"):
+        await serve_image_blob(requester, manifest, BlobRequest(JOB, config, 0))
+
+
+async def test_the_cache_evicts_unused_fetched_images_least_recently_used_first(
+    base: Path,
+) -> None:
+    requester, provider, _ = stores(base)
+    refs = []
+    for i in range(3):
+        extra = [testing._entry(f"etc/n{i}", f"{i}\n".encode())]
+        archive = testing.write_docker_archive(
+            base / f"b{i}.tar", testing.busybox_layers(extra=extra)
+        )
+        descriptor = describe_image(requester, requester.import_archive(archive).ref)
+        ctx = FakeCtx(honest(requester, job_manifest(descriptor)))
+        refs.append(await fetcher(ctx, provider).ensure("peer", JOB, descriptor))
+    user = provider.import_archive(base / "busybox.tar")  # imported here: never evicted
+    provider.touch(refs[0])  # now refs[1] is the least recently used
+    pinned = provider.acquire(refs[1])[0]
+    size = provider.held_bytes()
+    removed = provider.evict(size - 1)
+    assert [i.ref for i in removed] == [refs[2]], "the LRU unpinned fetched image goes first"
+    provider.release(pinned)
+    removed = provider.evict(0)
+    assert {i.ref for i in removed} == {refs[0], refs[1]}
+    assert [i.ref for i in provider.images()] == [user.ref], "a user's import is never evicted"
