@@ -256,6 +256,19 @@ class JobResult:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class LogTail:
+    """A slice of a job's stdout or stderr read while it runs (``Executor.log_tail``)."""
+
+    data: bytes
+    offset: int
+    """Where ``data`` starts in the stream."""
+    size: int
+    """Bytes the job wrote to the stream so far (at most its ``stdout_bytes_max``)."""
+    running: bool
+    """False once the run is over (or never started here): ``size`` grows no more."""
+
+
 def outputs_digest(files: Sequence[OutputFile]) -> bytes:
     """The receipt's output digest; see the module docstring for the exact definition."""
     ordered = tuple(sorted(files, key=lambda f: f.path.encode()))
@@ -625,8 +638,24 @@ class Executor:
         self._jobs_run = 0
         self._leftovers = 0
         self._running: set[JobId] = set()
+        self._live: dict[JobId, _Run] = {}
+        """The state of every job whose process runs now: what ``log_tail`` reads."""
         self._release_when_done: set[JobId] = set()
         self._removed = 0
+
+    def log_tail(self, job_id: JobId, stream: str, offset: int, bytes_max: int) -> LogTail:
+        """At most ``bytes_max`` bytes of a running job's ``"stdout"`` or ``"stderr"`` from
+        ``offset``: a copy of what the executor drained so far (never more than the job's
+        limit for that stream). A job not running here gives no bytes and ``running=False``."""
+        if stream not in ("stdout", "stderr"):
+            raise ValueError(f"stream must be stdout or stderr, not {stream!r}")
+        if offset < 0 or bytes_max < 0:
+            raise ValueError("offset and bytes_max must be >= 0")
+        state = self._live.get(job_id)
+        if state is None:
+            return LogTail(b"", offset, 0, running=False)
+        buffer = state.stdout if stream == "stdout" else state.stderr
+        return LogTail(bytes(buffer[offset : offset + bytes_max]), offset, len(buffer), True)
 
     def close(self) -> None:
         """Give back what the executor set up outside ``work_root`` (its cgroup parents)."""
@@ -961,9 +990,11 @@ class Executor:
             raise SandboxError(f"cannot start job {job_id}: {exc}") from exc
         state = _Run(proc.pid, cgroup)
         left = 0
+        self._live[job_id] = state
         try:
             await self._supervise(proc, state, limits, self.job_dir(job_id))
         finally:
+            del self._live[job_id]
             # Also on cancellation: SIGKILL is synchronous, reaping is shielded and bounded.
             state.kill()
             with trio.CancelScope(shield=True):

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from compute._allocator import Allocation
-    from compute._sandbox import JobResult, JobSpec
+    from compute._sandbox import JobResult, JobSpec, LogTail
     from compute.types import JobId, SandboxKind
 
 PublishFn = Callable[[bytes], Awaitable[None]]
@@ -65,3 +65,7 @@ class ExecutorAPI(Protocol):
     def job_dir(self, job_id: JobId) -> Path: ...
 
     def remove_job_dir(self, job_id: JobId) -> None: ...
+
+    def log_tail(self, job_id: JobId, stream: str, offset: int, bytes_max: int) -> LogTail:
+        """Bytes of a running job's stdout or stderr from ``offset`` (live logs)."""
+        ...

@@ -41,6 +41,7 @@ import ledger
 from compute import (
     JobOutcome,
     JobResult,
+    LogTail,
     OfferConfig,
     OfferDirectory,
     OfferPublisher,
@@ -518,6 +519,10 @@ class SimExecutor:
 
     def remove_job_dir(self, job_id: ExecJobId) -> None:
         shutil.rmtree(self.job_dir(job_id))
+
+    def log_tail(self, job_id: ExecJobId, stream: str, offset: int, bytes_max: int) -> LogTail:
+        """A simulated job writes its stdout only at the end (it comes with the result)."""
+        return LogTail(b"", offset, 0, running=False)
 
     def outputs_for(self, spec: JobSpec) -> dict[str, bytes]:
         return expected_outputs(spec.argv, spec.inputs)
