@@ -11,6 +11,8 @@ Where things live (built like ``consensus/``: pure decisions, thin drivers):
 - ``_protocol``: every protocol decision as a pure function (bid admission and acceptance,
   award acceptance, what a trade's state means for each side), and ``attempt_job_id``.
 - ``_checks``: pure manifest and input-name checks, run on both sides.
+- ``_logs``: live logs (``PROTOCOL_LOG_TAIL``): the requester pulls a running job's stdout and
+  stderr from its offsets, keeps a bounded tail and tells subscribers of each chunk.
 - ``_transfers``: chunked, content-addressed input and output transfers.
 - ``_wire``: protocol names, decoding what peers send, the per-request fault barrier.
 - ``_context``: what both roles share (seams, events) and one role's records and drivers.
@@ -26,6 +28,7 @@ compute.market imports ``ledger`` and ``compute`` only; the node adapts p2p and 
 """
 
 from compute.market._exchange import ProviderExchange, RequesterExchange
+from compute.market._logs import LogEvent, LogsView
 from compute.market._matching import explain_unsatisfiable, fit_on_node, rank_bids
 from compute.market._provider import Provider
 from compute.market._requester import Requester
@@ -100,7 +103,9 @@ __all__ = [
     "JobState",
     "JobStore",
     "JobSubmission",
+    "LogEvent",
     "LogsInfo",
+    "LogsView",
     "MarketConfig",
     "MarketError",
     "MarketNetAPI",

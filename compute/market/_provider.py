@@ -25,6 +25,7 @@ from compute.market._checks import check_manifest
 from compute.market._context import Drivers, JobBook
 from compute.market._exchange import ProviderExchange, exec_id
 from compute.market._imagemesh import ImageFetcher, image_refusal
+from compute.market._logs import ProviderLogs
 from compute.market._matching import fit_on_node
 from compute.market._protocol import (
     OpenStep,
@@ -48,6 +49,7 @@ from compute.market._wire import (
     PROTOCOL_BID,
     PROTOCOL_CANCEL,
     PROTOCOL_DELIVERY_ACK,
+    PROTOCOL_LOG_TAIL,
     PROTOCOL_LOGS,
     PROTOCOL_SEALED,
     PROTOCOL_SEALED_CHUNKS,
@@ -139,6 +141,7 @@ class Provider:
         self.seen: OrderedDict[bytes, _Seen] = OrderedDict()
         self.runs: dict[bytes, trio.CancelScope] = {}
         self.bid_slots = trio.Semaphore(bids_in_flight_max)
+        self.logs = ProviderLogs(ctx, self.book, side.executor)
         self.images = ImageFetcher(
             ctx,
             getattr(side.executor, "images", None),
@@ -153,6 +156,7 @@ class Provider:
             PROTOCOL_SEALED_CHUNKS: self.exchange.on_sealed_chunks,
             PROTOCOL_DELIVERY_ACK: self.exchange.on_ack,
             PROTOCOL_LOGS: self.exchange.on_logs,
+            PROTOCOL_LOG_TAIL: self.logs.on_log_tail,
             PROTOCOL_CANCEL: self.on_cancel,
         }
 

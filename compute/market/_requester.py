@@ -24,6 +24,7 @@ from compute.market._imagemesh import (
     serve_image_blob,
     with_image_runtime,
 )
+from compute.market._logs import LogsView, RequesterLogs
 from compute.market._matching import explain_unsatisfiable, rank_bids
 from compute.market._protocol import (
     CancelStep,
@@ -51,7 +52,6 @@ from compute.market._wire import (
     PROTOCOL_CANCEL,
     PROTOCOL_DELIVERED,
     PROTOCOL_INPUT,
-    PROTOCOL_LOGS,
     PROTOCOL_STATUS,
     decode,
     decode_signed,
@@ -78,14 +78,12 @@ from compute.market.types import (
     JobResultView,
     JobState,
     JobSubmission,
-    LogsInfo,
     Role,
     Stamp,
     argv_items_max,
     bids_per_job_max,
     env_items_max,
     input_files_max,
-    log_bytes_max,
 )
 from ledger import (
     Agreement,
@@ -125,6 +123,7 @@ class Requester:
         self.book = JobBook(Role.REQUESTER, ctx)
         self.drivers = Drivers(self.book, ctx, self.drive)
         self.exchange = self.exchange_cls(ctx, self.book)
+        self.live_logs = RequesterLogs(ctx, self.book)
         self.bidding: set[bytes] = set()
         """Jobs whose bid window is open right now (bids are persisted in their records)."""
         self.roots: dict[bytes, bytes] = {}
@@ -423,16 +422,12 @@ class Requester:
             receipt=record.receipt,
         )
 
-    async def logs(self, job_id: bytes) -> LogsInfo:
-        record = self.get(job_id)
-        if record.result is not None:
-            return LogsInfo(record.state.label, record.result.stdout, record.result.stderr)
-        if not record.counterparty_peer_id:
-            return LogsInfo(record.state.label, b"", b"")
-        data = await self.ctx.request(
-            record.counterparty_peer_id, PROTOCOL_LOGS, record.attempt_job_id
-        )
-        return decode(LogsInfo, data, 4 * log_bytes_max)
+    async def logs(
+        self, job_id: bytes, stdout_offset: int = 0, stderr_offset: int = 0, bytes_max: int = 0
+    ) -> LogsView:
+        """The job's logs from two offsets: the sealed ones once opened, else the live tail
+        (and a running job is followed from now on: see ``_logs``)."""
+        return self.live_logs.read(job_id, stdout_offset, stderr_offset, bytes_max)
 
     # ---- the driver ----
 

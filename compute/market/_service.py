@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import ledger
     from compute import ImageStore, OfferDirectory
     from compute.abc import ClockMs
+    from compute.market._logs import LogEvent, LogsView
     from compute.market._store import JobStore
     from compute.market.abc import ChainAPI, MarketNetAPI
     from compute.market.types import (
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
         JobRecord,
         JobResultView,
         JobSubmission,
-        LogsInfo,
         MarketConfig,
     )
 
@@ -215,9 +215,16 @@ class MarketService:
         """The outputs of a done job as ``{path: bytes}``, its stdout/stderr and receipt."""
         return await self.requester.result(job_id)
 
-    async def logs(self, job_id: bytes) -> LogsInfo:
-        """The job's stdout/stderr: from the record once done, else asked of the provider."""
-        return await self.requester.logs(job_id)
+    async def logs(
+        self, job_id: bytes, stdout_offset: int = 0, stderr_offset: int = 0, bytes_max: int = 0
+    ) -> LogsView:
+        """A requested job's stdout/stderr from two offsets: the sealed logs once its outputs
+        are opened, else the live tail; a running job is followed from now on (``_logs``)."""
+        return await self.requester.logs(job_id, stdout_offset, stderr_offset, bytes_max)
+
+    def subscribe_logs(self) -> trio.MemoryReceiveChannel[LogEvent]:
+        """Every new chunk of the live logs of every followed job from now on."""
+        return self.requester.live_logs.subscribe()
 
     def subscribe(self) -> trio.MemoryReceiveChannel[JobRecord]:
         """Every job state change from now on; a subscriber that falls behind misses some."""
@@ -228,4 +235,4 @@ class MarketService:
         for record in self.list():
             label = f"{record.role.name.lower()}_{record.state.label}"
             states[label] = states.get(label, 0) + 1
-        return {**self._counters, "jobs": states}
+        return {**self._counters, **self.requester.live_logs.counters, "jobs": states}

@@ -37,6 +37,8 @@ PROTOCOL_DELIVERY_ACK = "/gpumesh/market/delivery-ack/1"
 """Requester -> provider: the requester's signed ack of a checked delivery."""
 PROTOCOL_DELIVERED = "/gpumesh/market/delivered/1"
 """Provider -> requester: notice that an attempt's sealed outputs are ready."""
+PROTOCOL_LOG_TAIL = "/gpumesh/market/log-tail/1"
+"""Requester -> provider: a running attempt's stdout/stderr from two offsets (``_logs``)."""
 
 
 class Mismatch(Exception):
