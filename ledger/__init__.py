@@ -7,7 +7,8 @@ Where things live:
   ``Receipt``, ``Refund``, ``Cancel``, ``Stake``, ``Unbond``), ``ChainParams``, ``Account``,
   ``Trade``, ``Block``, ``Commit``.
 - ``_outputs``: sealing a job's output bundle (``seal``, ``check_sealed``, ``open_sealed``),
-  its Merkle roots and proofs (the fair exchange of outputs for payment).
+  its Merkle roots and proofs (the fair exchange of outputs for payment), and the streaming
+  pieces that do the same a chunk at a time (``RootBuilder``, ``merkle_proof_streaming``).
 - ``_state``: ``LedgerState``, the pure ``apply_block``, ``build_block`` and ``state_root``.
 - ``_genesis``: ``Genesis`` (JSON in and out, the initial state).
 - ``_schema``: every key the store writes; ``_store``: ``LevelDBStore`` and ``MemoryStore``.
@@ -32,17 +33,26 @@ from ledger._keys import (
 )
 from ledger._mempool import Mempool, MempoolStatistics
 from ledger._outputs import (
+    RootBuilder,
     check_sealed,
     chunk_count,
     chunk_is_bad,
     merkle_proof,
+    merkle_proof_streaming,
     merkle_root,
     merkle_verify,
+    open_chunk,
     open_sealed,
+    output_bytes_max,
     output_chunk_bytes,
     output_leaf,
     output_leaves,
+    plain_leaf,
     seal,
+    seal_chunk,
+    sealed_bytes,
+    sealed_chunk_bytes,
+    sealed_offset,
 )
 from ledger._state import (
     BlockResults,
@@ -141,6 +151,7 @@ __all__ = [
     "Receipt",
     "ReceiptRecord",
     "Refund",
+    "RootBuilder",
     "SignatureError",
     "SignedObject",
     "SigningKey",
@@ -171,13 +182,21 @@ __all__ = [
     "encode",
     "hash_of",
     "merkle_proof",
+    "merkle_proof_streaming",
     "merkle_root",
     "merkle_verify",
+    "open_chunk",
     "open_sealed",
+    "output_bytes_max",
     "output_chunk_bytes",
     "output_leaf",
     "output_leaves",
+    "plain_leaf",
     "seal",
+    "seal_chunk",
+    "sealed_bytes",
+    "sealed_chunk_bytes",
+    "sealed_offset",
     "sign_object",
     "signed_body",
     "signing_bytes",

@@ -16,6 +16,13 @@ provider's settling receipt reveals the key; ``open_sealed`` then decrypts, and 
 not open to its committed plaintext hash is slash evidence (``chunk_proof`` + ``verify_chunk``).
 
 Everything here is pure except ``seal``'s fresh key (pass ``key`` to make it deterministic).
+
+Bundles of any size stream: ``RootBuilder`` computes a root incrementally in O(log n) memory
+(the tree's shape is that of its perfect left subtrees folded from the right), ``seal_chunk``
+and ``check_chunk_shape`` work one chunk at a time, and ``merkle_proof_streaming`` builds a
+proof from any re-readable source of leaves (a file on disk) in O(log n) memory and one pass
+over the leaves. The in-memory ``seal``, ``check_sealed`` and ``open_sealed`` give the same
+roots and bytes as their streaming pieces.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from ledger.exceptions import OutputsError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
 output_chunk_bytes = 1024
 """Plaintext bytes per sealed chunk (the last one may be shorter)."""
@@ -87,6 +94,64 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+class RootBuilder:
+    """A Merkle root (same tree as ``merkle_root``) over leaves added one at a time, keeping
+    only the roots of the perfect subtrees so far: O(log n) memory for n leaves."""
+
+    __slots__ = ("_peaks", "count")
+
+    def __init__(self) -> None:
+        self._peaks: list[tuple[int, bytes]] = []  # (height, root), heights strictly falling
+        self.count = 0
+
+    def add(self, leaf: bytes) -> None:
+        height, node = 0, leaf
+        peaks = self._peaks
+        while peaks and peaks[-1][0] == height:
+            _, left = peaks.pop()
+            node = _sha256(_NODE + left + node)
+            height += 1
+        peaks.append((height, node))
+        self.count += 1
+
+    def root(self) -> bytes:
+        """The root over every leaf added (needs one). An odd node promoted unchanged level
+        by level is the same as folding the perfect subtrees' roots from the right."""
+        assert self._peaks, "a Merkle tree needs at least one leaf"
+        node = self._peaks[-1][1]
+        for _, left in reversed(self._peaks[:-1]):
+            node = _sha256(_NODE + left + node)
+        return node
+
+
+def merkle_root_streaming(leaves: Iterable[bytes]) -> bytes:
+    builder = RootBuilder()
+    for leaf in leaves:
+        builder.add(leaf)
+    return builder.root()
+
+
+def merkle_proof_streaming(
+    read_leaves: Callable[[int, int], Iterable[bytes]], count: int, index: int
+) -> tuple[bytes, ...]:
+    """``merkle_proof`` of leaf ``index`` of ``count``, where ``read_leaves(first, end)``
+    yields leaves ``first..end-1`` (read again from disk for each sibling subtree). Each
+    sibling is the root of an aligned range of leaves (the last range of a level may be
+    short), so the proof costs one pass over the leaves and O(log n) memory."""
+    assert 0 <= index < count, "no such leaf"
+    proof: list[bytes] = []
+    width, position, level_count = 1, index, count
+    while level_count > 1:
+        sibling = position ^ 1
+        if sibling < level_count:
+            first = sibling * width
+            proof.append(merkle_root_streaming(read_leaves(first, min(first + width, count))))
+        position //= 2
+        level_count = (level_count + 1) // 2
+        width *= 2
+    return tuple(proof)
+
+
 def merkle_proof(leaves: Sequence[bytes], index: int) -> tuple[bytes, ...]:
     """The sibling hashes from leaf ``index`` up to the root (a promoted node has none)."""
     assert 0 <= index < len(leaves), "no such leaf"
@@ -128,6 +193,26 @@ def _split(plaintext: bytes) -> list[bytes]:
         bytes(view[i : i + output_chunk_bytes])
         for i in range(0, max(len(plaintext), 1), output_chunk_bytes)
     ]
+
+
+def seal_chunk(aead: ChaCha20Poly1305, job_id: bytes, index: int, plain: bytes) -> bytes:
+    """Chunk ``index`` sealed (``aead`` is ``ChaCha20Poly1305(key)``)."""
+    return aead.encrypt(_nonce(index), plain, job_id)
+
+
+def sealed_offset(index: int) -> int:
+    """Where sealed chunk ``index`` starts in the chunks laid end to end (only the last chunk
+    may be short, so every earlier one is ``sealed_chunk_bytes_max``)."""
+    return index * sealed_chunk_bytes_max
+
+
+def sealed_bytes(output_bytes: int) -> int:
+    """The size of a bundle's sealed chunks laid end to end."""
+    return output_bytes + seal_tag_bytes * chunk_count(output_bytes)
+
+
+def sealed_chunk_bytes(output_bytes: int, index: int) -> int:
+    return max(chunk_plain_bytes(output_bytes, index), 0) + seal_tag_bytes
 
 
 def seal(
