@@ -1,20 +1,24 @@
 """The output and settle flow, both sides: a fair exchange of a job's outputs for its payment.
 
-Provider (``ProviderExchange``): once the job ran, it seals the output bundle (the canonical
-encoding of the output list, every file's bytes and the logs; ``ledger.seal``) under a key only
-it knows, signs a ``Delivery`` committing to the sealed and the plain roots, tells the requester
-(``PROTOCOL_DELIVERED``) and serves the delivery and the ciphertext (``PROTOCOL_SEALED``,
+Provider (``ProviderExchange``): once the job ran, it seals the output bundle (a header with
+the output list and the logs, then every file's bytes; ``_bundle``) under a key only it knows,
+streaming from the job's output files into a sealed directory beside them, signs a ``Delivery``
+committing to the sealed and the plain roots, tells the requester (``PROTOCOL_DELIVERED``) and
+serves the delivery and ranges of the ciphertext read from disk (``PROTOCOL_SEALED``,
 ``PROTOCOL_SEALED_CHUNKS``). It never serves plaintext outputs. When the requester's signed
 ``DeliveryAck`` arrives (``PROTOCOL_DELIVERY_ACK``) it settles with a ``Receipt`` carrying the
 ack and the key; with no ack before the deadline it gives the trade up (a provider ``Cancel``:
 full refund, counted as a failure, not slashed).
 
 Requester (``RequesterExchange``): fetches the delivery and the ciphertext while the trade is
-open, checks them against the delivery's roots (``ledger.check_sealed``), and only then signs
-the ack. The key arrives with the settling receipt; it opens the bundle and checks every chunk
-against its committed plaintext hash. A chunk that does not open is evidence: it submits a
-``SlashBadKey``. So the requester holds no output before the payment is irrevocable, and the
-provider is paid only once the requester could fetch outputs matching the committed root.
+open, ``fetch_window`` ranges in flight, into a partial file on disk that survives a dropped
+connection or a restart of either side (only the missing ranges are fetched again), checks it
+against the delivery's roots (``_bundle.check_sealed_dir``), and only then signs the ack. The key
+arrives with the settling receipt; it opens the bundle straight into the job's outputs directory,
+checking every chunk against its committed plaintext hash. A chunk that does not open is
+evidence: it submits a ``SlashBadKey`` (chunk and proof read from disk). So the requester holds
+no output before the payment is irrevocable, and the provider is paid only once the requester
+could fetch outputs matching the committed root.
 
 Each cheatable step is its own method, so a simulated cheater overrides one.
 """
@@ -25,12 +29,15 @@ import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 import ledger
 from compute import outputs_digest
+from compute.market import _bundle
+from compute.market._bundle import DiskFull, PartialFetch, SealedMeta
 from compute.market._protocol import SettleStep, settle_step
 from compute.market._wire import (
     PROTOCOL_DELIVERED,
@@ -49,7 +56,7 @@ from compute.market.types import (
     chunk_bytes_max,
     log_bytes_max,
     message_bytes_max,
-    output_files_max,
+    outputs_inline_bytes_max,
 )
 from compute.types import JobId as ExecJobId
 from ledger import Cancel, Delivery, DeliveryAck, Receipt, SlashBadKey
@@ -63,21 +70,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpumesh.compute.market")
 
-sealed_chunks_per_request = 512
-"""Ciphertext chunks per ``PROTOCOL_SEALED_CHUNKS`` answer (~560 KB with their hashes)."""
+sealed_chunks_per_request = _bundle.range_chunks
+"""Ciphertext chunks per ``PROTOCOL_SEALED_CHUNKS`` answer (1 MiB of plaintext: ~1.05 MiB
+with the tags and plaintext hashes)."""
+fetch_window = 4
+"""Range requests a requester keeps in flight to one provider (the provider takes up to
+``inbound_streams_per_peer_max`` streams from one peer)."""
+sync_ranges = 64
+"""A requester syncs its partial file and records the ranges it has every this many ranges."""
 ack_margin_ms_min = 1_000
 """A provider stops waiting for the ack a quarter of the attempt's slack (at least this) before
 the deadline and gives the trade up, so its Cancel still commits in time (past the deadline a
 Refund would slash it)."""
 fetch_attempts_max = 5
+"""Fetch attempts in a row that get nothing new before a settled job's outputs count as
+unavailable (one that makes progress starts the count again)."""
 fetch_retry_s = 0.5
 delivery_poll_blocks = 2
 """While a trade is open the requester asks for the delivery on a provider's notice, or
 every this many blocks (a notice can be lost, or sent before a restart)."""
-bundles_cached_max = 8
-"""Sealed bundles a provider (fetched ones a requester) keeps in memory, each up to the
-outputs cap; an evicted one is rebuilt on demand (re-sealed from the job directory to the same
-bytes, or fetched again)."""
+sealed_cached_max = 1024
+"""Sealed bundles a provider (fetched ones a requester) remembers (their roots and where
+they lie on disk, not their bytes); a forgotten one is read again from disk (or re-sealed from
+the job directory to the same bytes)."""
 _KEY_TAG = "gpumesh/output-key/1"
 
 
@@ -87,61 +102,60 @@ def exec_id(attempt_id: bytes) -> ExecJobId:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class OutputBundle:
-    """What a provider seals: the output list and logs, and each file's bytes in list order."""
+class SealedRange:
+    """Sealed chunks ``first ..`` (up to ``sealed_chunks_per_request``) and their plaintext
+    hashes, each laid end to end."""
 
-    info: OutputsInfo
-    blobs: tuple[bytes, ...]
+    first: int
+    plain_hashes: bytes
+    chunks: bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SealedOffer:
-    """The provider's answer to ``PROTOCOL_SEALED``: its signed delivery and the first
-    ``sealed_chunks_per_request`` chunks (all of them, for most jobs: one round trip)."""
+    """The provider's answer to ``PROTOCOL_SEALED``: its signed delivery and the first range
+    of chunks (all of them, for a bundle under 1 MiB: one round trip)."""
 
     delivery: Delivery
-    first: SealedChunks
+    first: SealedRange
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChunkRange:
-    """Ask for sealed chunks ``first ..`` of an attempt's bundle."""
+    """Ask for the range of sealed chunks that starts at ``first`` of an attempt's bundle."""
 
     job_id: bytes
     first: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SealedChunks:
-    """Up to ``sealed_chunks_per_request`` ciphertext chunks and their plaintext hashes."""
-
-    chunks: tuple[bytes, ...]
-    plain_hashes: tuple[bytes, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Sealed:
-    """A provider's sealed bundle of one attempt (in memory; rebuilt the same after a
-    restart: the key is derived from the provider's key and the attempt id)."""
+    """A provider's sealed bundle of one attempt, on disk in ``directory`` (kept there; the
+    same bytes after a re-seal: the key is derived from the provider's key and the attempt)."""
 
     key: bytes
-    chunks: tuple[bytes, ...]
-    plain_hashes: tuple[bytes, ...]
+    directory: Path
+    output_bytes: int
     delivery: Delivery
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Fetched:
-    """What a requester fetched of one attempt: the delivery and its checked ciphertext."""
+    """What a requester fetched of one attempt: the delivery, and its checked ciphertext on
+    disk in ``directory`` (``_bundle``'s layout)."""
 
     delivery: Delivery
-    chunks: tuple[bytes, ...]
-    plain_hashes: tuple[bytes, ...]
+    directory: Path
+    output_bytes: int
 
 
 def bundle_bytes_max(outputs_bytes_max: int) -> int:
-    """Largest sealed bundle a requester fetches: its outputs cap, the logs, framing."""
-    return outputs_bytes_max + 2 * log_bytes_max + 64 * 1024 + 512 * output_files_max
+    """Largest sealed bundle a requester fetches: its outputs cap plus the bundle header."""
+    return _bundle.bundle_bytes_max(outputs_bytes_max)
+
+
+def _bump(counters: dict[str, int], name: str, by: int = 1) -> None:
+    counters[name] = counters.get(name, 0) + by
 
 
 class ProviderExchange:
@@ -152,6 +166,7 @@ class ProviderExchange:
         self.book = book
         self.executor = executor
         self.sealed: OrderedDict[bytes, Sealed] = OrderedDict()
+        self._sealing: dict[bytes, trio.Lock] = {}
         self.acks: dict[bytes, DeliveryAck] = {}
         self._acked: dict[bytes, trio.Event] = {}
 
@@ -166,40 +181,41 @@ class ProviderExchange:
         make and never sends) and the same after a restart."""
         return hashlib.sha256(self.ctx.key.sign(self.ctx.chain_id, _KEY_TAG, aid)).digest()
 
-    def read_bundle(self, record: JobRecord) -> bytes:
-        """The canonical bundle of an attempt's result (blocking: reads the output files)."""
+    def sealed_dir(self, aid: bytes) -> Path:
+        """Where an attempt's sealed bundle lies: beside its work directory, so it goes with
+        the job directory (``[compute] job_dir_retention_s``)."""
+        return self.executor.job_dir(exec_id(aid)) / "sealed"
+
+    def seal_outputs(self, record: JobRecord, key: bytes) -> SealedMeta:
+        """Seal the attempt's outputs to disk, or find them sealed (blocking)."""
         result = record.result
         assert result is not None, "only a job with a result has outputs"
-        out = self.executor.job_dir(exec_id(record.attempt_job_id)) / "work" / "out"
-        blobs = tuple((out / f.path).read_bytes() for f in result.files)
+        aid = record.attempt_job_id
+        out = self.executor.job_dir(exec_id(aid)) / "work" / "out"
         info = OutputsInfo(result.files, result.stdout, result.stderr)
-        return ledger.encode(OutputBundle(info, blobs))
+        return _bundle.seal_outputs(aid, key, info, out, self.sealed_dir(aid))
 
     async def seal(self, record: JobRecord) -> Sealed:
         aid = record.attempt_job_id
-        found = self.sealed.get(aid)
-        if found is not None:
-            return found
-        result = record.result
-        assert result is not None, "only a job with a result has outputs"
-        key = self.output_key(aid)
-
-        def build() -> tuple[bytes, tuple[bytes, ...], bytes, bytes, tuple[bytes, ...], int]:
-            bundle = self.read_bundle(record)
-            return (*ledger.seal(aid, bundle, key=key), len(bundle))
-
-        try:
-            _, chunks, output_root, plain_root, plain_hashes, size = await trio.to_thread.run_sync(
-                build
+        lock = self._sealing.setdefault(aid, trio.Lock())
+        async with lock:  # one sealing of an attempt at a time, however many ask
+            found = self.sealed.get(aid)
+            if found is not None:
+                self.sealed.move_to_end(aid)
+                return found
+            key = self.output_key(aid)
+            try:
+                meta = await trio.to_thread.run_sync(self.seal_outputs, record, key)
+            except OSError as exc:
+                raise MarketError(f"the outputs are unreadable: {exc}") from exc
+            delivery = self.make_delivery(
+                record, meta.output_root, meta.plain_root, meta.output_bytes
             )
-        except OSError as exc:
-            raise MarketError(f"the outputs are unreadable: {exc}") from exc
-        delivery = self.make_delivery(record, output_root, plain_root, size)
-        sealed = Sealed(key, chunks, plain_hashes, delivery)
-        self.sealed[aid] = sealed
-        while len(self.sealed) > bundles_cached_max:
-            self.sealed.popitem(last=False)
-        return sealed
+            sealed = Sealed(key, self.sealed_dir(aid), meta.output_bytes, delivery)
+            self.sealed[aid] = sealed
+            while len(self.sealed) > sealed_cached_max:
+                self.sealed.popitem(last=False)
+            return sealed
 
     def make_delivery(
         self, record: JobRecord, output_root: bytes, plain_root: bytes, size: int
@@ -222,18 +238,31 @@ class ProviderExchange:
         if record.result is None:
             raise NetError(f"the job is {record.state.label}; no outputs yet")
         sealed = await self.seal(record)
-        return ledger.encode(SealedOffer(sealed.delivery, self.chunk_range(sealed, 0)))
+        return ledger.encode(SealedOffer(sealed.delivery, await self.chunk_range(sealed, 0)))
 
-    def chunk_range(self, sealed: Sealed, first: int) -> SealedChunks:
-        end = first + sealed_chunks_per_request
-        return SealedChunks(sealed.chunks[first:end], sealed.plain_hashes[first:end])
+    async def chunk_range(self, sealed: Sealed, first: int) -> SealedRange:
+        if not 0 <= first < ledger.chunk_count(sealed.output_bytes):
+            raise NetError(f"no sealed chunk {first}")
+        try:
+            hashes, chunks = await trio.to_thread.run_sync(
+                self.read_range, sealed, first, sealed_chunks_per_request
+            )
+        except OSError as exc:
+            self.sealed.pop(sealed.delivery.job_id, None)  # sealed again on the next ask
+            raise NetError(f"the sealed outputs are unreadable: {exc}") from exc
+        return SealedRange(first, hashes, chunks)
+
+    def read_range(self, sealed: Sealed, first: int, count: int) -> tuple[bytes, bytes]:
+        """``(plain hashes, chunks)`` of a range, from disk (blocking)."""
+        chunks, hashes = _bundle.read_range(sealed.directory, sealed.output_bytes, first, count)
+        return hashes, chunks
 
     async def on_sealed_chunks(self, peer_id: str, data: bytes) -> bytes:
         ask = decode(ChunkRange, data)
         record = self.job_for_peer(ask.job_id, peer_id)
         if record.result is None:
             raise NetError("no outputs yet")
-        return ledger.encode(self.chunk_range(await self.seal(record), ask.first))
+        return ledger.encode(await self.chunk_range(await self.seal(record), ask.first))
 
     async def on_ack(self, peer_id: str, data: bytes) -> bytes:
         try:
@@ -315,8 +344,10 @@ class ProviderExchange:
                 self.forget(record.attempt_job_id)
 
     def forget(self, aid: bytes) -> None:
-        """Drop what was kept in memory for an attempt that ended."""
+        """Drop what was kept in memory for an attempt that ended (its sealed bundle stays on
+        disk with the job directory: the requester may still fetch it after the receipt)."""
         self.sealed.pop(aid, None)
+        self._sealing.pop(aid, None)
         self.acks.pop(aid, None)
         self._acked.pop(aid, None)
 
@@ -395,6 +426,14 @@ class RequesterExchange:
                 self.acked.discard(data)  # a restarted provider lost our ack: send it again
         return b""
 
+    def fetch_dir(self, aid: bytes) -> Path:
+        """Where an attempt's sealed outputs are fetched to (``_bundle.PartialFetch``)."""
+        return outputs_root(self.ctx) / aid.hex() / "sealed"
+
+    def output_dir(self, aid: bytes) -> Path:
+        """Where an attempt's opened output files lie, once its outputs were paid and opened."""
+        return outputs_root(self.ctx) / aid.hex() / "out"
+
     async def fetch_sealed(
         self,
         record: JobRecord,
@@ -402,9 +441,10 @@ class RequesterExchange:
         plain_root: bytes | None = None,
         output_bytes: int | None = None,
     ) -> Fetched:
-        """The provider's delivery and every sealed chunk, checked against the delivery's
-        roots (or the settled trade's, when given). ``NetError`` when the provider cannot be
-        reached, ``Mismatch`` when what it serves does not match."""
+        """The provider's delivery and every sealed chunk, on disk, checked against the
+        delivery's roots (or the settled trade's, when given). Resumes a partial fetch of the
+        same roots. ``NetError`` when the provider cannot be reached (what came is kept),
+        ``Mismatch`` when what it serves does not match, ``DiskFull`` when it does not fit."""
         peer, aid = record.counterparty_peer_id, record.attempt_job_id
         data = await self.ctx.request(peer, PROTOCOL_SEALED, aid)
         offer = decode(SealedOffer, data, 2 * chunk_bytes_max)
@@ -418,33 +458,98 @@ class RequesterExchange:
         size = delivery.output_bytes if output_bytes is None else output_bytes
         if size > bundle_bytes_max(self.ctx.config.outputs_bytes_max):
             raise Mismatch("the outputs exceed this node's outputs_bytes_max")
-        count = ledger.chunk_count(size)
-        chunks, hashes = list(offer.first.chunks), list(offer.first.plain_hashes)
-        if len(chunks) != len(hashes):
-            raise Mismatch("the provider's chunks and plaintext hashes do not pair up")
-        while len(chunks) < count:
-            ask = ledger.encode(ChunkRange(aid, len(chunks)))
-            part = decode(
-                SealedChunks,
-                await self.ctx.request(peer, PROTOCOL_SEALED_CHUNKS, ask),
-                2 * chunk_bytes_max,
-            )
-            if not part.chunks or len(part.chunks) != len(part.plain_hashes):
-                raise Mismatch("the provider served no sealed chunks")
-            chunks.extend(part.chunks)
-            hashes.extend(part.plain_hashes)
+        meta = SealedMeta(
+            delivery.output_root if output_root is None else output_root,
+            delivery.plain_root if plain_root is None else plain_root,
+            size,
+        )
+        directory = self.fetch_dir(aid)
+        partial = await trio.to_thread.run_sync(PartialFetch, directory, meta)
         try:
-            ledger.check_sealed(
-                aid,
-                chunks,
-                hashes,
-                delivery.output_root if output_root is None else output_root,
-                delivery.plain_root if plain_root is None else plain_root,
-                size,
+            if not partial.checked:
+                await self.fill(record, partial, offer.first)
+                await self.check_fetched(partial)
+        finally:
+            partial.close()
+        return Fetched(delivery, directory, size)
+
+    async def fill(self, record: JobRecord, partial: PartialFetch, first: SealedRange) -> None:
+        """Fetch every range ``partial`` lacks, ``fetch_window`` at a time; what arrived is
+        synced to disk even when the connection drops."""
+        peer, aid = record.counterparty_peer_id, record.attempt_job_id
+        counters = self.ctx.counters
+        if partial.resumed:
+            _bump(counters, "outputs_fetches_resumed")
+            _bump(counters, "outputs_ranges_resumed", partial.resumed)
+            log.info(
+                "outputs of %s: resuming with %d of %d ranges on disk",
+                aid.hex()[:16],
+                partial.resumed,
+                partial.ranges,
+            )
+        size = partial.meta.output_bytes
+        missing = partial.missing()
+        if missing and missing[0] == 0:
+            self.accept(partial, first, 0)
+            missing.pop(0)
+        errors: list[NetError | Mismatch] = []
+
+        async def worker(cancel: trio.CancelScope) -> None:
+            while missing and not errors:
+                start = missing.pop(0)
+                try:
+                    answer = await self.ctx.request(
+                        peer, PROTOCOL_SEALED_CHUNKS, ledger.encode(ChunkRange(aid, start))
+                    )
+                    self.accept(partial, decode(SealedRange, answer, 2 * chunk_bytes_max), start)
+                except (NetError, Mismatch) as exc:  # the first one ends the fetch
+                    errors.append(exc)
+                    cancel.cancel()
+                    return
+                _bump(counters, "outputs_ranges_fetched")
+                if partial.unsynced >= sync_ranges:
+                    await trio.to_thread.run_sync(partial.sync)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(fetch_window, len(missing))):
+                    nursery.start_soon(worker, nursery.cancel_scope)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial.sync)
+        if errors:
+            raise errors[0]
+        assert partial.complete() or size == 0, "a fetch ended with ranges missing"
+
+    def accept(self, partial: PartialFetch, part: SealedRange, start: int) -> None:
+        """Write a served range after checking its shape (its bytes are checked against the
+        roots once the whole bundle is there)."""
+        count, nbytes = _bundle.range_bytes(partial.meta.output_bytes, start)
+        if part.first != start or len(part.plain_hashes) != 32 * count:
+            raise Mismatch(f"the provider served range {part.first}, not {start}, or short")
+        if len(part.chunks) != nbytes:
+            raise Mismatch(f"range {start} is {len(part.chunks)} bytes, not {nbytes}")
+        partial.write(start, part.chunks, part.plain_hashes)
+
+    async def check_fetched(self, partial: PartialFetch) -> None:
+        """The whole fetched bundle against its roots. A resumed one that does not match is
+        fetched again from scratch before it is held against the provider."""
+        meta = partial.meta
+        try:
+            await trio.to_thread.run_sync(
+                _bundle.check_sealed_dir,
+                partial.directory,
+                meta.output_root,
+                meta.plain_root,
+                meta.output_bytes,
             )
         except ledger.OutputsError as exc:
+            partial.close()
+            await trio.to_thread.run_sync(_bundle.remove_dir, partial.directory)
+            if partial.resumed:
+                raise NetError(f"the resumed outputs do not check ({exc}); fetching again") from exc
             raise Mismatch(f"the sealed outputs do not match the delivery: {exc}") from exc
-        return Fetched(delivery, tuple(chunks), tuple(hashes))
+        partial.mark_checked()
 
     def may_ack(self, record: JobRecord, delivery: Delivery) -> bool:
         """Whether this checked delivery may be acked now (``--verify``: only once a majority
@@ -463,16 +568,21 @@ class RequesterExchange:
         if fetched is None:
             try:
                 fetched = await self.fetch_sealed(record)
-            except NetError as exc:
-                log.debug("sealed outputs of %s not ready: %s", aid.hex()[:16], exc)
+            except DiskFull as exc:
+                self.book.update(record, error=str(exc))
+                log.warning("job %s: %s", record.job_id.hex()[:16], exc)
                 return
             except Mismatch as exc:
+                await trio.to_thread.run_sync(_bundle.remove_dir, self.fetch_dir(aid))
                 self.refused[aid] = str(exc)
                 self.book.update(record, error=str(exc))
                 log.warning("job %s: delivery refused: %s", record.job_id.hex()[:16], exc)
                 return
+            except NetError as exc:
+                log.debug("sealed outputs of %s not ready: %s", aid.hex()[:16], exc)
+                return
             self.fetched[aid] = fetched
-            while len(self.fetched) > bundles_cached_max:
+            while len(self.fetched) > sealed_cached_max:
                 self.fetched.popitem(last=False)
         if not self.may_ack(record, fetched.delivery):
             return
@@ -515,6 +625,26 @@ class RequesterExchange:
                 nursery.start_soon(block)
                 nursery.start_soon(noticed)
 
+    def read_outputs(self, record: JobRecord) -> tuple[dict[str, bytes], Path]:
+        """A done attempt's output files: their bytes when they add up to
+        ``outputs_inline_bytes_max`` at most (else ``{}``), and the directory they lie in.
+        (A job done before outputs went to disk has them in the job store.)"""
+        directory = self.output_dir(record.attempt_job_id)
+        total = sum(f.size_bytes for f in record.outputs)
+        outputs: dict[str, bytes] = {}
+        for file in record.outputs:
+            if total > outputs_inline_bytes_max:
+                break
+            try:
+                data = (directory / file.path).read_bytes()
+            except FileNotFoundError:
+                stored = self.ctx.store.blob(file.sha256)
+                if stored is None:
+                    raise MarketError(f"output {file.path!r} is missing from {directory}") from None
+                data = stored
+            outputs[file.path] = data
+        return outputs, directory
+
     def cancel_reason(self, record: JobRecord) -> str:
         """Why the provider gave the attempt up, as this side saw it."""
         refused = self.refused.get(record.attempt_job_id)
@@ -534,16 +664,20 @@ class RequesterExchange:
             table.pop(aid, None)
         self.acked.discard(aid)
         last_error = ""
-        for _ in range(fetch_attempts_max):
+        fruitless = 0
+        while fruitless < fetch_attempts_max:
             if fetched is not None and fetched.delivery.output_root == trade.output_root:
                 break
+            before = self.ctx.counters.get("outputs_ranges_fetched", 0)
             try:
                 fetched = await self.fetch_sealed(
                     record, trade.output_root, trade.plain_root, trade.output_bytes
                 )
-            except NetError as exc:
+            except (NetError, DiskFull) as exc:
                 last_error = str(exc)
-                await trio.sleep(fetch_retry_s)
+                progressed = self.ctx.counters.get("outputs_ranges_fetched", 0) > before
+                fruitless = 0 if progressed else fruitless + 1
+                await trio.sleep(fetch_retry_s * (1 + fruitless))
                 continue
             except Mismatch as exc:
                 self.mismatch(record, str(exc))
@@ -553,20 +687,23 @@ class RequesterExchange:
                 record, JobState.FAILED, f"settled, but the outputs are unavailable: {last_error}"
             )
             return
-        opened = await trio.to_thread.run_sync(
-            ledger.open_sealed, aid, trade.key, fetched.chunks, fetched.plain_hashes
-        )
+        dest = self.output_dir(aid)
+        try:
+            opened = await trio.to_thread.run_sync(
+                _bundle.open_sealed_dir, aid, trade.key, fetched.directory, trade.output_bytes, dest
+            )
+        except OSError as exc:
+            # Our disk, not the provider: the job fails here, the ciphertext is kept.
+            raise MarketError(f"the outputs could not be written to {dest}: {exc}") from exc
         if isinstance(opened, int):
             await self.slash_bad_key(record, fetched, opened)
             return
-        try:
-            bundle = ledger.decode(OutputBundle, opened, max_bytes=len(opened))
-            blobs = self.check_bundle(bundle)
-        except (ledger.DecodeError, Mismatch) as exc:
-            self.mismatch(record, f"the opened outputs are malformed: {exc}")
+        if isinstance(opened, str):
+            self.mismatch(record, f"the opened outputs are malformed: {opened}")
             return
-        self.ctx.store.put_blobs(blobs)
-        info = bundle.info
+        # The files are in place: the ciphertext is no longer needed.
+        await trio.to_thread.run_sync(_bundle.remove_dir, fetched.directory)
+        info = opened
         result = RunResult(
             outcome="succeeded" if receipt.exit_status == 0 else "failed",
             reason="",
@@ -579,20 +716,13 @@ class RequesterExchange:
         )
         self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
 
-    def check_bundle(self, bundle: OutputBundle) -> list[bytes]:
-        files = bundle.info.files
-        if len(files) != len(bundle.blobs) or len(files) > output_files_max:
-            raise Mismatch("the bundle's files and blobs do not pair up")
-        for file, blob in zip(files, bundle.blobs, strict=True):
-            if len(blob) != file.size_bytes or ledger.digest(blob) != file.sha256:
-                raise Mismatch(f"output {file.path!r} does not match its SHA-256")
-        return list(bundle.blobs)
-
     async def slash_bad_key(self, record: JobRecord, fetched: Fetched, index: int) -> None:
         """The revealed key fails chunk ``index``: submit the evidence (half the slash is
-        ours), and mark the job."""
+        ours), and mark the job. The ciphertext is deleted once the slash is decided."""
         aid = record.attempt_job_id
-        leaves = ledger.output_leaves(fetched.chunks, fetched.plain_hashes)
+        chunk, plain_hash, proof = await trio.to_thread.run_sync(
+            _bundle.evidence, fetched.directory, fetched.output_bytes, index
+        )
 
         def build(nonce: int) -> ledger.Transaction:
             return self.ctx.sign(
@@ -601,9 +731,9 @@ class RequesterExchange:
                     fee=self.ctx.fee(),
                     job_id=ledger.JobId(aid),
                     index=index,
-                    chunk=fetched.chunks[index],
-                    plain_hash=fetched.plain_hashes[index],
-                    proof=ledger.merkle_proof(leaves, index),
+                    chunk=chunk,
+                    plain_hash=plain_hash,
+                    proof=proof,
                 )
             )
 
@@ -611,9 +741,18 @@ class RequesterExchange:
             ok, error = await self.ctx.submit_and_commit(build, lambda _: None)
         except ChainRejected as exc:
             ok, error = False, str(exc)
+        await trio.to_thread.run_sync(_bundle.remove_dir, fetched.directory)
         outcome = "the provider was slashed" if ok else f"the slash failed: {error}"
         self.mismatch(record, f"the revealed key does not open output chunk {index}; {outcome}")
 
     def mismatch(self, record: JobRecord, why: str) -> None:
         record = self.book.update(record, state=JobState.OUTPUT_MISMATCH, error=why)
         log.warning("job %s: provider outputs rejected: %s", record.job_id.hex()[:16], why)
+
+
+def outputs_root(ctx: Context) -> Path:
+    """A requester's outputs directory: one folder per attempt, ``<attempt id>/sealed`` while
+    fetching (``_bundle.PartialFetch``), ``<attempt id>/out`` once opened. ``[market]
+    outputs_dir``, by default beside the job store."""
+    configured = ctx.config.outputs_dir
+    return Path(configured) if configured else Path(ctx.store.path + "-blobs") / "outputs"

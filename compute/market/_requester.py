@@ -406,12 +406,7 @@ class Requester:
             record = done[0] if done else record
         if record.state is not JobState.DONE:
             raise JobNotReady(f"job {job_id.hex()[:16]} is {record.state.label}, not done")
-        outputs: dict[str, bytes] = {}
-        for file in record.outputs:
-            data = self.ctx.store.blob(file.sha256)
-            if data is None:
-                raise MarketError(f"output {file.path!r} is missing from the job store")
-            outputs[file.path] = data
+        outputs, directory = await trio.to_thread.run_sync(self.exchange.read_outputs, record)
         result = record.result
         return JobResultView(
             job_id=job_id,
@@ -420,6 +415,8 @@ class Requester:
             stdout=result.stdout if result else b"",
             stderr=result.stderr if result else b"",
             receipt=record.receipt,
+            files=record.outputs,
+            output_dir=str(directory),
         )
 
     async def logs(

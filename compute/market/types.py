@@ -35,6 +35,8 @@ chunk_bytes_max = 1024 * 1024
 """Largest blob chunk one fetch request returns (a p2p response is capped at 16 MiB)."""
 log_bytes_max = 1024 * 1024
 """Most stdout (and, separately, stderr) a job record keeps."""
+outputs_inline_bytes_max = 1024 * 1024
+"""Output files up to this in total also come inline in ``JobResultView.outputs``."""
 text_chars_max = 4096
 
 
@@ -416,9 +418,14 @@ class JobResultView:
     job_id: bytes
     state: JobState
     outputs: dict[str, bytes]
+    """The output files' bytes, only when they add up to ``outputs_inline_bytes_max`` at
+    most (else empty: read them from ``output_dir``)."""
     stdout: bytes
     stderr: bytes
     receipt: Receipt | None
+    files: tuple[OutputFile, ...] = ()
+    output_dir: str = ""
+    """Where the opened output files lie on this node (``files``' paths are under it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,7 +441,12 @@ class MarketConfig:
     """How long a provider holds slots for an award whose trade has not opened on chain."""
     reservation_ms: int = 10_000
     inputs_bytes_max: int = 8 * 1024 * 1024
-    outputs_bytes_max: int = 64 * 1024 * 1024
+    outputs_bytes_max: int = 16 * 1024**3
+    """Most output bytes of one job a requester fetches (it also needs twice that free disk:
+    the sealed copy while fetching, the opened files)."""
+    outputs_dir: str = ""
+    """Requester: where fetched and opened outputs go (``_exchange.outputs_root``); empty:
+    beside the job store."""
     request_timeout_s: float = 10.0
     stake: int = 0
     """A provider keeps at least this much bonded (and at least the chain's
@@ -455,7 +467,7 @@ class MarketConfig:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool | str):
                 continue
             if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"[market] {field.name} must be a number >= 0")

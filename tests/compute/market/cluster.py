@@ -36,6 +36,7 @@ from compute.market import (
     ProviderSide,
     Role,
 )
+from compute.market._wire import PROTOCOL_SEALED, PROTOCOL_SEALED_CHUNKS
 from compute.market.testing import LocalChain
 from ledger.testing import funded_genesis
 from node._market import MeshNet
@@ -62,7 +63,7 @@ class TamperingNet(MeshNet):
     last plaintext hash: the chunks no longer match the committed root)."""
 
     def set_handler(self, protocol: str, handler: Callable[[str, bytes], Awaitable[bytes]]) -> None:
-        if protocol in ("/gpumesh/market/sealed/1", "/gpumesh/market/sealed-chunks/1"):
+        if protocol in (PROTOCOL_SEALED, PROTOCOL_SEALED_CHUNKS):
 
             async def tampered(peer_id: str, request: bytes) -> bytes:
                 data = await handler(peer_id, request)

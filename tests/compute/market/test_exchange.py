@@ -4,18 +4,22 @@ wrong key earns (a provider whose receipt reveals a key that does not open its o
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compute.market import JobState
 from compute.market._exchange import RequesterExchange
-from compute.market._wire import PROTOCOL_LOGS, PROTOCOL_OUTPUT, PROTOCOL_OUTPUTS
+from compute.market._wire import (
+    PROTOCOL_LOGS,
+    PROTOCOL_OUTPUT,
+    PROTOCOL_OUTPUTS,
+    PROTOCOL_SEALED_CHUNKS,
+)
 from compute.market.exceptions import NetError
 from tests.compute.market.cluster import open_cluster
 from tests.compute.market.test_market import copy_job
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import ledger
     from compute.market.types import JobRecord
 
@@ -70,3 +74,40 @@ async def test_the_requester_is_never_served_plaintext_before_it_pays(tmp_path: 
         assert asked, "the requester never looked before paying"
         for protocol, data in seen:
             assert b"secret result" not in data and b"warn" not in data, f"{protocol} leaked"
+
+
+async def test_a_cut_fetch_of_large_outputs_resumes_with_the_ranges_it_has(
+    tmp_path: Path,
+) -> None:
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
+        requester, provider = cluster.requester, cluster.nodes[1]
+        exchange = requester.market.requester.exchange
+        served: list[int] = []
+        honest_request = exchange.ctx.request
+
+        async def flaky(peer_id: str, protocol: str, payload: bytes) -> bytes:
+            # The connection "drops" once, after a few ranges came.
+            if protocol == PROTOCOL_SEALED_CHUNKS:
+                served.append(1)
+                if len(served) == 4:
+                    raise NetError("connection reset (test)")
+            return await honest_request(peer_id, protocol, payload)
+
+        exchange.ctx.request = flaky  # type: ignore[method-assign]
+        script = 'head -c 6000000 /dev/zero | tr "\\0" "x" > "$GPUMESH_OUTPUT_DIR/big.txt"'
+        record = await requester.market.submit(copy_job(b"", argv=("sh", "-c", script)))
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 90)
+        counters = exchange.ctx.counters
+        ranges = -(-6_000_000 // (1024 * 1024))
+        assert counters.get("outputs_fetches_resumed", 0) >= 1, counters
+        fetched = counters.get("outputs_ranges_fetched", 0)
+        assert fetched <= ranges + 1, f"{fetched} ranges fetched for {ranges}: it started over"
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {}, "6 MB of outputs do not come inline"
+        big = Path(result.output_dir) / "big.txt"
+        assert big.read_bytes() == b"x" * 6_000_000, "the opened output differs"
+        sealed = exchange.fetch_dir(record.attempt_job_id)
+        assert not sealed.exists(), "the ciphertext is deleted once opened"
+        role = provider.market.provider
+        assert role is not None
+        assert (role.exchange.sealed_dir(record.attempt_job_id) / "roots").exists(), "kept"
