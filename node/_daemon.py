@@ -93,6 +93,8 @@ class Node:
                 bid_window_ms=config.market.bid_window_ms,
                 bid_timeout_ms=config.market.bid_timeout_ms,
                 spot_check_rate=config.market.spot_check_percent / 100,
+                outputs_bytes_max=config.market.outputs_bytes_max,
+                outputs_dir=str(home.data_dir / "blobs" / "outputs"),
                 image_cache_bytes_max=config.images.cache_bytes_max,
             ),
             images=self.compute.images,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -174,6 +178,48 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+class OutputsExportError(Exception):
+    """Raised when a job's outputs cannot be copied where asked (the reason says why)."""
+
+
+def export_outputs(view: market.JobResultView, dest: Path) -> list[str]:
+    """Copy the job's output files from the node's outputs directory into ``dest`` (blocking).
+    Each file goes to a temporary name first, renamed once whole; on any failure (a full
+    disk included) the files copied so far by this call are removed again."""
+    source = Path(view.output_dir)
+    total = sum(f.size_bytes for f in view.files)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(dest).free
+    except OSError as exc:
+        raise OutputsExportError(f"cannot write to {dest}: {exc}") from None
+    if free < total:
+        raise OutputsExportError(f"{dest} has {free} bytes free; the outputs need {total}")
+    root = dest.resolve()
+    written: list[Path] = []
+    tmp: Path | None = None
+    try:
+        for file in view.files:
+            target = (root / file.path).resolve()
+            if root not in target.parents:
+                raise OutputsExportError(f"refusing to write output {file.path!r} outside {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            if (source / file.path).exists():
+                shutil.copyfile(source / file.path, tmp)
+            else:  # a small job done before outputs went to disk: inline only
+                tmp.write_bytes(view.outputs[file.path])
+            tmp.replace(target)
+            tmp = None
+            written.append(target)
+    except (OSError, KeyError) as exc:
+        for path in [*written, *([tmp] if tmp is not None else [])]:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise OutputsExportError(f"the outputs could not be copied to {dest}: {exc}") from None
+    return [file.path for file in view.files]
+
+
 def _job_id(text: Any) -> bytes:
     return hex_param(text, "job_id")
 
@@ -287,21 +333,42 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         except market.MarketError as exc:
             raise RpcError(JOB_REJECTED, str(exc)) from None
 
-    async def job_result(job_id: str) -> dict[str, Any]:
+    async def result_view(job_id: str) -> market.JobResultView:
         try:
-            view = await service.result(_job_id(job_id))
+            return await service.result(_job_id(job_id))
         except market.UnknownJob:
             raise RpcError(JOB_NOT_FOUND, "no such job requested from this node") from None
         except market.JobNotReady as exc:
             raise RpcError(JOB_NOT_READY, str(exc)) from None
+        except market.MarketError as exc:
+            raise RpcError(JOB_NOT_READY, str(exc)) from None
+
+    async def job_result(job_id: str) -> dict[str, Any]:
+        view = await result_view(job_id)
         return {
             "job_id": view.job_id.hex(),
             "state": view.state.name.lower(),
             "outputs": {name: _b64(data) for name, data in view.outputs.items()},
+            "outputs_inline": len(view.outputs) == len(view.files),
+            "files": [
+                {"path": f.path, "size_bytes": f.size_bytes, "sha256": f.sha256.hex()}
+                for f in view.files
+            ],
+            "outputs_dir": view.output_dir,
             "stdout": _b64(view.stdout),
             "stderr": _b64(view.stderr),
             "receipt": None if view.receipt is None else to_json(view.receipt),
         }
+
+    async def job_outputs(job_id: str, dir: str) -> dict[str, Any]:
+        view = await result_view(job_id)
+        if not isinstance(dir, str) or not os.path.isabs(dir):
+            raise RpcError(INVALID_PARAMS, "dir must be an absolute path on this node's machine")
+        try:
+            written = await trio.to_thread.run_sync(export_outputs, view, Path(dir))
+        except OutputsExportError as exc:
+            raise RpcError(JOB_REJECTED, str(exc)) from None
+        return {"dir": dir, "files": written, "bytes": sum(f.size_bytes for f in view.files)}
 
     async def job_logs(job_id: str) -> dict[str, Any]:
         try:
@@ -369,9 +436,18 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
     registry.register(
         "job_result",
         job_result,
-        description="A finished job's outputs (base64), stdout, stderr and receipt.",
+        description="A finished job's output list, where the files lie on this node, stdout, "
+        "stderr and receipt; the files' bytes (base64) only when they add up to 1 MiB at most.",
         params=(job_id_param,),
         result=Result("object"),
+    )
+    registry.register(
+        "job_outputs",
+        job_outputs,
+        description="Copy a finished job's output files into a directory on this node's "
+        "machine (made if missing; files there of the same names are replaced).",
+        params=(job_id_param, Param("dir", "string", True, "Absolute path of the directory.")),
+        result=Result("object", "The directory, the paths written and their total bytes."),
     )
     registry.register(
         "job_logs",

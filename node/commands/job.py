@@ -81,7 +81,17 @@ def register(sub: Subparsers) -> None:
         jsub, "result", cmd_result, help="a finished job's outputs, stdout, stderr and receipt"
     )
     j.add_argument("job_id")
-    j.add_argument("--output-dir", type=Path, default=None)
+    j.add_argument(
+        "--out",
+        "--output-dir",
+        dest="output_dir",
+        type=Path,
+        default=None,
+        help="write the output files into this directory",
+    )
+    j = add_command(jsub, "outputs", cmd_outputs, help="write a finished job's output files")
+    j.add_argument("job_id")
+    j.add_argument("--out", dest="output_dir", type=Path, required=True, metavar="DIR")
     j = add_command(jsub, "logs", cmd_logs, help="a job's stdout and stderr so far")
     j.add_argument("job_id")
     j = add_command(jsub, "cancel", cmd_cancel, help="cancel a job (refunds the escrow)")
@@ -135,22 +145,55 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_result(args: argparse.Namespace) -> int:
     result = call(args.home, "job_result", {"job_id": args.job_id})
+    if args.output_dir is not None:
+        write_outputs(args.home, args.job_id, args.output_dir, result)
     return emit(args, result, show_result(result, args.output_dir))
+
+
+def cmd_outputs(args: argparse.Namespace) -> int:
+    written = write_outputs(args.home, args.job_id, args.output_dir)
+    return emit(args, written, f"{len(written['files'])} output files written to {args.output_dir}")
+
+
+def write_outputs(
+    home: Path, job_id: str, output_dir: Path, result: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The daemon (on this machine) copies the outputs into ``output_dir``: no bytes go
+    through the RPC. A result that came inline is written here instead when the daemon
+    cannot see the directory (a node on another machine)."""
+    target = output_dir.absolute()
+    try:
+        written: dict[str, Any] = call(home, "job_outputs", {"job_id": job_id, "dir": str(target)})
+    except NodeError:
+        if result is None or not result.get("outputs_inline", True):
+            raise
+        return {"dir": str(target), "files": _write_inline(result, output_dir)}
+    return written
+
+
+def _write_inline(result: dict[str, Any], output_dir: Path) -> list[str]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in result["outputs"].items():
+        target = (output_dir / name).resolve()
+        if output_dir.resolve() not in target.parents:
+            raise NodeError(f"refusing to write output {name!r} outside {output_dir}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(base64.b64decode(data))
+    return list(result["outputs"])
 
 
 def show_result(result: dict[str, Any], output_dir: Path | None) -> str:
     lines = [f"state: {result['state']}"]
+    files = result.get("files") or [{"path": name} for name in result["outputs"]]
     if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in result["outputs"].items():
-            target = (output_dir / name).resolve()
-            if output_dir.resolve() not in target.parents:
-                raise NodeError(f"refusing to write output {name!r} outside {output_dir}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(base64.b64decode(data))
-        lines.append(f"{len(result['outputs'])} output files written to {output_dir}")
+        lines.append(f"{len(files)} output files written to {output_dir}")
     else:
-        lines.append("outputs: " + (", ".join(result["outputs"]) or "(none)"))
+        shown = [
+            f"{f['path']} ({f['size_bytes']} B)" if "size_bytes" in f else f["path"] for f in files
+        ]
+        lines.append("outputs: " + (", ".join(shown) or "(none)"))
+        if result.get("outputs_dir") and files:
+            lines.append(f"on this node in {result['outputs_dir']} (--out DIR copies them)")
     stdout = base64.b64decode(result["stdout"]).decode(errors="replace")
     if stdout:
         lines.append("--- stdout ---\n" + stdout.rstrip())
@@ -217,6 +260,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job = trio.run(follow_submit, args.home, params, not args.json)
     if job["state"] == "done":
         result = call(args.home, "job_result", {"job_id": job["id"]})
+        if args.output_dir is not None:
+            write_outputs(args.home, job["id"], args.output_dir, result)
         if args.json:
             job["result"] = result
         else:
