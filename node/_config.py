@@ -163,10 +163,21 @@ class ImagesSection:
     cache_bytes_max: int = 64 * 1024**3
     """Past this, images fetched for jobs are evicted, least recently used first (never one a
     job runs in, never one imported with ``gpumesh image import``)."""
+    registry: str = ""
+    """As a provider, pull a job's image from here before asking its requester: a skopeo
+    source with ``{hex}`` for the manifest digest, e.g.
+    ``docker://mirror.example/gpumesh@sha256:{hex}`` or ``oci:/srv/images:{hex}`` (needs
+    ``skopeo``; a failed pull falls back to the requester)."""
 
     def __post_init__(self) -> None:
         if self.cache_bytes_max < 0:
             raise ConfigError("[images] cache_bytes_max must be >= 0")
+        if self.registry and (
+            "{hex}" not in self.registry or not self.registry.startswith(("docker://", "oci:"))
+        ):
+            raise ConfigError(
+                '[images] registry must start with "docker://" or "oci:" and contain {hex}'
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,6 +96,7 @@ class Node:
                 outputs_bytes_max=config.market.outputs_bytes_max,
                 outputs_dir=str(home.data_dir / "blobs" / "outputs"),
                 image_cache_bytes_max=config.images.cache_bytes_max,
+                image_registry=config.images.registry,
             ),
             images=self.compute.images,
         )

@@ -15,6 +15,13 @@ unpacked by umoci), with origin ``mesh``: a cache entry that ``ImageStore.evict`
 least recently used first and never while a job runs in it, once the store passes the
 provider's ``cache_bytes_max``.
 
+A provider configured with a registry (``[images] registry``: a skopeo source with ``{hex}``
+for the manifest digest, e.g. ``docker://mirror.example/gpumesh@sha256:{hex}`` or
+``oci:/srv/images:{hex}``) pulls a missing image from it first (``skopeo copy
+--preserve-digests`` into an OCI layout, imported the same way); the digest pins the content,
+so a registry can only fail, never substitute. Without skopeo, or when the pull fails, it
+says why in the log and fetches from the requester as usual.
+
 The requester serves only the blobs of the image of the job the asking peer was awarded
 (``serve_image_blob``). Transport is ``Context.request``, so the seeded simulation runs it too.
 """
@@ -27,6 +34,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -55,6 +63,8 @@ fetch_retry_s = 0.5
 fetch_dirs_max = 16
 """Partial fetches kept for resuming; the oldest beyond this are removed."""
 disk_headroom_factor = 3
+skopeo_timeout_s = 600.0
+skopeo_error_chars_max = 500
 """Free disk a fetch needs: the blobs plus room for their unpacked root (gzip layers grow)."""
 
 
@@ -156,11 +166,14 @@ class ImageFetcher:
         images: ImageStore | None,
         *,
         cache_bytes_max: int,
+        registry: str = "",
         retry_s: float = fetch_retry_s,
     ) -> None:
         self.ctx = ctx
         self.images = images
         self.cache_bytes_max = cache_bytes_max
+        self.registry = registry
+        self.skopeo = shutil.which("skopeo") if registry else None
         self.retry_s = retry_s
         self._fetching: dict[str, trio.Event] = {}
 
@@ -188,12 +201,75 @@ class ImageFetcher:
             await busy.wait()  # another job fetches the same image: then it is cached
         done = self._fetching[hex_] = trio.Event()
         try:
-            await self._fetch(peer, job_id, image, images)
+            if not (self.registry and await self._pull(image, images)):
+                await self._fetch(peer, job_id, image, images)
+                self._count("image_fetches")
         finally:
             del self._fetching[hex_]
             done.set()
-        self._count("image_fetches")
         return ref
+
+    async def _make_room(self, images: ImageStore, need: int, keep: str) -> None:
+        """Evict cached images so ``need`` more bytes (blobs and root) fit the cache."""
+        target = max(self.cache_bytes_max - need, 0)
+        await trio.to_thread.run_sync(lambda: images.evict(target, keep=frozenset({keep})))
+
+    async def _pull(self, image: ImageDescriptor, images: ImageStore) -> bool:
+        """The image from the configured registry; False (and why, in the log) if not."""
+        hex_ = image.manifest_sha256.hex()
+        if self.skopeo is None:
+            log.warning(
+                "[images] registry is set but skopeo is not installed (apt-get install "
+                "skopeo): image %s is fetched from the requester",
+                hex_[:12],
+            )
+            self._count("image_pull_failures")
+            return False
+        source = self.registry.replace("{hex}", hex_)
+        root = images.directory / "pull" / hex_
+        await trio.to_thread.run_sync(shutil.rmtree, root, True)
+        root.mkdir(parents=True, mode=0o700)
+        await self._make_room(images, image.total_bytes * 2, hex_)
+        argv = [self.skopeo, "copy", "--preserve-digests", "--quiet", source, f"oci:{root}:image"]
+        why = ""
+        try:
+            done = await trio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=skopeo_timeout_s,
+                    check=False,
+                )
+            )
+            if done.returncode != 0:
+                tail = done.stderr[-skopeo_error_chars_max:].decode(errors="replace").strip()
+                why = f"skopeo exited {done.returncode}: {tail}"
+            else:
+                index = json.loads((root / "index.json").read_bytes())
+                digests = [m.get("digest") for m in index.get("manifests") or ()]
+                if digests != [image_ref(image)]:
+                    why = f"the registry gave manifest(s) {digests}, not {image_ref(image)}"
+                else:
+                    await trio.to_thread.run_sync(images.import_layout, root)
+        except (OSError, ValueError, AttributeError, subprocess.TimeoutExpired) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        except ImageError as exc:
+            why = f"the pulled image is not acceptable: {exc}"
+        finally:
+            await trio.to_thread.run_sync(shutil.rmtree, root, True)
+        if why:
+            log.warning(
+                "pulling image %s from %s failed (%s): fetching it from the requester",
+                hex_[:12],
+                source,
+                why,
+            )
+            self._count("image_pull_failures")
+            return False
+        self._count("image_pulls")
+        log.info("image %s pulled from %s", hex_[:12], source)
+        return True
 
     async def _fetch(
         self, peer: str, job_id: bytes, image: ImageDescriptor, images: ImageStore
@@ -266,10 +342,7 @@ class ImageFetcher:
             raise Mismatch(f"the image's blobs are {total} bytes, not {image.total_bytes}")
         missing = [b for b in wanted.values() if images.blob_path(b.hex) is None]
         need = sum(b.size for b in missing)
-        keep = frozenset({manifest_blob.hex})
-        await trio.to_thread.run_sync(
-            lambda: images.evict(max(self.cache_bytes_max - need * 2, 0), keep=keep)
-        )
+        await self._make_room(images, need * 2, manifest_blob.hex)
         free = (await trio.to_thread.run_sync(shutil.disk_usage, blobs)).free
         if free < need * disk_headroom_factor:
             raise MarketError(

@@ -146,6 +146,7 @@ class Provider:
             ctx,
             getattr(side.executor, "images", None),
             cache_bytes_max=ctx.config.image_cache_bytes_max,
+            registry=ctx.config.image_registry,
         )
 
     def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:

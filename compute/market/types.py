@@ -463,6 +463,9 @@ class MarketConfig:
     """Provider starts a job only once it sees the trade OPEN on chain (the safe default)."""
     image_cache_bytes_max: int = 64 * 1024**3
     """Provider: images fetched for jobs past this are evicted, least recently used first."""
+    image_registry: str = ""
+    """Provider: a skopeo source with ``{hex}`` to pull a job's image from before asking the
+    requester ("": always from the requester)."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -229,3 +229,38 @@ async def test_the_cache_evicts_unused_fetched_images_least_recently_used_first(
     removed = provider.evict(0)
     assert {i.ref for i in removed} == {refs[0], refs[1]}
     assert [i.ref for i in provider.images()] == [user.ref], "a user's import is never evicted"
+
+
+async def test_a_provider_with_a_registry_pulls_and_falls_back_to_the_requester(
+    base: Path,
+) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+
+    async def refuse(payload: bytes) -> bytes:
+        raise AssertionError("a pulled image must not be fetched from the requester")
+
+    ctx = FakeCtx(refuse)
+    # The requester's store is an OCI layout tagged by hex: a registry skopeo can read.
+    registry = f"oci:{requester.directory}:{{hex}}"
+    pulling = ImageFetcher(ctx, provider, cache_bytes_max=1 << 40, registry=registry)  # type: ignore[arg-type]
+    if pulling.skopeo is None:
+        if CI:
+            pytest.fail("CI=true and skopeo is missing")
+        pytest.skip("skopeo missing")
+    assert await pulling.ensure("peer", JOB, descriptor) == image.ref
+    assert ctx.counters["image_pulls"] == 1 and not ctx.asks
+    assert provider.get(image.ref).origin == "mesh"
+    provider.remove(image.ref)
+
+    # A registry without the image, and no skopeo at all: both fetch from the requester.
+    ctx = FakeCtx(honest(requester, job_manifest(descriptor)))
+    missing = ImageFetcher(  # type: ignore[arg-type]
+        ctx, provider, cache_bytes_max=1 << 40, registry=f"oci:{base}/nowhere:{{hex}}", retry_s=0
+    )
+    assert await missing.ensure("peer", JOB, descriptor) == image.ref
+    assert ctx.counters["image_pull_failures"] == 1 and ctx.counters["image_fetches"] == 1
+    provider.remove(image.ref)
+    missing.skopeo = None
+    assert await missing.ensure("peer", JOB, descriptor) == image.ref
+    assert ctx.counters["image_pull_failures"] == 2 and ctx.counters["image_fetches"] == 2

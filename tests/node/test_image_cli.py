@@ -62,3 +62,19 @@ def test_image_import_ls_rm_against_a_live_node(
     assert isinstance(spec, dict)
     names = {m["name"] for m in spec["methods"]}
     assert {"image_import", "image_list", "image_remove"} <= names, "methods not in OpenRPC"
+
+
+def test_the_images_section_validates_its_registry_and_cache() -> None:
+    from node._config import NodeConfig
+    from node.exceptions import ConfigError
+
+    config = NodeConfig.from_dict(
+        {"images": {"registry": "oci:/srv/images:{hex}", "cache_bytes_max": 1 << 30}}
+    )
+    assert config.images.registry == "oci:/srv/images:{hex}"
+    assert "[images]" in config.to_toml()
+    for bad in ("docker://mirror.example/gpumesh", "https://mirror/{hex}"):
+        with pytest.raises(ConfigError, match=r"\[images\] registry"):
+            NodeConfig.from_dict({"images": {"registry": bad}})
+    with pytest.raises(ConfigError, match="cache_bytes_max"):
+        NodeConfig.from_dict({"images": {"cache_bytes_max": -1}})
