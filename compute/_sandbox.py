@@ -49,6 +49,7 @@ import trio
 
 import ledger
 from compute._cgroups import Cgroups, JobCgroup, probe_cgroups
+from compute._files import clone_file
 from compute._gpu_mounts import GpuHost, GpuMountPlan, gpu_mount_plan
 from compute.exceptions import JobSpecError, SandboxError
 from compute.types import (
@@ -146,6 +147,9 @@ class JobSpec:
     env: tuple[tuple[str, str], ...] = ()
     limits: JobLimits = dataclasses.field(default_factory=JobLimits)
     image: str = ""
+    input_files: tuple[tuple[str, str], ...] = ()
+    """Inputs given as files (a node's blobs): relative path in the job directory -> absolute
+    path of the file, cloned in (``clone_file``: a reflink or a copy, never a link)."""
 
     def validate(self) -> None:
         least = 0 if self.image else 1
@@ -158,10 +162,15 @@ class JobSpec:
                 raise JobSpecError("argv item too long or contains NUL")
         if len(self.inputs) > input_files_max:
             raise JobSpecError(f"more than {input_files_max} input files")
+        if len(self.inputs) + len(self.input_files) > input_files_max:
+            raise JobSpecError(f"more than {input_files_max} input files")
         if sum(len(data) for _, data in self.inputs) > input_bytes_max:
-            raise JobSpecError(f"inputs exceed {input_bytes_max} bytes")
+            raise JobSpecError(f"inline inputs exceed {input_bytes_max} bytes")
+        for _, source in self.input_files:
+            if not source.startswith("/") or "\0" in source:
+                raise JobSpecError(f"input file {source[:64]!r} must be an absolute path")
         seen: set[str] = set()
-        for path, _ in self.inputs:
+        for path, _ in (*self.inputs, *self.input_files):
             normal = _safe_relative(path)
             if normal in seen:
                 raise JobSpecError(f"input {path!r} given twice")
@@ -760,6 +769,11 @@ class Executor:
             target = work / rel
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             target.write_bytes(data)
+        for rel, source in spec.input_files:
+            target = work / rel
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            clone_file(source, target)
+            os.chmod(target, 0o600)
         if uid is not None:
             os.chown(job_dir, uid, uid)
             for root, dirs, files in os.walk(job_dir):

@@ -138,6 +138,8 @@ class MarketSection:
     spot_check_percent: int = 0
     """Share (0..100 %) of the jobs submitted here that also run on a second provider, paid
     only if both agree (as ``job submit --verify 2``)."""
+    inputs_bytes_max: int = 16 * 1024**3
+    """Most input bytes of one job: submitted here, or bid on and fetched as a provider."""
     outputs_bytes_max: int = 16 * 1024**3
     """Most output bytes of one job this node fetches as a requester (it needs about twice
     that free disk under ``<data>/blobs/outputs``: the sealed copy, then the opened files)."""
@@ -147,6 +149,8 @@ class MarketSection:
             raise ConfigError("[market] spot_check_percent must be in 0..100")
         if self.stake < 0 or self.fee < 0:
             raise ConfigError("[market] stake and fee must be >= 0")
+        if self.inputs_bytes_max < 0:
+            raise ConfigError("[market] inputs_bytes_max must be >= 0")
         if self.outputs_bytes_max < 0:
             raise ConfigError("[market] outputs_bytes_max must be >= 0")
         if not 0 < self.bid_window_ms <= 60_000:

@@ -18,7 +18,6 @@ from node._chain import ChainService, CommitEvent
 from node._chain_rpc import block_json, register_chain_methods
 from node._compute import ComputeService
 from node._explorer import ExplorerIndex, register_explorer_methods
-from node._job_logs import forward_job_logs, register_log_methods
 from node._market import LedgerChain, MeshNet, register_market_methods
 from node._metrics import NodeMetrics
 from node.exceptions import ConfigError
@@ -71,7 +70,9 @@ class Node:
             images_dir=home.data_dir / "images",
         )
         self.market_net = MeshNet(self.mesh)
-        self.job_store = market.JobStore(home.data_dir / "jobs")
+        self.job_store = market.JobStore(
+            home.data_dir / "jobs", inputs_dir=home.data_dir / "blobs" / "inputs"
+        )
         provider = None
         if self.compute.executor is not None:  # provider on and its sandbox works
             provider = market.ProviderSide(
@@ -94,6 +95,7 @@ class Node:
                 bid_window_ms=config.market.bid_window_ms,
                 bid_timeout_ms=config.market.bid_timeout_ms,
                 spot_check_rate=config.market.spot_check_percent / 100,
+                inputs_bytes_max=config.market.inputs_bytes_max,
                 outputs_bytes_max=config.market.outputs_bytes_max,
                 outputs_dir=str(home.data_dir / "blobs" / "outputs"),
                 image_cache_bytes_max=config.images.cache_bytes_max,
@@ -113,7 +115,6 @@ class Node:
         register_chain_methods(self.registry, self.chain)
         self.compute.register_methods(self.registry)
         register_market_methods(self.registry, self.market)
-        register_log_methods(self.registry, self.market)
         self.metrics = NodeMetrics(
             mesh=self.mesh, chain=self.chain, market=self.market, compute=self.compute, rpc=self.rpc
         )
@@ -165,7 +166,6 @@ class Node:
                     await app_nursery.start(self.metrics.run)
                     await app_nursery.start(self.explorer.run)
                     app_nursery.start_soon(self._forward_job_events)
-                    app_nursery.start_soon(forward_job_logs, self.market, self.rpc)
                     app_nursery.start_soon(
                         self.compute.release_finished_jobs, self.market.subscribe()
                     )

@@ -260,6 +260,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         argv: list[str],
         max_price_per_gpu_second: int,
         inputs: dict[str, str] | None = None,
+        input_paths: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         gpus: int = 0,
         min_vram_bytes: int = 0,
@@ -285,6 +286,9 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             raise RpcError(INVALID_PARAMS, f"inputs must map names to base64: {exc}") from None
         if not all(isinstance(a, str) for a in argv):
             raise RpcError(INVALID_PARAMS, "argv must be a list of strings")
+        paths = tuple((input_paths or {}).items())
+        if not all(isinstance(n, str) and isinstance(p, str) for n, p in paths):
+            raise RpcError(INVALID_PARAMS, "input_paths must map names to absolute paths")
         try:
             requirements = market.Requirements(
                 gpus=gpus,
@@ -301,6 +305,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         submission = market.JobSubmission(
             argv=tuple(argv),
             inputs=decoded_inputs,
+            input_paths=paths,
             env=tuple(sorted((env or {}).items())),
             requirements=requirements,
             max_price_per_gpu_second=max_price_per_gpu_second,
@@ -370,6 +375,15 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             raise RpcError(JOB_REJECTED, str(exc)) from None
         return {"dir": dir, "files": written, "bytes": sum(f.size_bytes for f in view.files)}
 
+    async def job_logs(job_id: str) -> dict[str, Any]:
+        try:
+            info = await service.logs(_job_id(job_id))
+        except market.UnknownJob:
+            raise RpcError(JOB_NOT_FOUND, "no such job on this node") from None
+        except market.MarketError as exc:
+            raise RpcError(JOB_NOT_READY, str(exc)) from None
+        return {"state": info.state, "stdout": _b64(info.stdout), "stderr": _b64(info.stderr)}
+
     async def market_bids(job_id: str) -> list[dict[str, Any]]:
         try:
             return [dict(b.to_json()) for b in service.bids(_job_id(job_id))]
@@ -384,7 +398,14 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         params=(
             Param("argv", "array", True, "The command and its arguments."),
             Param("max_price_per_gpu_second", "integer", True, "Price cap per GPU-second."),
-            Param("inputs", "object", False, "Input files: name -> base64 content."),
+            Param("inputs", "object", False, "Small input files: name -> base64 content."),
+            Param(
+                "input_paths",
+                "object",
+                False,
+                "Input files on the node's machine: name -> absolute path (the node copies "
+                "each into its blob store before it answers).",
+            ),
             Param("env", "object", False, "Extra environment variables."),
             Param("gpus", "integer", False, "GPUs needed; 0 = a CPU-only job."),
             Param("min_vram_bytes", "integer", False, "Per-GPU VRAM at least this."),
@@ -439,6 +460,13 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         "machine (made if missing; files there of the same names are replaced).",
         params=(job_id_param, Param("dir", "string", True, "Absolute path of the directory.")),
         result=Result("object", "The directory, the paths written and their total bytes."),
+    )
+    registry.register(
+        "job_logs",
+        job_logs,
+        description="A job's stdout and stderr so far (base64).",
+        params=(job_id_param,),
+        result=Result("object"),
     )
     registry.register(
         "market_bids",

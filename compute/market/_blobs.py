@@ -37,10 +37,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,8 +64,11 @@ index_page_hashes_max = 1024
 """Hashes per index page: 32 KiB, well inside one control message."""
 blob_bytes_max = 1 << 40
 """No blob is larger than 1 TiB (a config limit is always lower)."""
-fetch_window = 4
-"""Chunk requests in flight per fetch (a peer serves at most 8 streams of ours at a time)."""
+fetch_window = 6
+"""Chunk requests in flight per fetch. py-libp2p's Yamux opens every stream with a 256 KiB
+window and a writer waiting for more polls every 10 ms, so one 1 MiB answer stalls a few
+times: several in flight hide that. A peer serves at most 8 streams of ours at a time
+(``p2p`` ``inbound_streams_per_peer_max``): 6 leaves room for its other requests."""
 fetch_attempts_max = 8
 """Tries of one request before the fetch gives up (the partial stays for a later resume)."""
 fetch_backoff_s = 0.25
@@ -182,6 +187,9 @@ class BlobStore:
         for path in (self._data, self._partial, self._tmp):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._free = free_bytes or (lambda: _free_bytes(self.directory))
+        self._lock = threading.Lock()
+        """Held while a blob comes into place and while a sweep decides what goes."""
+        self._pins: dict[bytes, int] = {}
         # A put interrupted by a crash left only a temp file: nothing refers to it.
         for leftover in self._tmp.iterdir():
             _unlink(leftover)
@@ -240,11 +248,29 @@ class BlobStore:
     def free_bytes(self) -> int:
         return self._free()
 
+    def pin(self, root: bytes) -> None:
+        """Keep ``root`` (and its partial) through any sweep until as many ``unpin``."""
+        with self._lock:
+            self._pins[root] = self._pins.get(root, 0) + 1
+
+    def unpin(self, root: bytes) -> None:
+        with self._lock:
+            count = self._pins.get(root, 0) - 1
+            if count <= 0:
+                self._pins.pop(root, None)
+            else:
+                self._pins[root] = count
+
+    def pinned(self) -> set[bytes]:
+        with self._lock:
+            return set(self._pins)
+
     # -- put --
 
     def put_path_sync(self, source: str | os.PathLike[str]) -> tuple[bytes, int]:
         """Copy (reflink where the file system can) ``source`` into the store, hash it, fsync
-        it and rename it into place: ``(root, size)``. Blocking: see ``put_path``."""
+        it and rename it into place: ``(root, size)``, pinned (the caller unpins it once
+        something refers to it). Blocking: see ``put_path``."""
         source = Path(source)
         try:
             size = source.stat().st_size
@@ -271,7 +297,7 @@ class BlobStore:
         return await trio.to_thread.run_sync(self.put_path_sync, source)
 
     def put_bytes(self, data: bytes) -> bytes:
-        """Store ``data`` (small, in memory) and return its root."""
+        """Store ``data`` (small, in memory) and return its root, pinned (as ``put_path``)."""
         self.check_room(len(data))
         tmp = self._tmp / f"put-{os.getpid()}-{os.urandom(6).hex()}"
         try:
@@ -292,13 +318,14 @@ class BlobStore:
         """Move a synced file whose index is ``hashes`` into ``data/`` (index first)."""
         root = root_of(size, hashes)
         target = self.path(root)
-        if self.has(root):
-            return root
-        idx = target.with_suffix(".idx")
-        _write_synced(idx, hashes)
-        os.chmod(tmp, 0o400)
-        os.replace(tmp, target)
-        _fsync_dir(self._data)
+        with self._lock:
+            self._pins[root] = self._pins.get(root, 0) + 1
+            if self.has(root):
+                return root
+            _write_synced(target.with_suffix(".idx"), hashes)
+            os.chmod(tmp, 0o400)
+            os.replace(tmp, target)
+            _fsync_dir(self._data)
         return root
 
     def remove(self, root: bytes) -> None:
@@ -312,17 +339,18 @@ class BlobStore:
         _unlink(self.partial_path(root).with_suffix(".idx"))
 
     def keep_only(self, roots: Iterable[bytes]) -> int:
-        """Remove every blob and partial not in ``roots``; how many went."""
-        keep = set(roots)
+        """Remove every blob and partial neither in ``roots`` nor pinned; how many went."""
         gone = 0
-        for root in self.roots():
-            if root not in keep:
-                self.remove(root)
-                gone += 1
-        for root in self.partial_roots():
-            if root not in keep:
-                self.discard_partial(root)
-                gone += 1
+        with self._lock:
+            keep = set(roots) | set(self._pins)
+            for root in self.roots():
+                if root not in keep:
+                    self.remove(root)
+                    gone += 1
+            for root in self.partial_roots():
+                if root not in keep:
+                    self.discard_partial(root)
+                    gone += 1
         return gone
 
     # -- serve --
@@ -376,10 +404,26 @@ class BlobStore:
         connection, a timeout). ``BlobMismatch`` (the peer sent bytes that are not the blob's;
         the partial is dropped), ``BlobDiskFull`` (nothing is left behind),
         ``BlobUnavailable`` (retries spent; the partial stays for a resume)."""
-        if self.has(root):
-            return self.path(root)
         if not 0 <= size <= size_max:
             raise BlobMismatch(f"blob {root.hex()[:12]} of {size} bytes is over {size_max}")
+        self.pin(root)  # no sweep takes the partial (or the blob) from under the fetch
+        try:
+            return await self._fetch(root, size, ask_index, ask_chunk, retry_on, window, statistics)
+        finally:
+            self.unpin(root)
+
+    async def _fetch(
+        self,
+        root: bytes,
+        size: int,
+        ask_index: Callable[[int], Awaitable[bytes]],
+        ask_chunk: Callable[[int], Awaitable[bytes]],
+        retry_on: tuple[type[Exception], ...],
+        window: int,
+        statistics: dict[str, int] | None,
+    ) -> Path:
+        if self.has(root):
+            return self.path(root)
         stats = statistics if statistics is not None else {}
         partial = self.partial_path(root)
         have_bytes = partial.stat().st_size if partial.exists() else 0
@@ -387,7 +431,7 @@ class BlobStore:
         try:
             hashes = await self._fetch_index(root, size, ask_index, retry_on, stats)
             present = await trio.to_thread.run_sync(_prepare_partial, partial, size, hashes)
-            stats["chunks_resumed"] = stats.get("chunks_resumed", 0) + sum(present)
+            stats["blob_chunks_resumed"] = stats.get("blob_chunks_resumed", 0) + sum(present)
             missing = [i for i, ok in enumerate(present) if not ok]
             fd = await trio.to_thread.run_sync(os.open, partial, os.O_WRONLY)
             try:
@@ -424,7 +468,7 @@ class BlobStore:
         parts: list[bytes] = []
         pages = page_count(size)
         for page in range(pages):
-            data = await _with_retries(lambda page=page: ask_index(page), retry_on, stats)
+            data = await _with_retries(functools.partial(ask_index, page), retry_on, stats)
             try:
                 answer = ledger.decode(BlobIndexPage, data, max_bytes=64 * 1024)
             except ledger.DecodeError as exc:
@@ -463,11 +507,9 @@ class BlobStore:
         async def worker(nursery: trio.Nursery) -> None:
             try:
                 for index in todo:
-                    data = await _with_retries(
-                        lambda index=index: ask_chunk(index), retry_on, stats
-                    )
+                    data = await _with_retries(functools.partial(ask_chunk, index), retry_on, stats)
                     await trio.to_thread.run_sync(store, index, data)
-                    stats["chunks_fetched"] = stats.get("chunks_fetched", 0) + 1
+                    stats["blob_chunks_fetched"] = stats.get("blob_chunks_fetched", 0) + 1
             except (BlobError, OSError) as exc:
                 # The first failure ends the fetch; the other workers stop with it (raised
                 # below as itself, not wrapped in an exception group).
@@ -540,7 +582,7 @@ async def _with_retries(
             return await call()
         except retry_on as exc:
             last = str(exc) or type(exc).__name__
-            stats["retries"] = stats.get("retries", 0) + 1
+            stats["blob_retries"] = stats.get("blob_retries", 0) + 1
             await trio.sleep(delay)
             delay = min(delay * 2, fetch_backoff_s_max)
     raise BlobUnavailable(f"gave up after {fetch_attempts_max} tries: {last}")

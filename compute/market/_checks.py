@@ -87,7 +87,7 @@ def check_manifest(manifest: JobManifest, inputs_bytes_max: int) -> None:
         raise InvalidManifest(f"at most {env_items_max} environment variables")
     check_input_names(tuple(ref.name for ref in manifest.inputs))
     for ref in manifest.inputs:
-        if len(ref.sha256) != 32 or ref.size_bytes < 0:
+        if len(ref.root) != 32 or ref.size_bytes < 0:
             raise InvalidManifest(f"input {ref.name[:64]!r} has a bad digest or size")
     total = sum(ref.size_bytes for ref in manifest.inputs)
     if total > inputs_bytes_max:

@@ -21,6 +21,7 @@ import ledger
 from compute import NoCapacityError
 from compute._sandbox import JobSpec
 from compute.exceptions import ComputeError
+from compute.market._blobs import BlobDiskFull
 from compute.market._checks import check_manifest
 from compute.market._context import Drivers, JobBook
 from compute.market._exchange import ProviderExchange, exec_id
@@ -332,6 +333,8 @@ class Provider:
         model, free, price = fit
         if price > request.max_price_per_gpu_second:
             return None
+        if not self.room_for_inputs(request.inputs_bytes):
+            return None
         return self.ctx.sign(
             Bid(
                 job_id=job_id,
@@ -366,6 +369,15 @@ class Provider:
         finally:
             self.bid_slots.release()
 
+    def room_for_inputs(self, inputs_bytes: int) -> bool:
+        """Whether the input store has room for ``inputs_bytes`` more (a bid promises it)."""
+        try:
+            self.ctx.store.inputs.check_room(inputs_bytes)
+        except BlobDiskFull as exc:
+            log.info("not bidding: %s", exc)
+            return False
+        return True
+
     # ---- the award ----
 
     async def on_award(self, peer_id: str, data: bytes) -> bytes:
@@ -382,6 +394,12 @@ class Provider:
         why = image_refusal(award.manifest.image, self.images.images)
         if why is not None:
             raise NetError(why)
+        if sum(ref.size_bytes for ref in award.manifest.inputs) != award.request.inputs_bytes:
+            raise NetError("the manifest's inputs are not the size the request declared")
+        try:
+            ctx.store.inputs.check_room(award.request.inputs_bytes)
+        except BlobDiskFull as exc:
+            raise NetError(f"no room for the inputs here: {exc}") from exc
         aid = award.attempt_job_id
         existing = self.book.get(aid)
         if existing is not None:
@@ -605,7 +623,11 @@ class Provider:
                 record.counterparty_peer_id, record.job_id, manifest.image
             )
         return JobSpec(
-            argv=manifest.argv, inputs=tuple(inputs), env=manifest.env, limits=limits, image=image
+            argv=manifest.argv,
+            input_files=tuple((name, str(path)) for name, path in inputs),
+            env=manifest.env,
+            limits=limits,
+            image=image,
         )
 
     async def run_job(self, record: JobRecord) -> None:

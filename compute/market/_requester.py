@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import trio
 
 import ledger
+from compute.market._blobs import BlobChunkAsk, BlobError, BlobIndexAsk
 from compute.market._checks import check_manifest
 from compute.market._context import Drivers, JobBook
 from compute.market._exchange import RequesterExchange
@@ -44,7 +46,7 @@ from compute.market._protocol import (
     verify_step,
     watch_step,
 )
-from compute.market._transfers import serve_input
+from compute.market._transfers import serve_input_chunk, serve_input_index
 from compute.market._wire import (
     JOBS_PURPOSE,
     PROTOCOL_AWARD,
@@ -52,6 +54,7 @@ from compute.market._wire import (
     PROTOCOL_CANCEL,
     PROTOCOL_DELIVERED,
     PROTOCOL_INPUT,
+    PROTOCOL_INPUT_INDEX,
     PROTOCOL_STATUS,
     decode,
     decode_signed,
@@ -144,6 +147,7 @@ class Requester:
         return {
             PROTOCOL_BID: self.on_bid,
             PROTOCOL_INPUT: self.on_input,
+            PROTOCOL_INPUT_INDEX: self.on_input_index,
             PROTOCOL_IMAGE_BLOB: self.on_image_blob,
             PROTOCOL_STATUS: self.on_status,
             PROTOCOL_DELIVERED: self.exchange.on_delivered,
@@ -154,7 +158,9 @@ class Requester:
     async def submit(self, submission: JobSubmission) -> JobRecord:
         ctx = self.ctx
         submission = with_image_runtime(submission)
-        manifest, blobs = self.check_submission(submission)
+        # The manifest's own checks first (names, command), before any input is copied.
+        names = [name for name, _ in (*submission.inputs, *submission.input_paths)]
+        self.check_submission(submission, tuple(InputRef(n, bytes(32), 0) for n in names))
         active = self.book.count(lambda r: not r.state.terminal)
         if active >= ctx.config.jobs_active_max:
             raise InvalidSubmission(f"{active} jobs are already active (jobs_active_max)")
@@ -171,6 +177,52 @@ class Requester:
             raise InvalidSubmission("the deadline leaves less than max_wall_ms to run the job")
         if not 1 <= submission.verify <= verify_replicas_max:
             raise InvalidSubmission(f"verify must be 1..{verify_replicas_max}")
+        refs = await self.store_inputs(submission)
+        try:
+            return self._submit(submission, refs, deadline)
+        finally:
+            for ref in refs:
+                ctx.store.inputs.unpin(ref.root)
+
+    async def store_inputs(self, sub: JobSubmission) -> tuple[InputRef, ...]:
+        """Every input into this node's input blob store, synced, before the job exists (each
+        held against a sweep until the job's record names it): their refs."""
+        ctx = self.ctx
+        blobs = ctx.store.inputs
+        if len(sub.inputs) + len(sub.input_paths) > input_files_max:
+            raise InvalidSubmission(f"at most {input_files_max} input files")
+        total = sum(len(data) for _, data in sub.inputs)
+        for name, path in sub.input_paths:
+            if not os.path.isabs(path):
+                raise InvalidSubmission(f"input {name[:64]!r}: {path[:200]!r} is not absolute")
+            try:
+                total += os.stat(path).st_size
+            except OSError as exc:
+                raise InvalidSubmission(f"input {name[:64]!r}: {exc.strerror}") from None
+        limit = ctx.config.inputs_bytes_max
+        if total > limit:
+            raise InvalidSubmission(f"inputs are {total} bytes; the limit is {limit}")
+        refs: list[InputRef] = []
+        try:
+            blobs.check_room(total)
+            for name, data in sub.inputs:
+                root = await trio.to_thread.run_sync(blobs.put_bytes, data)
+                refs.append(InputRef(name, root, len(data)))
+            for name, path in sub.input_paths:
+                root, size = await blobs.put_path(path)
+                refs.append(InputRef(name, root, size))
+        except BlobError as exc:
+            for ref in refs:
+                blobs.unpin(ref.root)
+            raise InvalidSubmission(f"cannot store the inputs: {exc}") from None
+        return tuple(refs)
+
+    def _submit(
+        self, submission: JobSubmission, refs: tuple[InputRef, ...], deadline: int
+    ) -> JobRecord:
+        ctx = self.ctx
+        now = ctx.clock_ms()
+        manifest = self.check_submission(submission, refs)
         request = ctx.sign(
             JobRequest(
                 chain_id=ctx.chain_id,
@@ -181,7 +233,7 @@ class Requester:
                 deadline_ms=deadline,
                 bid_window_ms=submission.bid_window_ms or ctx.config.bid_window_ms,
                 manifest_digest=ledger.hash_of(manifest),
-                inputs_bytes=sum(len(b) for b in blobs),
+                inputs_bytes=sum(ref.size_bytes for ref in manifest.inputs),
             )
         )
         job_id = ledger.hash_of(request)
@@ -199,7 +251,7 @@ class Requester:
             group_id=job_id if verify > 1 else b"",
             verify=verify,
         )
-        self.book.add(record, manifest=manifest, blobs=blobs)
+        self.book.add(record, manifest=manifest)
         self.drivers.start(job_id)
         for replica in range(1, verify):
             self.add_replica(record, replica)
@@ -349,18 +401,14 @@ class Requester:
         log.warning("job %s: replica outvoted; %s", record.job_id.hex()[:16], outcome)
         self.book.update(record, error=f"outvoted by the other replicas; {outcome}")
 
-    def check_submission(self, sub: JobSubmission) -> tuple[JobManifest, list[bytes]]:
+    def check_submission(self, sub: JobSubmission, refs: tuple[InputRef, ...]) -> JobManifest:
+        """The manifest of ``sub`` whose inputs (already stored) are ``refs``."""
         # An image job may leave the command to the image's entrypoint and Cmd.
         if not (0 if sub.image else 1) <= len(sub.argv) <= argv_items_max:
             raise InvalidSubmission(f"the command must have 1..{argv_items_max} arguments")
-        if len(sub.env) > env_items_max or len(sub.inputs) > input_files_max:
+        if len(sub.env) > env_items_max or len(refs) > input_files_max:
             raise InvalidSubmission(
                 f"at most {env_items_max} env vars and {input_files_max} input files"
-            )
-        total = sum(len(data) for _, data in sub.inputs)
-        if total > self.ctx.config.inputs_bytes_max:
-            raise InvalidSubmission(
-                f"inputs are {total} bytes; the limit is {self.ctx.config.inputs_bytes_max}"
             )
         if sub.strategy not in STRATEGIES:
             raise InvalidSubmission(f"strategy must be one of {', '.join(STRATEGIES)}")
@@ -370,11 +418,10 @@ class Requester:
             raise InvalidSubmission("max price must be >= 0 and gpus 0..64")
         if not 0 <= sub.bid_window_ms <= 60_000:
             raise InvalidSubmission("bid_window_ms must be 0..60000")
-        refs = tuple(InputRef(name, ledger.digest(data), len(data)) for name, data in sub.inputs)
         image = describe_image(self.ctx.images, sub.image) if sub.image else None
         manifest = JobManifest(tuple(sub.argv), tuple(sub.env), refs, image)
         check_manifest(manifest, self.ctx.config.inputs_bytes_max)
-        return manifest, [data for _, data in sub.inputs]
+        return manifest
 
     def get(self, job_id: bytes) -> JobRecord:
         record = self.book.get(job_id)
@@ -797,9 +844,14 @@ class Requester:
         return record
 
     async def on_input(self, peer_id: str, data: bytes) -> bytes:
-        ask = decode(BlobRequest, data)
-        self.job_for_peer(ask.job_id, peer_id)
-        return serve_input(self.ctx, self.ctx.store.manifest(ask.job_id), ask)
+        ask = decode(BlobChunkAsk, data)
+        self.job_for_peer(ask.scope, peer_id)
+        return await serve_input_chunk(self.ctx, self.ctx.store.manifest(ask.scope), ask)
+
+    async def on_input_index(self, peer_id: str, data: bytes) -> bytes:
+        ask = decode(BlobIndexAsk, data)
+        self.job_for_peer(ask.scope, peer_id)
+        return await serve_input_index(self.ctx, self.ctx.store.manifest(ask.scope), ask)
 
     async def on_image_blob(self, peer_id: str, data: bytes) -> bytes:
         ask = decode(BlobRequest, data)

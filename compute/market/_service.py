@@ -19,6 +19,7 @@ from compute.market._context import Context, Events
 from compute.market._protocol import attempt_job_id
 from compute.market._provider import Provider, ProviderSide
 from compute.market._requester import Requester
+from compute.market._transfers import keep_inputs_swept
 from compute.market._wire import (
     JOBS_PURPOSE,
     PROTOCOL_AWARD,
@@ -133,6 +134,9 @@ class MarketService:
                 if self.provider is not None:
                     nursery.start_soon(self.provider.requests_loop)
                     nursery.start_soon(self.provider.keep_bonded)
+                # Inputs go once no unfinished job names them (also those of jobs that
+                # ended while this node was down, and their partial fetches).
+                nursery.start_soon(keep_inputs_swept, ctx)
                 for key in self.requester.book.unfinished():
                     self.requester.drivers.start(key)
                 if self.provider is not None:

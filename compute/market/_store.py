@@ -5,7 +5,13 @@ The schema (this module owns every key):
 - ``j`` + role (1 byte) + id -> ``JobRecord``. A requester's id is the job id; a provider's is
   the attempt's job id (every attempt is a separate trade, hence a separate provider job).
 - ``m`` + job id -> ``JobManifest`` (requester: what providers fetch).
-- ``b`` + sha256 -> blob bytes (requester: input files, and verified output files).
+- ``b`` + sha256 -> blob bytes (verified output files).
+
+Input files are not in LevelDB: they are blobs (``_blobs.BlobStore``) in ``inputs``, a
+directory beside the database (``<path>-blobs/inputs`` unless given): the requester's copies
+of what it submitted, the provider's fetched (or half-fetched) copies of what it runs. A blob
+stays while an unfinished job of either role names it in its manifest (or a submit in
+progress holds it); ``sweep_inputs`` drops the rest.
 
 Every write is one synced batch, made before the change is acknowledged to anyone.
 """
@@ -18,6 +24,7 @@ from typing import TYPE_CHECKING
 import plyvel
 
 import ledger
+from compute.market._blobs import BlobStore
 from compute.market.exceptions import StoreCorrupt
 from compute.market.types import JobManifest, JobRecord, Role, message_bytes_max
 
@@ -38,11 +45,22 @@ def _job_key(role: Role, key: bytes) -> bytes:
 
 
 class JobStore:
-    """Jobs, manifests, blobs and provider stats in LevelDB at ``path`` (created if missing)."""
+    """Jobs, manifests, blobs and provider stats in LevelDB at ``path`` (created if missing),
+    and the input blobs in ``inputs_dir``."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        inputs_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.path = os.fspath(path)
         self._db = plyvel.DB(self.path, create_if_missing=True)
+        self.inputs = BlobStore(inputs_dir or f"{self.path}-blobs/inputs")
+        self._inputs_in_use: dict[bytes, frozenset[bytes]] = {}
+        """Unfinished record key (role byte + key) -> the input roots its manifest names."""
+        for record in self.records():
+            self._track(record, None)
 
     def close(self) -> None:
         self._db.close()
@@ -69,6 +87,27 @@ class JobStore:
             puts.append((_MANIFEST + record.job_id, ledger.encode(manifest)))
         puts += [(_BLOB + ledger.digest(blob), blob) for blob in blobs]
         self._write(puts)
+        self._track(record, manifest)
+
+    def _track(self, record: JobRecord, manifest: JobManifest | None) -> None:
+        key = bytes([int(record.role)]) + self.record_key(record)
+        if record.state.terminal:
+            self._inputs_in_use.pop(key, None)
+            return
+        if key in self._inputs_in_use:
+            return
+        if manifest is None:
+            manifest = self.manifest(record.job_id)
+        roots = frozenset(ref.root for ref in manifest.inputs) if manifest is not None else ()
+        self._inputs_in_use[key] = frozenset(roots)
+
+    def inputs_in_use(self) -> set[bytes]:
+        """Input roots an unfinished job still needs (a submit or a fetch in progress pins
+        its own in ``inputs``)."""
+        used: set[bytes] = set()
+        for roots in self._inputs_in_use.values():
+            used |= roots
+        return used
 
     def get(self, role: Role, key: bytes) -> JobRecord | None:
         data = self._db.get(_job_key(role, key))

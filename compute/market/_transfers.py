@@ -1,8 +1,10 @@
 """Moving a job's bytes between peers: inputs to the provider, outputs to the requester.
 
-Blobs are content addressed and travel as ``chunk_bytes_max`` request/response chunks,
-scoped to one job (a peer can only read what belongs to its job), size-checked as they arrive
-and SHA-256 checked at the end.
+Inputs are ``_blobs`` blobs: the provider fetches each one's chunk index (paged) and chunks
+(a window in flight) from the requester's input store into its own, scoped to the job (a peer
+can only read the inputs of a job awarded to it), every chunk checked as it arrives and the
+fetch resumed from disk after a cut or a restart. Outputs travel as ``chunk_bytes_max``
+request/response chunks of one SHA-256-named file, checked at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ from typing import TYPE_CHECKING
 import trio
 
 import ledger
-from compute.market._wire import PROTOCOL_INPUT, PROTOCOL_OUTPUT, Mismatch
+from compute.market._blobs import (
+    BlobChunkAsk,
+    BlobError,
+    BlobIndexAsk,
+    BlobMismatch,
+    BlobUnavailable,
+)
+from compute.market._wire import PROTOCOL_INPUT, PROTOCOL_INPUT_INDEX, PROTOCOL_OUTPUT, Mismatch
 from compute.market.exceptions import NetError
 from compute.market.types import BlobRequest, chunk_bytes_max, output_files_max
 
@@ -21,9 +30,6 @@ if TYPE_CHECKING:
 
     from compute.market._context import Context
     from compute.market.types import JobManifest, OutputsInfo
-
-fetch_attempts_max = 5
-fetch_retry_s = 0.5
 
 
 async def fetch_blob(
@@ -48,34 +54,84 @@ async def fetch_blob(
 
 async def fetch_inputs(
     ctx: Context, peer: str, job_id: bytes, manifest: JobManifest
-) -> list[tuple[str, bytes]]:
-    """Every input of ``manifest`` from the requester; ``NetError`` after bounded retries,
-    ``Mismatch`` when the requester serves bytes that are not the ones it named."""
-    last = ""
-    for _ in range(fetch_attempts_max):
+) -> list[tuple[str, Path]]:
+    """Every input of ``manifest`` from the requester into this node's input blob store
+    (``_blobs``: the index first, checked against the root, then a window of chunks, each
+    checked, resumed from what a cut or a restart left on disk): ``(name, path)`` each.
+    ``Mismatch`` when the requester serves bytes that are not the ones it named; ``NetError``
+    when its requests keep failing past the retries; ``BlobDiskFull`` when there is no room."""
+    blobs = ctx.store.inputs
+    need = sum(ref.size_bytes for ref in manifest.inputs if not blobs.has(ref.root))
+    blobs.check_room(need)
+    inputs = []
+    for ref in manifest.inputs:
+
+        async def ask_index(page: int, root: bytes = ref.root) -> bytes:
+            ask = BlobIndexAsk(job_id, root, page)
+            return await ctx.request(peer, PROTOCOL_INPUT_INDEX, ledger.encode(ask))
+
+        async def ask_chunk(index: int, root: bytes = ref.root) -> bytes:
+            ask = BlobChunkAsk(job_id, root, index)
+            return await ctx.request(peer, PROTOCOL_INPUT, ledger.encode(ask))
+
         try:
-            inputs = []
-            for ref in manifest.inputs:
-                data = await fetch_blob(
-                    ctx, peer, PROTOCOL_INPUT, job_id, ref.sha256, ref.size_bytes
-                )
-                inputs.append((ref.name, data))
-        except NetError as exc:
-            last = str(exc)
-            await trio.sleep(fetch_retry_s)
-            continue
-        return inputs
-    raise NetError(f"cannot fetch the job's inputs: {last}")
+            path = await blobs.fetch(
+                ref.root,
+                ref.size_bytes,
+                ask_index,
+                ask_chunk,
+                retry_on=(NetError,),
+                size_max=ctx.config.inputs_bytes_max,
+                statistics=ctx.counters,
+            )
+        except BlobMismatch as exc:
+            raise Mismatch(f"input {ref.name[:64]!r}: {exc}") from exc
+        except BlobUnavailable as exc:
+            raise NetError(f"cannot fetch input {ref.name[:64]!r}: {exc}") from exc
+        inputs.append((ref.name, path))
+    return inputs
 
 
-def serve_input(ctx: Context, manifest: JobManifest | None, ask: BlobRequest) -> bytes:
-    """One chunk of one of the job's inputs (requester side)."""
-    if manifest is None or all(ref.sha256 != ask.sha256 for ref in manifest.inputs):
+def _input_of_job(manifest: JobManifest | None, root: bytes) -> None:
+    if manifest is None or all(ref.root != root for ref in manifest.inputs):
         raise NetError("not an input of this job")
-    blob = ctx.store.blob(ask.sha256)
-    if blob is None:
-        raise NetError("input missing from the store")
-    return blob[ask.offset : ask.offset + chunk_bytes_max]
+
+
+async def serve_input_index(ctx: Context, manifest: JobManifest | None, ask: BlobIndexAsk) -> bytes:
+    """One page of one of the job's inputs' chunk index (requester side)."""
+    _input_of_job(manifest, ask.root)
+    try:
+        return await ctx.store.inputs.serve_index(ask.root, ask.page)
+    except BlobError as exc:
+        raise NetError(f"input unavailable: {exc}") from exc
+
+
+async def serve_input_chunk(ctx: Context, manifest: JobManifest | None, ask: BlobChunkAsk) -> bytes:
+    """One chunk of one of the job's inputs (requester side)."""
+    _input_of_job(manifest, ask.root)
+    try:
+        return await ctx.store.inputs.serve_chunk(ask.root, ask.index)
+    except BlobError as exc:
+        raise NetError(f"input unavailable: {exc}") from exc
+
+
+async def keep_inputs_swept(ctx: Context) -> None:
+    """Sweep the input store now and whenever a job of either role ends (the service runs
+    this for as long as it runs)."""
+    receive = ctx.events.subscribe()
+    async with receive:
+        await sweep_inputs(ctx)
+        async for record in receive:
+            if record.state.terminal:
+                await sweep_inputs(ctx)
+
+
+async def sweep_inputs(ctx: Context) -> None:
+    """Drop the input blobs (and partial fetches) no unfinished job of this node needs."""
+    store = ctx.store
+    gone = await trio.to_thread.run_sync(store.inputs.keep_only, store.inputs_in_use())
+    if gone:
+        ctx.counters["input_blobs_swept"] = ctx.counters.get("input_blobs_swept", 0) + gone
 
 
 async def fetch_output_files(

@@ -501,6 +501,12 @@ def expected_outputs(argv: Sequence[str], inputs: Sequence[tuple[str, bytes]]) -
     return {"result.txt": h.hexdigest().encode() + b"\n"}
 
 
+def _inputs(spec: JobSpec) -> list[tuple[str, bytes]]:
+    """A job's inputs with their bytes, given inline or as files (a provider's fetched blobs)."""
+    files = [(name, Path(source).read_bytes()) for name, source in spec.input_files]
+    return [*spec.inputs, *files]
+
+
 class SimExecutor:
     """compute's executor seam with the process replaced: the job's directory is laid out for
     real, as ``Executor`` lays it out (so a hostile input name hits the disk as it would), the
@@ -525,7 +531,7 @@ class SimExecutor:
         return LogTail(b"", offset, 0, running=False)
 
     def outputs_for(self, spec: JobSpec) -> dict[str, bytes]:
-        return expected_outputs(spec.argv, spec.inputs)
+        return expected_outputs(spec.argv, _inputs(spec))
 
     def _setup_dir(self, job_id: ExecJobId, spec: JobSpec) -> Path:
         job_dir = self.job_dir(job_id)
@@ -535,7 +541,7 @@ class SimExecutor:
             raise SandboxError(f"job directory for {job_id!r} already exists") from None
         work = job_dir / "work"
         (work / "out").mkdir(parents=True)
-        for name, data in spec.inputs:
+        for name, data in _inputs(spec):
             target = work / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
@@ -1026,9 +1032,8 @@ HOSTILE_INPUTS: tuple[tuple[str, ...], ...] = (
 class HostileRequester(Requester):
     """Submits whatever it likes: none of the requester's own manifest checks run."""
 
-    def check_submission(self, sub: JobSubmission) -> tuple[JobManifest, list[bytes]]:
-        refs = tuple(InputRef(name, ledger.digest(data), len(data)) for name, data in sub.inputs)
-        return JobManifest(tuple(sub.argv), tuple(sub.env), refs), [d for _, d in sub.inputs]
+    def check_submission(self, sub: JobSubmission, refs: tuple[InputRef, ...]) -> JobManifest:
+        return JobManifest(tuple(sub.argv), tuple(sub.env), refs)
 
 
 class HostileRequesterService(MarketService):

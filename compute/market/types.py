@@ -144,10 +144,11 @@ def _gib(size: int) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class InputRef:
-    """One input file of a job, content addressed."""
+    """One input file of a job, content addressed: ``root`` is its blob root (the format is
+    in ``_blobs``), which names the chunk-hash index the provider fetches and checks first."""
 
     name: str
-    sha256: bytes
+    root: bytes
     size_bytes: int
 
 
@@ -397,6 +398,10 @@ class JobSubmission:
 
     argv: tuple[str, ...]
     inputs: tuple[tuple[str, bytes], ...] = ()
+    """Small inputs given inline: name -> bytes."""
+    input_paths: tuple[tuple[str, str], ...] = ()
+    """Inputs given as files on this machine: name -> absolute path (copied, or reflinked,
+    into the node's blob store before the job is acknowledged)."""
     env: tuple[tuple[str, str], ...] = ()
     requirements: Requirements = Requirements()
     max_price_per_gpu_second: int = 0
@@ -440,7 +445,9 @@ class MarketConfig:
     award_open_timeout_ms: int = 30_000
     """How long a provider holds slots for an award whose trade has not opened on chain."""
     reservation_ms: int = 10_000
-    inputs_bytes_max: int = 8 * 1024 * 1024
+    inputs_bytes_max: int = 16 * 1024**3
+    """Most input bytes of one job: a requester refuses to submit more, a provider to bid
+    on (or accept) more; it also needs that much free disk beside its blob store."""
     outputs_bytes_max: int = 16 * 1024**3
     """Most output bytes of one job a requester fetches (it also needs twice that free disk:
     the sealed copy while fetching, the opened files)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ from node.commands._common import (
     parse_duration_ms,
     parse_size,
 )
-from node.commands._follow import LogPrinter, follow_logs, show_logs
 from node.exceptions import NodeError
 
 if TYPE_CHECKING:
@@ -28,10 +28,8 @@ if TYPE_CHECKING:
 FINAL_STATES = frozenset({"done", "failed", "cancelled", "refunded", "output_mismatch"})
 PROGRESS = ("bidding", "awarded", "locked", "running", "settling", "done")
 wait_max_s = 24 * 3600
-logs_after_end_s = 10.0
-"""How long ``submit --wait`` still waits for the last log bytes once the job has ended."""
-TOPIC_JOB_LOGS = "jobLogs"
-input_bytes_max = 8 * 1024 * 1024
+input_files_max = 1000
+"""Files one job may take as inputs (a directory's files count one each)."""
 
 
 def register(sub: Subparsers) -> None:
@@ -67,7 +65,13 @@ def register(sub: Subparsers) -> None:
     )
     j.add_argument("--memory", default=None, help="memory cap of the job, e.g. 2GB")
     j.add_argument("--disk", default=None, help="disk cap of the job directory, e.g. 10GB")
-    j.add_argument("--input", action="append", default=[], metavar="FILE", help="input file")
+    j.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an input file, or a directory (each file in it an input; repeatable)",
+    )
     j.add_argument(
         "--image",
         default="",
@@ -98,9 +102,6 @@ def register(sub: Subparsers) -> None:
     j.add_argument("--out", dest="output_dir", type=Path, required=True, metavar="DIR")
     j = add_command(jsub, "logs", cmd_logs, help="a job's stdout and stderr so far")
     j.add_argument("job_id")
-    j.add_argument(
-        "-f", "--follow", action="store_true", help="follow them while the job runs, until it ends"
-    )
     j = add_command(jsub, "cancel", cmd_cancel, help="cancel a job (refunds the escrow)")
     j.add_argument("job_id")
     j = add_command(jsub, "list", cmd_list, help="jobs on this node")
@@ -144,13 +145,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    if args.follow:
-        import trio
-
-        view = trio.run(follow_job_logs, args.home, args.job_id)
-        if args.json:
-            print(json.dumps({k: v for k, v in view.items() if k not in ("stdout", "stderr")}))
-        return 0 if view["state"] == "done" else 1
     logs = call(args.home, "job_logs", {"job_id": args.job_id})
     text = base64.b64decode(logs["stdout"]).decode(errors="replace")
     err = base64.b64decode(logs["stderr"]).decode(errors="replace")
@@ -216,6 +210,45 @@ def show_result(result: dict[str, Any], output_dir: Path | None) -> str:
     return "\n".join(lines)
 
 
+def input_paths(given: list[str]) -> dict[str, str]:
+    """``--input`` FILE or DIR: input name -> absolute path, for the daemon to copy (it runs
+    on this machine; no bytes go through the RPC). A file is named by its base name; a
+    directory's regular files by their path under the directory's parent (``--input data``
+    gives ``data/a.txt``, ``data/sub/b.txt``)."""
+    found: dict[str, str] = {}
+
+    def add(name: str, path: Path) -> None:
+        if name in found:
+            raise NodeError(f"two inputs are both named {name!r}")
+        if len(found) >= input_files_max:
+            raise NodeError(f"more than {input_files_max} input files")
+        found[name] = str(path)
+
+    for text in given:
+        path = Path(text).absolute()
+        if path.is_file():
+            add(path.name, path)
+        elif path.is_dir():
+            for file in sorted(_files_under(path)):
+                add(file.relative_to(path.parent).as_posix(), file)
+        else:
+            raise NodeError(f"input {text} is not a file or a directory")
+    return found
+
+
+def _files_under(top: Path) -> list[Path]:
+    """The regular files under ``top`` (symlinks to files followed, not to directories)."""
+    files = []
+    for root, _dirs, names in os.walk(top):
+        for name in names:
+            file = Path(root) / name
+            if file.is_file():
+                files.append(file)
+                if len(files) > input_files_max:
+                    raise NodeError(f"{top} holds more than {input_files_max} files")
+    return files
+
+
 def submit_params(args: argparse.Namespace) -> dict[str, Any]:
     """The ``job_submit`` params from the command line (flags added by other modules included)."""
     command = list(args.argv)
@@ -223,21 +256,9 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
         command = command[1:]
     if not command and not args.image:
         raise NodeError("give the command after --, e.g. gpumesh job submit -- echo hi")
-    inputs: dict[str, str] = {}
-    total = 0
-    for name in args.input:
-        path = Path(name)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise NodeError(f"cannot read input {name}: {exc}") from None
-        total += len(data)
-        if total > input_bytes_max:
-            raise NodeError(f"inputs exceed {input_bytes_max} bytes")
-        inputs[path.name] = base64.b64encode(data).decode()
     params: dict[str, Any] = {
         "argv": command,
-        "inputs": inputs,
+        "input_paths": input_paths(args.input),
         "gpus": args.gpus,
         "model": args.model,
         "min_cuda_version": args.cuda,
@@ -278,8 +299,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             write_outputs(args.home, job["id"], args.output_dir, result)
         if args.json:
             job["result"] = result
-        else:  # its stdout was shown as it came
-            print(show_result({**result, "stdout": ""}, args.output_dir))
+        else:
+            print(show_result(result, args.output_dir))
     rc = emit(args, job, describe(job))
     return rc if job["state"] == "done" else 1
 
@@ -316,31 +337,18 @@ async def follow_submit(home: Path, params: dict[str, Any], show: bool) -> dict[
 
     progress = _Progress(show)
     with trio.move_on_after(wait_max_s) as scope:
-        async with (
-            open_subscription(home, "jobs") as events,
-            open_subscription(home, TOPIC_JOB_LOGS) as logs,
-            trio.open_nursery() as nursery,
-        ):
+        async with open_subscription(home, "jobs") as events:
             job: dict[str, Any] = await trio.to_thread.run_sync(call, home, "job_submit", params)
             job_id = job["id"]
             progress.see(job)
-            if show:  # the job's stdout and stderr as they come (its live logs)
-                nursery.start_soon(show_logs, home, job_id, logs)
             while job["state"] not in FINAL_STATES:
                 event = await events.next()
                 if event.get("id") == job_id and event.get("role", "requester") == "requester":
                     job = event
                     progress.see(job)
-            nursery.cancel_scope.deadline = trio.current_time() + logs_after_end_s
     if scope.cancelled_caught:
         raise NodeError(f"gave up waiting for the job after {wait_max_s} s")
     final: dict[str, Any] = await trio.to_thread.run_sync(
         call, home, "job_status", {"job_id": job_id}
     )
     return final
-
-
-async def follow_job_logs(home: Path, job_id: str) -> dict[str, Any]:
-    """``job logs -f``: the job's stdout and stderr as they come, until it ends."""
-    async with open_subscription(home, TOPIC_JOB_LOGS) as events:
-        return await follow_logs(home, job_id, LogPrinter.stdio(), events)

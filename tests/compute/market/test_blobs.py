@@ -11,6 +11,9 @@ import pytest
 import trio
 
 import ledger
+from compute._files import clone_file
+from compute._sandbox import JobSpec
+from compute.exceptions import JobSpecError
 from compute.market import _blobs
 from compute.market._blobs import (
     BlobDiskFull,
@@ -72,6 +75,16 @@ def payload(size: int, seed: int = 1) -> bytes:
     return bytes(out[:size])
 
 
+def contents(path: object) -> bytes:
+    return Path(str(path)).read_bytes()
+
+
+def tear(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"torn")
+
+
 def fetch(store: BlobStore, link: Link, size: int, **kw: object) -> object:
     return store.fetch(
         link.root,
@@ -112,7 +125,7 @@ async def test_put_path_then_fetch_is_byte_identical(tmp_path: Path) -> None:
     client = BlobStore(tmp_path / "b")
     link = Link(server, root)
     path = await fetch(client, link, size)
-    assert Path(str(path)).read_bytes() == data
+    assert contents(path) == data
     assert sorted(link.chunks_asked) == [0, 1, 2, 3]
     assert client.partial_roots() == [], "the partial was renamed into place"
     again = Link(server, root)
@@ -124,7 +137,7 @@ async def test_empty_blob(tmp_path: Path) -> None:
     server = BlobStore(tmp_path / "a")
     root = server.put_bytes(b"")
     path = await fetch(BlobStore(tmp_path / "b"), Link(server, root), 0)
-    assert Path(str(path)).read_bytes() == b""
+    assert contents(path) == b""
 
 
 async def test_corrupt_chunk_is_refused_and_nothing_left(tmp_path: Path) -> None:
@@ -176,8 +189,8 @@ async def test_flaky_link_heals_with_retries(tmp_path: Path) -> None:
     link.flaky = {0, 2, 4}
     stats: dict[str, int] = {}
     path = await fetch(BlobStore(tmp_path / "b"), link, len(data), statistics=stats)
-    assert Path(str(path)).read_bytes() == data
-    assert stats["retries"] == 3
+    assert contents(path) == data
+    assert stats["blob_retries"] == 3
 
 
 async def test_resume_after_a_cut(tmp_path: Path) -> None:
@@ -193,9 +206,9 @@ async def test_resume_after_a_cut(tmp_path: Path) -> None:
     link2 = Link(server, root)
     stats: dict[str, int] = {}
     path = await fetch(client, link2, len(data), statistics=stats)
-    assert Path(str(path)).read_bytes() == data
+    assert contents(path) == data
     assert sorted(link2.chunks_asked) == [3, 4, 5, 6], "only the chunks not yet here"
-    assert stats["chunks_resumed"] == 3
+    assert stats["blob_chunks_resumed"] == 3
 
 
 async def test_resume_after_a_restart_of_both_sides(tmp_path: Path) -> None:
@@ -208,13 +221,11 @@ async def test_resume_after_a_restart_of_both_sides(tmp_path: Path) -> None:
     with pytest.raises(BlobUnavailable):
         await fetch(client, link, len(data), window=1)
     # A chunk torn by the crash: it no longer hashes right and is fetched again.
-    with open(client.partial_path(root), "r+b") as handle:
-        handle.seek(10)
-        handle.write(b"torn")
+    tear(client.partial_path(root), 10)
     server2, client2 = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
     link2 = Link(server2, root)
     path = await fetch(client2, link2, len(data))
-    assert Path(str(path)).read_bytes() == data
+    assert contents(path) == data
     assert sorted(link2.chunks_asked) == [0, 2, 3]
 
 
@@ -260,7 +271,39 @@ async def test_keep_only_sweeps_blobs_and_partials(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "a")
     keep = store.put_bytes(b"keep")
     drop = store.put_bytes(b"drop")
+    held = store.put_bytes(b"held")
+    for root in (keep, drop):
+        store.unpin(root)
     store.partial_path(blob_root(b"x")).write_bytes(b"half")
     assert store.keep_only([keep]) == 2
     assert store.has(keep) and not store.has(drop)
+    assert store.has(held), "a put not yet named by anything is pinned through a sweep"
     assert store.partial_roots() == []
+    store.unpin(held)
+    assert store.keep_only([]) == 2
+
+
+def test_clone_file_is_a_copy_not_a_link(tmp_path: Path) -> None:
+    source = tmp_path / "blob"
+    source.write_bytes(b"node's copy")
+    target = tmp_path / "job-input"
+    clone_file(source, target)
+    assert target.read_bytes() == b"node's copy"
+    assert os.stat(source).st_ino != os.stat(target).st_ino
+    target.write_bytes(b"the job wrote here")
+    assert source.read_bytes() == b"node's copy", "a job's write reached the node's blob"
+    with pytest.raises(FileExistsError):
+        clone_file(source, target)
+
+
+def test_job_spec_input_files_are_checked_like_inline_inputs() -> None:
+    JobSpec(("true",), input_files=(("data/a.bin", "/var/blobs/x"),)).validate()
+    for bad in (
+        (("../a", "/var/blobs/x"),),
+        (("a", "relative/path"),),
+        (("a", "/x"), ("a", "/y")),
+    ):
+        with pytest.raises(JobSpecError):
+            JobSpec(("true",), input_files=bad).validate()
+    with pytest.raises(JobSpecError, match="twice"):
+        JobSpec(("true",), inputs=(("a", b""),), input_files=(("a", "/x"),)).validate()
