@@ -18,6 +18,7 @@ from node._chain import ChainService, CommitEvent
 from node._chain_rpc import block_json, register_chain_methods
 from node._compute import ComputeService
 from node._explorer import ExplorerIndex, register_explorer_methods
+from node._job_logs import forward_job_logs, register_log_methods
 from node._market import LedgerChain, MeshNet, register_market_methods
 from node._metrics import NodeMetrics
 from node.exceptions import ConfigError
@@ -115,6 +116,7 @@ class Node:
         register_chain_methods(self.registry, self.chain)
         self.compute.register_methods(self.registry)
         register_market_methods(self.registry, self.market)
+        register_log_methods(self.registry, self.market)
         self.metrics = NodeMetrics(
             mesh=self.mesh, chain=self.chain, market=self.market, compute=self.compute, rpc=self.rpc
         )
@@ -166,6 +168,7 @@ class Node:
                     await app_nursery.start(self.metrics.run)
                     await app_nursery.start(self.explorer.run)
                     app_nursery.start_soon(self._forward_job_events)
+                    app_nursery.start_soon(forward_job_logs, self.market, self.rpc)
                     app_nursery.start_soon(
                         self.compute.release_finished_jobs, self.market.subscribe()
                     )

@@ -375,15 +375,6 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             raise RpcError(JOB_REJECTED, str(exc)) from None
         return {"dir": dir, "files": written, "bytes": sum(f.size_bytes for f in view.files)}
 
-    async def job_logs(job_id: str) -> dict[str, Any]:
-        try:
-            info = await service.logs(_job_id(job_id))
-        except market.UnknownJob:
-            raise RpcError(JOB_NOT_FOUND, "no such job on this node") from None
-        except market.MarketError as exc:
-            raise RpcError(JOB_NOT_READY, str(exc)) from None
-        return {"state": info.state, "stdout": _b64(info.stdout), "stderr": _b64(info.stderr)}
-
     async def market_bids(job_id: str) -> list[dict[str, Any]]:
         try:
             return [dict(b.to_json()) for b in service.bids(_job_id(job_id))]
@@ -460,13 +451,6 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         "machine (made if missing; files there of the same names are replaced).",
         params=(job_id_param, Param("dir", "string", True, "Absolute path of the directory.")),
         result=Result("object", "The directory, the paths written and their total bytes."),
-    )
-    registry.register(
-        "job_logs",
-        job_logs,
-        description="A job's stdout and stderr so far (base64).",
-        params=(job_id_param,),
-        result=Result("object"),
     )
     registry.register(
         "market_bids",

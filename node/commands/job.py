@@ -20,6 +20,7 @@ from node.commands._common import (
     parse_duration_ms,
     parse_size,
 )
+from node.commands._follow import LogPrinter, follow_logs, show_logs
 from node.exceptions import NodeError
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 FINAL_STATES = frozenset({"done", "failed", "cancelled", "refunded", "output_mismatch"})
 PROGRESS = ("bidding", "awarded", "locked", "running", "settling", "done")
 wait_max_s = 24 * 3600
+logs_after_end_s = 10.0
+"""How long ``submit --wait`` still waits for the last log bytes once the job has ended."""
+TOPIC_JOB_LOGS = "jobLogs"
 input_files_max = 1000
 """Files one job may take as inputs (a directory's files count one each)."""
 
@@ -102,6 +106,9 @@ def register(sub: Subparsers) -> None:
     j.add_argument("--out", dest="output_dir", type=Path, required=True, metavar="DIR")
     j = add_command(jsub, "logs", cmd_logs, help="a job's stdout and stderr so far")
     j.add_argument("job_id")
+    j.add_argument(
+        "-f", "--follow", action="store_true", help="follow them while the job runs, until it ends"
+    )
     j = add_command(jsub, "cancel", cmd_cancel, help="cancel a job (refunds the escrow)")
     j.add_argument("job_id")
     j = add_command(jsub, "list", cmd_list, help="jobs on this node")
@@ -145,6 +152,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    if args.follow:
+        import trio
+
+        view = trio.run(follow_job_logs, args.home, args.job_id)
+        if args.json:
+            print(json.dumps({k: v for k, v in view.items() if k not in ("stdout", "stderr")}))
+        return 0 if view["state"] == "done" else 1
     logs = call(args.home, "job_logs", {"job_id": args.job_id})
     text = base64.b64decode(logs["stdout"]).decode(errors="replace")
     err = base64.b64decode(logs["stderr"]).decode(errors="replace")
@@ -299,8 +313,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             write_outputs(args.home, job["id"], args.output_dir, result)
         if args.json:
             job["result"] = result
-        else:
-            print(show_result(result, args.output_dir))
+        else:  # its stdout was shown as it came
+            print(show_result({**result, "stdout": ""}, args.output_dir))
     rc = emit(args, job, describe(job))
     return rc if job["state"] == "done" else 1
 
@@ -337,18 +351,31 @@ async def follow_submit(home: Path, params: dict[str, Any], show: bool) -> dict[
 
     progress = _Progress(show)
     with trio.move_on_after(wait_max_s) as scope:
-        async with open_subscription(home, "jobs") as events:
+        async with (
+            open_subscription(home, "jobs") as events,
+            open_subscription(home, TOPIC_JOB_LOGS) as logs,
+            trio.open_nursery() as nursery,
+        ):
             job: dict[str, Any] = await trio.to_thread.run_sync(call, home, "job_submit", params)
             job_id = job["id"]
             progress.see(job)
+            if show:  # the job's stdout and stderr as they come (its live logs)
+                nursery.start_soon(show_logs, home, job_id, logs)
             while job["state"] not in FINAL_STATES:
                 event = await events.next()
                 if event.get("id") == job_id and event.get("role", "requester") == "requester":
                     job = event
                     progress.see(job)
+            nursery.cancel_scope.deadline = trio.current_time() + logs_after_end_s
     if scope.cancelled_caught:
         raise NodeError(f"gave up waiting for the job after {wait_max_s} s")
     final: dict[str, Any] = await trio.to_thread.run_sync(
         call, home, "job_status", {"job_id": job_id}
     )
     return final
+
+
+async def follow_job_logs(home: Path, job_id: str) -> dict[str, Any]:
+    """``job logs -f``: the job's stdout and stderr as they come, until it ends."""
+    async with open_subscription(home, TOPIC_JOB_LOGS) as events:
+        return await follow_logs(home, job_id, LogPrinter.stdio(), events)
