@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -60,6 +61,10 @@ PROTOCOL_IMAGE_BLOB = "/gpumesh/market/image-blob/1"
 """Provider -> requester: one chunk of one blob (manifest, config, layer) of a job's image."""
 fetch_attempts_max = 5
 fetch_retry_s = 0.5
+fetch_window = 4
+"""Chunk requests of one blob in flight (a peer serves 8 streams of ours at a time)."""
+fetch_lookahead_chunks = 8
+"""How far past the whole prefix chunks may be asked: what a cut can cost again."""
 fetch_dirs_max = 16
 """Partial fetches kept for resuming; the oldest beyond this are removed."""
 disk_headroom_factor = 3
@@ -354,37 +359,62 @@ class ImageFetcher:
             await self._fetch_blob(peer, job_id, blob, blobs)
 
     async def _fetch_blob(self, peer: str, job_id: bytes, blob: _Blob, blobs: Path) -> Path:
-        """``blob`` into ``blobs/<hex>``, resuming ``<hex>.part``; checked before renamed."""
+        """``blob`` into ``blobs/<hex>``: ``fetch_window`` chunk requests in flight, each chunk
+        written at its offset in ``<hex>.part``; ``<hex>.have`` records the prefix that is
+        whole on disk, where a later try resumes (chunks past it are asked again, at most
+        ``fetch_lookahead_chunks``). Checked against the digest, then renamed."""
         final = blobs / blob.hex
         if final.is_file() and final.stat().st_size == blob.size:
             return final  # fetched and checked by an earlier try
         partial = blobs / f"{blob.hex}.part"
-        offset = partial.stat().st_size if partial.is_file() else 0
-        if offset > blob.size:
-            partial.unlink()
-            offset = 0
+        mark = blobs / f"{blob.hex}.have"
+        have = await trio.to_thread.run_sync(_resume_point, partial, mark, blob.size)
         digest = bytes.fromhex(blob.hex)
-        async with await trio.open_file(partial, "ab") as out:
-            while offset < blob.size:
-                ask = ledger.encode(BlobRequest(job_id, digest, offset))
-                chunk = await self.ctx.request(peer, PROTOCOL_IMAGE_BLOB, ask)
-                if not chunk or len(chunk) > chunk_bytes_max or offset + len(chunk) > blob.size:
-                    bad = True
-                    break
-                await out.write(chunk)
-                await out.flush()  # what a cut leaves on disk, the next try resumes from
-                offset += len(chunk)
-                self._count("image_bytes_fetched", len(chunk))
-            else:
-                bad = False
-        if bad:
-            partial.unlink()
-            raise Mismatch(f"image blob {blob.hex[:12]} is not {blob.size} bytes as stated")
+        window = _Window(have, blob.size, fetch_lookahead_chunks * chunk_bytes_max)
+        written = have
+        marking = trio.Lock()
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+
+            async def worker() -> None:
+                nonlocal written
+                while (offset := await window.take()) is not None:
+                    ask = ledger.encode(BlobRequest(job_id, digest, offset))
+                    chunk = await self.ctx.request(peer, PROTOCOL_IMAGE_BLOB, ask)
+                    if len(chunk) != min(chunk_bytes_max, blob.size - offset):
+                        raise Mismatch(
+                            f"image blob {blob.hex[:12]} is not {blob.size} bytes as stated"
+                        )
+                    await trio.to_thread.run_sync(os.pwrite, fd, chunk, offset)
+                    self._count("image_bytes_fetched", len(chunk))
+                    if window.land(offset):
+                        async with marking:  # one writer; the newest prefix wins
+                            if window.prefix > written:
+                                written = window.prefix
+                                await trio.to_thread.run_sync(_write_mark, mark, written)
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(fetch_window):
+                        nursery.start_soon(worker)
+            except BaseExceptionGroup as group:
+                known, other = group.split((Mismatch, NetError))
+                if other is not None or known is None:
+                    raise  # cancellation and bugs pass as they are
+                leaves = _leaves(known)
+                bad = [e for e in leaves if isinstance(e, Mismatch)]
+                if bad:
+                    await trio.to_thread.run_sync(_discard, partial, mark)
+                    raise bad[0] from None
+                raise leaves[0] from None  # the next try resumes from the mark
+        finally:
+            os.close(fd)
         got = await trio.to_thread.run_sync(_sha256_hex, partial)
         if got != blob.hex:
-            partial.unlink()
+            await trio.to_thread.run_sync(_discard, partial, mark)
             raise Mismatch(f"image blob {blob.hex[:12]} does not match its sha256")
         partial.rename(final)
+        mark.unlink(missing_ok=True)
         self._count("image_blobs_fetched")
         return final
 
@@ -399,6 +429,79 @@ class ImageFetcher:
             return
         for old in entries[: max(len(entries) - fetch_dirs_max + 1, 0)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class _Window:
+    """The chunks of one blob fetch: hands out offsets at most ``lookahead_bytes`` past the
+    prefix that is whole on disk (so a cut costs at most that much again), and tracks it."""
+
+    def __init__(self, start: int, size: int, lookahead_bytes: int) -> None:
+        self.prefix = start
+        self._next = start
+        self._size = size
+        self._lookahead = lookahead_bytes
+        self._landed: set[int] = set()
+        self._moved = trio.Event()
+
+    async def take(self) -> int | None:
+        """The next chunk's offset to ask for (waits while too far ahead); None: all asked."""
+        while self._next < self._size:
+            if self._next < self.prefix + self._lookahead:
+                offset = self._next
+                self._next += chunk_bytes_max
+                return offset
+            await self._moved.wait()
+        return None
+
+    def land(self, offset: int) -> bool:
+        """Chunk ``offset`` is on disk; whether the whole prefix grew."""
+        self._landed.add(offset)
+        old = self.prefix
+        while self.prefix in self._landed:
+            self._landed.discard(self.prefix)
+            self.prefix = min(self.prefix + chunk_bytes_max, self._size)
+        if self.prefix == old:
+            return False
+        self._moved.set()
+        self._moved = trio.Event()
+        return True
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _resume_point(partial: Path, mark: Path, size: int) -> int:
+    """Where a fetch of ``partial`` resumes: the whole prefix its mark records (chunks past
+    it may have holes and are fetched again); the file is cut back to it."""
+    try:
+        have = int(mark.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        have = 0
+    try:
+        length = partial.stat().st_size
+    except FileNotFoundError:
+        length = 0
+    have = max(0, min(have, length, size))
+    have -= have % chunk_bytes_max if have < size else 0
+    if length != have:
+        with open(partial, "ab") as handle:
+            handle.truncate(have)
+    return have
+
+
+def _write_mark(mark: Path, have: int) -> None:
+    tmp = mark.with_suffix(".tmp")
+    tmp.write_text(str(have))
+    tmp.rename(mark)
+
+
+def _discard(partial: Path, mark: Path) -> None:
+    partial.unlink(missing_ok=True)
+    mark.unlink(missing_ok=True)
 
 
 def _sha256_hex(path: Path) -> str:

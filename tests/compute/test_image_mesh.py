@@ -4,6 +4,7 @@ verified, bounded and resumable, into its store (its cache), and evicts unused o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ import pytest
 import compute
 import ledger
 from compute import testing
+from compute.market import _imagemesh
 from compute.market._imagemesh import (
     PROTOCOL_IMAGE_BLOB,
     ImageFetcher,
@@ -165,26 +167,41 @@ async def test_a_missing_blob_fails_clearly_after_bounded_retries(base: Path) ->
     assert not provider.has(image.ref)
 
 
-async def test_a_cut_fetch_resumes_where_it_stopped(base: Path) -> None:
-    requester, provider, image = stores(base)
+@pytest.mark.parametrize("window", [1, _imagemesh.fetch_window])
+async def test_a_cut_fetch_resumes_where_it_stopped(
+    base: Path, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_imagemesh, "fetch_window", window)
+    requester = compute.ImageStore(base / "req", roots_dir=base / "req-roots")
+    provider = compute.ImageStore(base / "prov", roots_dir=base / "prov-roots")
+    big = hashlib.sha256(b"seed").digest() * (9 * 1024 * 1024 // 32 + 5)  # ten chunks
+    layers = testing.busybox_layers(extra=[testing._entry("big.bin", big)])
+    archive = testing.write_docker_archive(base / "big.tar", layers)
+    image = requester.import_archive(archive)
     descriptor = describe_image(requester, image.ref)
     serve = honest(requester, job_manifest(descriptor))
+    cut_at = 6 * 1024 * 1024
     cut = {"done": False}
 
     async def cutting(payload: bytes) -> bytes:
         ask = ledger.decode(BlobRequest, payload)
-        if ask.offset > 0 and not cut["done"]:
+        if ask.offset == cut_at and not cut["done"]:
             cut["done"] = True
             raise NetError("connection reset")
         return await serve(payload)
 
     ctx = FakeCtx(cutting)
     await fetcher(ctx, provider).ensure("peer", JOB, descriptor)
-    assert cut["done"], "no blob had a second chunk: the cut never happened"
+    assert cut["done"], "no blob had a seventh chunk: the cut never happened"
     offsets = [(a.sha256, a.offset) for a in ctx.asks]
     repeated = {o for o in offsets if offsets.count(o) > 1}
-    assert len(repeated) == 1, f"after the cut only the refused chunk is asked again: {repeated}"
-    assert provider.has(image.ref)
+    if window == 1:
+        assert [o for _, o in repeated] == [cut_at], f"only the refused chunk again: {repeated}"
+    else:  # what was in flight at the cut, or landed past a hole, is asked again: no more
+        ahead = _imagemesh.fetch_lookahead_chunks
+        assert 1 <= len(repeated) <= ahead, f"not resumed from the whole prefix: {repeated}"
+        assert all(o > cut_at - ahead * 1024 * 1024 for _, o in repeated), repeated
+    assert (provider.rootfs(image.ref) / "big.bin").read_bytes() == big
 
 
 async def test_the_requester_serves_only_the_blobs_of_the_jobs_image(base: Path) -> None:
@@ -264,3 +281,17 @@ async def test_a_provider_with_a_registry_pulls_and_falls_back_to_the_requester(
     missing.skopeo = None
     assert await missing.ensure("peer", JOB, descriptor) == image.ref
     assert ctx.counters["image_pull_failures"] == 2 and ctx.counters["image_fetches"] == 2
+
+
+def test_a_resumed_partial_is_cut_back_to_its_whole_prefix(tmp_path: Path) -> None:
+    mib = 1024 * 1024
+    partial, mark = tmp_path / "x.part", tmp_path / "x.have"
+    partial.write_bytes(b"a" * (3 * mib + 10))  # chunks past the prefix may have holes
+    mark.write_text(str(2 * mib))
+    assert _imagemesh._resume_point(partial, mark, 5 * mib) == 2 * mib
+    assert partial.stat().st_size == 2 * mib
+    mark.write_text(str(4 * mib))  # a mark past the file (a lost write): the file decides
+    assert _imagemesh._resume_point(partial, mark, 5 * mib) == 2 * mib
+    mark.write_text("garbage")
+    assert _imagemesh._resume_point(partial, mark, 5 * mib) == 0
+    assert _imagemesh._resume_point(tmp_path / "none.part", tmp_path / "none.have", 5) == 0
