@@ -218,6 +218,16 @@ class _Snapshot(Collector):
             role, _, state = str(label).partition("_")
             jobs.add_metric([role, state], count)
         yield jobs
+        events = CounterMetricFamily(
+            f"{namespace}_market_events",
+            "Market counters since start (requests, bids, faults, output ranges fetched and "
+            "resumed, ...), by name.",
+            labels=["event"],
+        )
+        for name, value in sorted(stats.items()):
+            if isinstance(value, int) and not isinstance(value, bool):
+                events.add_metric([name], value)
+        yield events
         runs = CounterMetricFamily(
             f"{namespace}_sandbox_runs",
             "Jobs this node ran in its sandbox since it started, by how they ended.",

@@ -490,7 +490,8 @@ class RequesterExchange:
         size = partial.meta.output_bytes
         missing = partial.missing()
         if missing and missing[0] == 0:
-            self.accept(partial, first, 0)
+            self.accept(partial, first, 0)  # it came with the offer
+            _bump(counters, "outputs_ranges_fetched")
             missing.pop(0)
         errors: list[NetError | Mismatch] = []
 
@@ -507,16 +508,19 @@ class RequesterExchange:
                     cancel.cancel()
                     return
                 _bump(counters, "outputs_ranges_fetched")
-                if partial.unsynced >= sync_ranges:
-                    await trio.to_thread.run_sync(partial.sync)
+                if partial.unsynced >= sync_ranges and not syncing.locked():
+                    async with syncing:
+                        await trio.to_thread.run_sync(partial.sync)
 
+        syncing = trio.Lock()  # one sync at a time; the other workers keep fetching
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(min(fetch_window, len(missing))):
                     nursery.start_soon(worker, nursery.cancel_scope)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(partial.sync)
+                async with syncing:
+                    await trio.to_thread.run_sync(partial.sync)
         if errors:
             raise errors[0]
         assert partial.complete() or size == 0, "a fetch ended with ranges missing"
