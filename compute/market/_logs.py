@@ -343,6 +343,9 @@ class RequesterLogs:
         if tail.attempt_job_id != record.attempt_job_id:
             tail = self._restart(job_id, record.attempt_job_id, 0, record.state.label)
         rooms = [live_log_bytes_max - len(tail.buffer(s)) for s in streams]
+        if max(rooms) <= 0:
+            tail.complete = True  # both streams hold their cap: the sealed logs have the rest
+            return False
         ask = LogTailRequest(
             attempt_job_id=record.attempt_job_id,
             stdout_offset=len(tail.stdout),

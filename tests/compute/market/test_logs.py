@@ -267,6 +267,12 @@ async def test_the_live_tail_is_capped(
         await trio.sleep(5)
         assert len(pair.requester.read(pair.job_id).stdout) == 100, "the tail grew past its cap"
         assert all(r.bytes_max <= 100 for r in pair.requests[pulls:])
+        assert len(pair.requests) > pulls, "stderr has room: the pulls go on"
+        pair.executor.streams["stderr"] += b"e" * 1000
+        await wait_for("both caps", lambda: len(pair.requester.read(pair.job_id).stderr) == 100)
+        pulls = len(pair.requests)
+        await trio.sleep(5)
+        assert len(pair.requests) == pulls, "both streams are full: no more pulls"
         nursery.cancel_scope.cancel()
 
 
