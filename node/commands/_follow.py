@@ -158,4 +158,8 @@ async def show_logs(home: Path, job_id: str, events: Subscription | None) -> Non
     try:
         await follow_logs(home, job_id, LogPrinter.stdio(), events)
     except NodeError as exc:
-        print(f"(live logs not shown: {exc})", file=sys.stderr, flush=True)
+        print(
+            f"(live logs not shown: {exc}; `gpumesh job logs {job_id}` reads them)",
+            file=sys.stderr,
+            flush=True,
+        )
