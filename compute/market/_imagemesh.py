@@ -284,6 +284,8 @@ class ImageFetcher:
         blobs = root / "blobs" / "sha256"
         await trio.to_thread.run_sync(self._prune_fetch_dirs, images.directory / "fetch", hex_)
         blobs.mkdir(parents=True, exist_ok=True, mode=0o700)
+        started_s = trio.current_time()
+        bytes_before = self.ctx.counters.get("image_bytes_fetched", 0)
         last = ""
         for _ in range(fetch_attempts_max):
             try:
@@ -296,6 +298,8 @@ class ImageFetcher:
                 raise MarketError(f"bad image from the requester: {exc}") from exc
         else:
             raise NetError(f"cannot fetch the job's image {image_ref(image)[:19]}: {last}")
+        moved = self.ctx.counters.get("image_bytes_fetched", 0) - bytes_before
+        fetch_s = trio.current_time() - started_s
         (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         index = {
             "schemaVersion": 2,
@@ -316,7 +320,15 @@ class ImageFetcher:
         except ImageError as exc:
             raise MarketError(f"the job's image cannot be unpacked here: {exc}") from exc
         await trio.to_thread.run_sync(shutil.rmtree, root, True)
-        log.info("image %s fetched from %s", hex_[:12], peer)
+        log.info(
+            "image %s fetched from %s: %d bytes in %.2f s (%.1f MiB/s), unpacked in %.2f s",
+            hex_[:12],
+            peer,
+            moved,
+            fetch_s,
+            moved / max(fetch_s, 1e-6) / 2**20,
+            trio.current_time() - started_s - fetch_s,
+        )
 
     async def _fetch_blobs(
         self,
