@@ -31,6 +31,7 @@ from compute.market._logs import (
     RequesterLogs,
     log_chunk_bytes_max,
 )
+from compute.market._wire import PROTOCOL_LOG_TAIL
 from compute.market.types import Role, RunResult, Stamp
 from ledger.testing import key_for
 from p2p.testing import wait_until
@@ -143,8 +144,8 @@ def open_pair(nursery: trio.Nursery, *, started_ms: int = 1_000) -> Pair:
     )
     pair: Pair
 
-    async def request(peer_id: str, protocol: str, payload: bytes) -> bytes:
-        assert peer_id == PROVIDER_PEER and protocol == _logs.PROTOCOL_LOG_TAIL
+    async def send(peer_id: str, protocol: str, payload: bytes) -> bytes:
+        assert peer_id == PROVIDER_PEER and protocol == PROTOCOL_LOG_TAIL
         pair.requests.append(ledger.decode(LogTailRequest, payload))
         if pair.cut:
             pair.cut -= 1
@@ -154,7 +155,7 @@ def open_pair(nursery: trio.Nursery, *, started_ms: int = 1_000) -> Pair:
         return answer
 
     provider_ctx = SimpleNamespace(clock_ms=lambda: int(trio.current_time() * 1000))
-    requester_ctx = SimpleNamespace(nursery=nursery, request=request)
+    requester_ctx = SimpleNamespace(nursery=nursery, request=send)
     provider = ProviderLogs(provider_ctx, provider_book, executor)  # type: ignore[arg-type]
     requester = RequesterLogs(requester_ctx, requester_book)  # type: ignore[arg-type]
     pair = Pair(provider, requester, provider_book, requester_book, executor, job_id)
