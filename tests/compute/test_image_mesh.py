@@ -295,3 +295,32 @@ def test_a_resumed_partial_is_cut_back_to_its_whole_prefix(tmp_path: Path) -> No
     mark.write_text("garbage")
     assert _imagemesh._resume_point(partial, mark, 5 * mib) == 0
     assert _imagemesh._resume_point(tmp_path / "none.part", tmp_path / "none.have", 5) == 0
+
+
+def test_image_jobs_go_only_to_offers_with_the_image_runtime() -> None:
+    from compute.market import JobSubmission, Requirements, explain_unsatisfiable
+    from compute.market._checks import check_manifest
+    from compute.market._imagemesh import with_image_runtime
+    from compute.market.exceptions import InvalidManifest
+
+    key = ledger.SigningKey(b"\x05" * 32)
+    plain = testing.make_offer(key, chain_id="c", now_ms=1_000_000)
+    images = testing.make_offer(
+        key,
+        chain_id="c",
+        now_ms=1_000_000,
+        config=compute.OfferConfig(runtimes=("bwrap", "bwrap-image")),
+    )
+    need = Requirements(gpus=1)
+    sub = with_image_runtime(JobSubmission(argv=(), image="ab" * 8, requirements=need))
+    assert sub.requirements.runtime == "bwrap-image"
+    assert with_image_runtime(JobSubmission(argv=("true",))).requirements.runtime == ""
+    why = explain_unsatisfiable([plain], sub.requirements, 10_000)
+    assert why is not None and "bwrap-image runtime" in why, why
+    assert explain_unsatisfiable([plain, images], sub.requirements, 10_000) is None
+    with pytest.raises(ValueError, match="runtime"):
+        Requirements(runtime="docker")
+    descriptor = ImageDescriptor(b"\x03" * 32, 100, 1000)
+    check_manifest(JobManifest((), (), (), descriptor), 0)  # the image's entrypoint runs
+    with pytest.raises(InvalidManifest, match="arguments"):
+        check_manifest(JobManifest((), (), ()), 0)
