@@ -93,6 +93,8 @@ sealed_cached_max = 1024
 """Sealed bundles a provider (fetched ones a requester) remembers (their roots and where
 they lie on disk, not their bytes); a forgotten one is read again from disk (or re-sealed from
 the job directory to the same bytes)."""
+sweep_entries_max = 100_000
+"""Attempt folders one sweep of the requester's outputs directory looks at."""
 _KEY_TAG = "gpumesh/output-key/1"
 
 
@@ -418,6 +420,32 @@ class RequesterExchange:
         self._polls: dict[bytes, int] = {}
         self.ack_gate: Callable[[JobRecord, Delivery], bool] | None = None
         """Set by the requester side for verified jobs (see ``may_ack``)."""
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Delete what no job needs under the outputs directory (at start and after each
+        collect): the folder of an attempt that is not its job's current one or whose job
+        ended other than DONE (a partial fetch of a refused, cancelled, refunded or retried
+        attempt), and the ciphertext of an opened one. A DONE job's opened files stay (the
+        user copies them out with ``job outputs``). How many folders went."""
+        root = outputs_root(self.ctx)
+        keep: dict[str, JobRecord] = {}
+        for record in self.book.records():
+            if not record.state.terminal or record.state is JobState.DONE:
+                keep[record.attempt_job_id.hex()] = record
+        removed = 0
+        try:
+            entries = list(root.iterdir())
+        except FileNotFoundError:
+            return 0
+        for entry in entries[:sweep_entries_max]:
+            record = keep.get(entry.name)
+            if record is None:
+                _bundle.remove_dir(entry)
+                removed += 1
+            elif record.state is JobState.DONE and (entry / "out").is_dir():
+                _bundle.remove_dir(entry / "sealed")
+        return removed
 
     async def on_delivered(self, peer_id: str, data: bytes) -> bytes:
         for record in self.book.records():
@@ -719,6 +747,7 @@ class RequesterExchange:
             stderr=info.stderr[:log_bytes_max],
         )
         self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
+        await trio.to_thread.run_sync(self.sweep)
 
     async def slash_bad_key(self, record: JobRecord, fetched: Fetched, index: int) -> None:
         """The revealed key fails chunk ``index``: submit the evidence (half the slash is

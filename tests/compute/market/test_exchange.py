@@ -111,3 +111,7 @@ async def test_a_cut_fetch_of_large_outputs_resumes_with_the_ranges_it_has(
         role = provider.market.provider
         assert role is not None
         assert (role.exchange.sealed_dir(record.attempt_job_id) / "roots").exists(), "kept"
+        stray = big.parent.parent.parent / ("ab" * 32) / "sealed"
+        stray.mkdir(parents=True)
+        assert exchange.sweep() == 1 and not stray.exists(), "a folder of no job is swept"
+        assert big.exists(), "a done job's outputs stay"
