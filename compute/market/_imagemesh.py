@@ -23,7 +23,10 @@ so a registry can only fail, never substitute. Without skopeo, or when the pull 
 says why in the log and fetches from the requester as usual.
 
 The requester serves only the blobs of the image of the job the asking peer was awarded
-(``serve_image_blob``). Transport is ``Context.request``, so the seeded simulation runs it too.
+(``serve_image_blob``). An image the provider has without this requester sending it (cached
+for another job, pulled, imported there) runs only once the requester has served one chunk,
+at a random offset, that matches: knowing a digest does not let anyone run, and so read,
+someone else's image. Transport is ``Context.request``, so the seeded simulation runs it too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from typing import TYPE_CHECKING, Any
@@ -197,6 +201,7 @@ class ImageFetcher:
         hex_ = image.manifest_sha256.hex()
         while True:
             if await trio.to_thread.run_sync(images.has, ref):
+                await self._check_holder(peer, job_id, ref, images)
                 await trio.to_thread.run_sync(images.touch, ref)
                 self._count("image_cache_hits")
                 return ref
@@ -206,13 +211,51 @@ class ImageFetcher:
             await busy.wait()  # another job fetches the same image: then it is cached
         done = self._fetching[hex_] = trio.Event()
         try:
-            if not (self.registry and await self._pull(image, images)):
+            if self.registry and await self._pull(image, images):
+                await self._check_holder(peer, job_id, ref, images)
+            else:
                 await self._fetch(peer, job_id, image, images)
                 self._count("image_fetches")
         finally:
             del self._fetching[hex_]
             done.set()
         return ref
+
+    async def _check_holder(self, peer: str, job_id: bytes, ref: str, images: ImageStore) -> None:
+        """An image this node has without ``peer`` sending it (cached for another job, pulled,
+        imported here) runs only for a requester that holds it: knowing a digest must not let
+        anyone run (and read) someone else's image. ``peer`` serves one chunk, at a random
+        offset of the image's largest blob, that must equal ours."""
+        image = await trio.to_thread.run_sync(images.get, ref)
+        sizes = {}
+        for hex_ in (*(h.removeprefix("sha256:") for h in image.layers), image.config_digest[7:]):
+            path = images.blob_path(hex_)
+            if path is not None:
+                sizes[hex_] = path.stat().st_size
+        if not sizes:
+            raise MarketError(f"image {ref[:19]} has lost its blobs here")
+        hex_ = max(sizes, key=lambda h: (sizes[h], h))
+        chunks = max((sizes[hex_] + chunk_bytes_max - 1) // chunk_bytes_max, 1)
+        offset = secrets.randbelow(chunks) * chunk_bytes_max
+        path = images.blob_path(hex_)
+        assert path is not None
+        ours = await read_chunk(path, offset)
+        ask = ledger.encode(BlobRequest(job_id, bytes.fromhex(hex_), offset))
+        last = ""
+        for _ in range(fetch_attempts_max):
+            try:
+                theirs = await self.ctx.request(peer, PROTOCOL_IMAGE_BLOB, ask)
+            except NetError as exc:
+                last = str(exc)
+                await trio.sleep(self.retry_s)
+                continue
+            if theirs != ours:
+                break
+            self._count("image_holder_checks")
+            return
+        else:
+            raise NetError(f"the requester did not show it holds image {ref[:19]}: {last}")
+        raise MarketError(f"the requester does not hold image {ref[:19]}, which it names")
 
     async def _make_room(self, images: ImageStore, need: int, keep: str) -> None:
         """Evict cached images so ``need`` more bytes (blobs and root) fit the cache."""

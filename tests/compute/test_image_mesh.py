@@ -111,8 +111,28 @@ async def test_a_fetched_image_is_the_requesters_and_a_second_job_hits_the_cache
 
     again = await fetcher(ctx, provider).ensure("peer", JOB, descriptor)
     assert again == ref
-    assert len(ctx.asks) == asked, "a cached image is not fetched again"
-    assert ctx.counters["image_cache_hits"] == 1
+    assert len(ctx.asks) == asked + 1, "a cached image is not fetched again (one chunk proves)"
+    assert ctx.counters["image_cache_hits"] == 1 and ctx.counters["image_holder_checks"] == 1
+
+
+async def test_a_cached_image_runs_only_for_a_requester_that_holds_it(base: Path) -> None:
+    requester, provider, image = stores(base)
+    descriptor = describe_image(requester, image.ref)
+    manifest = job_manifest(descriptor)
+    await fetcher(FakeCtx(honest(requester, manifest)), provider).ensure("a", JOB, descriptor)
+
+    async def guess(payload: bytes) -> bytes:  # knows the digest, not the bytes
+        return b"\0" * 1024 * 1024
+
+    with pytest.raises(MarketError, match="does not hold image"):
+        await fetcher(FakeCtx(guess), provider).ensure("b", JOB, descriptor)
+
+    async def unable(payload: bytes) -> bytes:
+        raise NetError("not a blob of this job's image")
+
+    with pytest.raises(NetError, match="did not show it holds"):
+        await fetcher(FakeCtx(unable), provider).ensure("b", JOB, descriptor)
+    assert provider.has(image.ref), "the cached image stays for requesters that hold it"
 
 
 async def test_a_blob_with_a_wrong_digest_is_refused_and_not_kept(base: Path) -> None:
@@ -254,10 +274,7 @@ async def test_a_provider_with_a_registry_pulls_and_falls_back_to_the_requester(
     requester, provider, image = stores(base)
     descriptor = describe_image(requester, image.ref)
 
-    async def refuse(payload: bytes) -> bytes:
-        raise AssertionError("a pulled image must not be fetched from the requester")
-
-    ctx = FakeCtx(refuse)
+    ctx = FakeCtx(honest(requester, job_manifest(descriptor)))
     # The requester's store is an OCI layout tagged by hex: a registry skopeo can read.
     registry = f"oci:{requester.directory}:{{hex}}"
     pulling = ImageFetcher(ctx, provider, cache_bytes_max=1 << 40, registry=registry)  # type: ignore[arg-type]
@@ -266,7 +283,8 @@ async def test_a_provider_with_a_registry_pulls_and_falls_back_to_the_requester(
             pytest.fail("CI=true and skopeo is missing")
         pytest.skip("skopeo missing")
     assert await pulling.ensure("peer", JOB, descriptor) == image.ref
-    assert ctx.counters["image_pulls"] == 1 and not ctx.asks
+    assert ctx.counters["image_pulls"] == 1
+    assert len(ctx.asks) == 1, "pulled: the requester only proves it holds the image"
     assert provider.get(image.ref).origin == "mesh"
     provider.remove(image.ref)
 
