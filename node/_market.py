@@ -39,6 +39,7 @@ JOB_NOT_FOUND = -32020
 JOB_UNSATISFIABLE = -32021
 JOB_NOT_READY = -32022
 JOB_REJECTED = -32023
+submit_call_timeout_s = 3600.0
 
 
 class MeshNet(market.MarketNetAPI):
@@ -414,6 +415,9 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             Param("image", "string", False, "Run in this image of the node's store (a ref)."),
         ),
         result=Result("object", "The job record."),
+        # It answers once the input files are copied into the blob store: 16 GiB take a
+        # minute or more on a loaded disk, past the server's usual call timeout.
+        call_timeout_s=submit_call_timeout_s,
     )
     registry.register(
         "job_status",

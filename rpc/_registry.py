@@ -31,6 +31,7 @@ STANDARD_TOPICS: Final[Mapping[str, str]] = {
 
 openrpc_version: Final = "1.2.6"
 method_name_chars_max: Final = 64
+call_timeout_s_max: Final = 24 * 3600.0
 param_name_echo_chars_max: Final = 40
 _name_re: Final = re.compile(r"^([a-z]+)_[A-Za-z][A-Za-z0-9_]*$")
 _topic_re: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
@@ -66,6 +67,9 @@ class Method:
     description: str
     params: tuple[Param, ...]
     result: Result
+    call_timeout_s: float | None = None
+    """This method's own limit on one call (the server's ``call_timeout_s`` when None): for a
+    method whose work grows with what it is given, such as copying a job's input files."""
 
     @property
     def namespace(self) -> str:
@@ -189,6 +193,7 @@ class MethodRegistry:
         description: str,
         params: Sequence[Param] = (),
         result: Result | None = None,
+        call_timeout_s: float | None = None,
     ) -> Method:
         """Register trio coroutine function ``handler`` as ``name`` (``<namespace>_<name>``).
 
@@ -201,7 +206,16 @@ class MethodRegistry:
                 f"method name {name!r} must be <namespace>_<name> with namespace one of "
                 f"{', '.join(NAMESPACES)}"
             )
-        return self._add(name, handler, description=description, params=params, result=result)
+        if call_timeout_s is not None and not 0 < call_timeout_s <= call_timeout_s_max:
+            raise RegistryError(f"{name}: call_timeout_s must be in (0, {call_timeout_s_max}]")
+        return self._add(
+            name,
+            handler,
+            description=description,
+            params=params,
+            result=result,
+            call_timeout_s=call_timeout_s,
+        )
 
     def method(
         self,
@@ -235,6 +249,7 @@ class MethodRegistry:
         description: str,
         params: Sequence[Param],
         result: Result | None,
+        call_timeout_s: float | None = None,
     ) -> Method:
         if len(name) > method_name_chars_max:
             raise RegistryError(f"method name {name!r} is longer than {method_name_chars_max}")
@@ -244,7 +259,7 @@ class MethodRegistry:
         _check_params(name, params)
         if handler is not None:
             _check_handler(name, handler, params)
-        method = Method(name, handler, description, params, result or Result())
+        method = Method(name, handler, description, params, result or Result(), call_timeout_s)
         self._methods[name] = method
         return method
 

@@ -256,7 +256,7 @@ class RpcServer:
         try:
             async with self._limiter:
                 self._counters.calls += 1
-                timeout_s = self.config.call_timeout_s
+                timeout_s = method.call_timeout_s or self.config.call_timeout_s
                 with trio.move_on_after(timeout_s) as scope:
                     outcome = await self._invoke(method, kwargs)
                 if scope.cancelled_caught:

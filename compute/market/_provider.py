@@ -92,6 +92,9 @@ awards_pending_per_requester_max = 8
 """Awards one requester key (and, separately, one peer) may hold here whose trade has not
 opened yet; their escrow together must be covered by the requester's balance."""
 driver_passes_max = 10_000
+input_copies = 2
+"""Disk an input takes here: its blob, and its copy in the job directory (no reflinks on most
+file systems). Free disk for this many times the inputs is checked before a bid and an award."""
 stake_check_s = 10.0
 """How often a provider looks at its bond (slashes and unbonds lower it)."""
 release_attempts_max = 5
@@ -370,9 +373,9 @@ class Provider:
             self.bid_slots.release()
 
     def room_for_inputs(self, inputs_bytes: int) -> bool:
-        """Whether the input store has room for ``inputs_bytes`` more (a bid promises it)."""
+        """Whether the disk has room for ``inputs_bytes`` more inputs (a bid promises it)."""
         try:
-            self.ctx.store.inputs.check_room(inputs_bytes)
+            self.ctx.store.inputs.check_room(input_copies * inputs_bytes)
         except BlobDiskFull as exc:
             log.info("not bidding: %s", exc)
             return False
@@ -397,7 +400,7 @@ class Provider:
         if sum(ref.size_bytes for ref in award.manifest.inputs) != award.request.inputs_bytes:
             raise NetError("the manifest's inputs are not the size the request declared")
         try:
-            ctx.store.inputs.check_room(award.request.inputs_bytes)
+            ctx.store.inputs.check_room(input_copies * award.request.inputs_bytes)
         except BlobDiskFull as exc:
             raise NetError(f"no room for the inputs here: {exc}") from exc
         aid = award.attempt_job_id

@@ -57,20 +57,20 @@ def add_command(
     return p
 
 
-def client(home: Path) -> RpcClient:
+def client(home: Path, *, timeout_s: float = 10.0) -> RpcClient:
     from rpc import RpcClient
 
     try:
-        return RpcClient.from_home(Home(home).root)
+        return RpcClient.from_home(Home(home).root, timeout_s=timeout_s)
     except FileNotFoundError:
         raise NodeError(f"no running node at {home} (start it with `gpumesh run`)") from None
 
 
-def call(home: Path, method: str, params: Any = None) -> Any:
+def call(home: Path, method: str, params: Any = None, *, timeout_s: float = 10.0) -> Any:
     """Call ``method`` on the node at ``home``; any failure becomes a NodeError that says so."""
     from rpc import RpcCallError
 
-    c = client(home)
+    c = client(home, timeout_s=timeout_s)
     try:
         return c.call(method, params)
     except RpcCallError as exc:

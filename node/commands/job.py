@@ -34,6 +34,9 @@ logs_after_end_s = 10.0
 TOPIC_JOB_LOGS = "jobLogs"
 input_files_max = 1000
 """Files one job may take as inputs (a directory's files count one each)."""
+submit_timeout_s = 30.0
+submit_bytes_per_s = 20 * 1024 * 1024
+"""A slow disk's copy rate (input files into the node's blob store), for the call's timeout."""
 
 
 def register(sub: Subparsers) -> None:
@@ -263,6 +266,16 @@ def _files_under(top: Path) -> list[Path]:
     return files
 
 
+def submit_job(home: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """``job_submit``: the node copies the input files before it answers, so the call may
+    take as long as that copy (about ``submit_bytes_per_s``) on top of the usual time."""
+    total = sum(os.stat(path).st_size for path in params.get("input_paths", {}).values())
+    job: dict[str, Any] = call(
+        home, "job_submit", params, timeout_s=submit_timeout_s + total / submit_bytes_per_s
+    )
+    return job
+
+
 def submit_params(args: argparse.Namespace) -> dict[str, Any]:
     """The ``job_submit`` params from the command line (flags added by other modules included)."""
     command = list(args.argv)
@@ -302,7 +315,7 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_submit(args: argparse.Namespace) -> int:
     params = submit_params(args)
     if not args.wait:
-        job = call(args.home, "job_submit", params)
+        job = submit_job(args.home, params)
         return emit(args, job, describe(job))
     import trio
 
@@ -356,7 +369,7 @@ async def follow_submit(home: Path, params: dict[str, Any], show: bool) -> dict[
             open_subscription(home, TOPIC_JOB_LOGS) as logs,
             trio.open_nursery() as nursery,
         ):
-            job: dict[str, Any] = await trio.to_thread.run_sync(call, home, "job_submit", params)
+            job: dict[str, Any] = await trio.to_thread.run_sync(submit_job, home, params)
             job_id = job["id"]
             progress.see(job)
             if show:  # the job's stdout and stderr as they come (its live logs)
