@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import trio
+
 from compute.market import JobState
 from compute.market._exchange import RequesterExchange
 from compute.market._wire import (
@@ -115,3 +117,37 @@ async def test_a_cut_fetch_of_large_outputs_resumes_with_the_ranges_it_has(
         stray.mkdir(parents=True)
         assert exchange.sweep() == 1 and not stray.exists(), "a folder of no job is swept"
         assert big.exists(), "a done job's outputs stay"
+
+
+async def test_a_requester_restarted_mid_fetch_resumes_from_its_partial_file(
+    tmp_path: Path,
+) -> None:
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
+        requester = cluster.requester
+        net = requester.net
+        honest_request = net.request
+        asked: list[int] = []
+        stuck = trio.Event()
+
+        async def stalling(peer_id: str, protocol: str, payload: bytes, timeout_s: float) -> bytes:
+            if protocol == PROTOCOL_SEALED_CHUNKS:
+                asked.append(1)
+                if len(asked) >= 4:  # the rest hangs until the service is stopped
+                    stuck.set()
+                    await trio.sleep_forever()
+            return await honest_request(peer_id, protocol, payload, timeout_s)
+
+        net.request = stalling  # type: ignore[method-assign]
+        script = 'head -c 9000000 /dev/zero | tr "\\0" "y" > "$GPUMESH_OUTPUT_DIR/big.txt"'
+        record = await requester.market.submit(copy_job(b"", argv=("sh", "-c", script)))
+        with trio.fail_after(60):
+            await stuck.wait()
+        await cluster.stop_service(requester)
+        net.request = honest_request  # type: ignore[method-assign]
+        await cluster.start_service(requester)
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 90)
+        counters = requester.market.requester.exchange.ctx.counters
+        assert counters.get("outputs_fetches_resumed", 0) == 1, counters
+        assert counters.get("outputs_ranges_resumed", 0) >= 1, counters
+        result = await requester.market.result(record.job_id)
+        assert (Path(result.output_dir) / "big.txt").read_bytes() == b"y" * 9_000_000
