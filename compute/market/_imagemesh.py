@@ -72,9 +72,9 @@ fetch_lookahead_chunks = 8
 fetch_dirs_max = 16
 """Partial fetches kept for resuming; the oldest beyond this are removed."""
 disk_headroom_factor = 3
+"""Free disk a fetch needs: the blobs plus room for their unpacked root (gzip layers grow)."""
 skopeo_timeout_s = 600.0
 skopeo_error_chars_max = 500
-"""Free disk a fetch needs: the blobs plus room for their unpacked root (gzip layers grow)."""
 
 
 def image_ref(image: ImageDescriptor) -> str:
@@ -119,7 +119,9 @@ def image_refusal(image: ImageDescriptor | None, images: ImageStore | None) -> s
         return "the image's manifest digest is not 32 bytes"
     if not 0 < image.manifest_bytes <= limits.json_bytes_max:
         return f"the image manifest must be 1..{limits.json_bytes_max} bytes"
-    if not image.manifest_bytes <= image.total_bytes <= limits.archive_bytes_max:
+    if image.total_bytes < image.manifest_bytes:
+        return "the image's total size is less than its manifest's"
+    if image.total_bytes > limits.archive_bytes_max:
         return f"the image is {image.total_bytes} bytes; this node takes {limits.archive_bytes_max}"
     return None
 
