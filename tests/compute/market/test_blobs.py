@@ -307,3 +307,23 @@ def test_job_spec_input_files_are_checked_like_inline_inputs() -> None:
             JobSpec(("true",), input_files=bad).validate()
     with pytest.raises(JobSpecError, match="twice"):
         JobSpec(("true",), inputs=(("a", b""),), input_files=(("a", "/x"),)).validate()
+
+
+async def test_the_index_comes_in_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_blobs, "index_page_hashes_max", 2)
+    server = BlobStore(tmp_path / "a")
+    data = payload(5 * chunk_bytes + 1)
+    root = server.put_bytes(data)
+    pages = []
+    link = Link(server, root)
+
+    async def index(page: int) -> bytes:
+        pages.append(page)
+        return await server.serve_index(root, page)
+
+    link.index = index  # type: ignore[method-assign]
+    path = await fetch(BlobStore(tmp_path / "b"), link, len(data))
+    assert contents(path) == data
+    assert pages == [0, 1, 2], "six chunk hashes in pages of two"
+    with pytest.raises(_blobs.BlobError, match="no index page 3"):
+        server.index_page(root, 3)

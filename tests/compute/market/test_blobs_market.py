@@ -11,7 +11,14 @@ import pytest
 import trio
 
 import ledger
-from compute.market import PROTOCOL_AWARD, InvalidSubmission, JobState, NetError, Role
+from compute.market import (
+    PROTOCOL_AWARD,
+    InvalidSubmission,
+    JobState,
+    MarketConfig,
+    NetError,
+    Role,
+)
 from compute.market._blobs import blob_root
 from compute.market.types import InputRef, JobManifest
 from p2p.testing import wait_until
@@ -110,3 +117,49 @@ async def test_the_provider_checks_declared_sizes_and_its_free_disk(tmp_path: Pa
         assert requester.market.get(record.job_id).bids == (), "a provider with no disk bid"
         assert provider.market.list(Role.PROVIDER) == []
         await requester.market.cancel(record.job_id)
+
+
+async def test_a_provider_restarted_mid_fetch_resumes_from_its_partial_file(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "in.bin"
+    data = b"".join(hashlib.sha256(bytes([i])).digest() * (MIB // 32) for i in range(8))
+    source.write_bytes(data)
+    config = MarketConfig.for_tests(attempt_slack_ms=60_000)
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),), config=config) as cluster:
+        requester, provider = cluster.requester, cluster.nodes[1]
+        assert requester.store is not None
+        blobs = requester.store.inputs
+        serve = blobs.serve_chunk
+        gate = trio.Event()
+        served = []
+
+        async def gated(root: bytes, index: int) -> bytes:
+            # Three chunks go out; the rest wait until the provider has been restarted.
+            if len(served) >= 3:
+                await gate.wait()
+            served.append(index)
+            return await serve(root, index)
+
+        blobs.serve_chunk = gated  # type: ignore[method-assign]
+        job = copy_job(
+            b"",
+            inputs=(),
+            input_paths=(("in.txt", str(source)),),
+            argv=("sh", "-c", 'sha256sum in.txt > "$GPUMESH_OUTPUT_DIR/out.txt"'),
+            max_wall_ms=20_000,
+        )
+        record = await requester.market.submit(job)
+        await wait_until(
+            lambda: provider.market.statistics().get("blob_chunks_fetched", 0) >= 3,
+            30,
+            "the provider to hold three chunks",
+        )
+        await cluster.stop_service(provider)
+        gate.set()
+        await cluster.start_service(provider)
+        done = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        view = await requester.market.result(done.job_id)
+        assert view.outputs["out.txt"].split()[0].decode() == hashlib.sha256(data).hexdigest()
+        resumed = provider.market.statistics().get("blob_chunks_resumed", 0)
+        assert resumed >= 3, f"the restarted provider fetched again what it had ({resumed})"
