@@ -204,20 +204,12 @@ class BlobStore:
         return self.path(root).exists() and self.path(root).with_suffix(".idx").exists()
 
     def roots(self) -> list[bytes]:
-        found = []
-        for entry in self._data.iterdir():
-            if entry.suffix == "" and len(entry.name) == 2 * hash_bytes:
-                with contextlib.suppress(ValueError):
-                    found.append(bytes.fromhex(entry.name))
-        return found
+        """Every root with a file in ``data/`` (a blob, or an index a crash left alone)."""
+        return _roots_in(self._data)
 
     def partial_roots(self) -> list[bytes]:
-        found = []
-        for entry in self._partial.iterdir():
-            if entry.suffix == "" and len(entry.name) == 2 * hash_bytes:
-                with contextlib.suppress(ValueError):
-                    found.append(bytes.fromhex(entry.name))
-        return found
+        """Every root with a file in ``partial/`` (a fetch's bytes or its saved index)."""
+        return _roots_in(self._partial)
 
     def size(self, root: bytes) -> int:
         try:
@@ -330,13 +322,13 @@ class BlobStore:
 
     def remove(self, root: bytes) -> None:
         """Drop a blob (and any partial of it)."""
-        _unlink(self.path(root))
-        _unlink(self.path(root).with_suffix(".idx"))
+        for suffix in ("", ".idx", ".idx.tmp"):
+            _unlink(self.path(root).with_name(root.hex() + suffix))
         self.discard_partial(root)
 
     def discard_partial(self, root: bytes) -> None:
-        _unlink(self.partial_path(root))
-        _unlink(self.partial_path(root).with_suffix(".idx"))
+        for suffix in ("", ".idx", ".idx.tmp"):
+            _unlink(self.partial_path(root).with_name(root.hex() + suffix))
 
     def keep_only(self, roots: Iterable[bytes]) -> int:
         """Remove every blob and partial neither in ``roots`` nor pinned; how many went."""
@@ -529,6 +521,16 @@ class BlobStore:
         os.replace(partial, self.path(root))
         _fsync_dir(self._data)
         _unlink(partial.with_suffix(".idx"))
+
+
+def _roots_in(directory: Path) -> list[bytes]:
+    found: set[bytes] = set()
+    for entry in directory.iterdir():
+        name = entry.name.split(".", 1)[0]
+        if len(name) == 2 * hash_bytes:
+            with contextlib.suppress(ValueError):
+                found.add(bytes.fromhex(name))
+    return sorted(found)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -327,3 +327,17 @@ async def test_the_index_comes_in_pages(tmp_path: Path, monkeypatch: pytest.Monk
     assert pages == [0, 1, 2], "six chunk hashes in pages of two"
     with pytest.raises(_blobs.BlobError, match="no index page 3"):
         server.index_page(root, 3)
+
+
+def test_a_sweep_takes_what_a_crash_left_behind(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "a")
+    root = blob_root(b"y")
+    (tmp_path / "a" / "partial" / f"{root.hex()}.idx").write_bytes(b"\0" * 32)
+    other = blob_root(b"z")
+    (tmp_path / "a" / "data" / f"{other.hex()}.idx.tmp").write_bytes(b"half an index")
+    (tmp_path / "a" / "tmp" / "put-1-x").write_bytes(b"half a copy")
+    store = BlobStore(tmp_path / "a")
+    assert list((tmp_path / "a" / "tmp").iterdir()) == [], "a reopened store empties tmp/"
+    assert store.keep_only([]) == 2
+    assert list((tmp_path / "a" / "partial").iterdir()) == []
+    assert list((tmp_path / "a" / "data").iterdir()) == []
