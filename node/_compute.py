@@ -16,6 +16,8 @@ from p2p import P2PError
 from rpc import INTERNAL_ERROR, INVALID_PARAMS, SERVER_BUSY, Param, Result, RpcError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from trio_typing import TaskStatus
 
     from ledger import SigningKey
@@ -110,6 +112,8 @@ class ComputeService:
                 log.error("no image store: %s", exc)
         self._imports: dict[str, _Import] = {}
         self._nursery: trio.Nursery | None = None
+        self.images_in_use: Callable[[], dict[str, int]] = dict
+        """Image hex -> unfinished jobs requested here in it (the node wires the market's)."""
         if config.provider:
             try:
                 self.executor = make_executor(config, jobs_root(key.address), self.images)
@@ -314,7 +318,14 @@ class ComputeService:
             if self.images is None:
                 raise RpcError(INVALID_PARAMS, "this node has no image store")
             try:
-                image = await trio.to_thread.run_sync(self.images.remove, str(ref))
+                target = await trio.to_thread.run_sync(self.images.get, str(ref))
+                jobs = self.images_in_use().get(target.hex, 0)
+                if jobs:
+                    raise compute.ImageBusy(
+                        f"image {target.ref} is named by {jobs} unfinished job(s) of this node "
+                        "(their providers may still fetch it)"
+                    )
+                image = await trio.to_thread.run_sync(self.images.remove, target.ref)
             except (compute.ImageNotFound, compute.ImageBusy) as exc:
                 raise RpcError(INVALID_PARAMS, str(exc)) from None
             return image.to_json()

@@ -104,6 +104,7 @@ class Node:
             ),
             images=self.compute.images,
         )
+        self.compute.images_in_use = self.market.images_in_use
         self.registry = MethodRegistry()
         self.rpc = RpcServer(
             self.registry,

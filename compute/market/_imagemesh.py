@@ -53,11 +53,13 @@ from compute.market.types import BlobRequest, ImageDescriptor, chunk_bytes_max
 from compute.types import RUNTIME_BWRAP_IMAGE
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
     from compute import ImageStore
     from compute.market._context import Context
-    from compute.market.types import JobManifest, JobSubmission
+    from compute.market._store import JobStore
+    from compute.market.types import JobManifest, JobRecord, JobSubmission
 
 log = logging.getLogger("gpumesh.compute.market.images")
 
@@ -148,6 +150,20 @@ async def serve_image_blob(
     if ask.offset < 0:
         raise NetError("negative offset")
     return await read_chunk(path, ask.offset)
+
+
+def images_in_use(records: Iterable[JobRecord], store: JobStore) -> dict[str, int]:
+    """Image hex -> how many unfinished jobs of ``records`` run in it (a requester must not
+    remove an image its providers may still fetch)."""
+    using: dict[str, int] = {}
+    for record in records:
+        if record.state.terminal:
+            continue
+        manifest = store.manifest(record.job_id)
+        if manifest is not None and manifest.image is not None:
+            hex_ = manifest.image.manifest_sha256.hex()
+            using[hex_] = using.get(hex_, 0) + 1
+    return using
 
 
 @dataclasses.dataclass(frozen=True)

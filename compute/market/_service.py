@@ -16,6 +16,7 @@ import trio
 
 from compute import wall_clock_ms
 from compute.market._context import Context, Events
+from compute.market._imagemesh import images_in_use
 from compute.market._protocol import attempt_job_id
 from compute.market._provider import Provider, ProviderSide
 from compute.market._requester import Requester
@@ -233,6 +234,10 @@ class MarketService:
     def subscribe(self) -> trio.MemoryReceiveChannel[JobRecord]:
         """Every job state change from now on; a subscriber that falls behind misses some."""
         return self._ctx.events.subscribe()
+
+    def images_in_use(self) -> dict[str, int]:
+        """Image hex -> unfinished jobs requested here that run in it."""
+        return images_in_use(self.requester.book.records(), self._ctx.store)
 
     def statistics(self) -> dict[str, object]:
         states: dict[str, int] = {}

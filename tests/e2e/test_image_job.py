@@ -47,7 +47,7 @@ def cli(home: Home, *argv: str) -> Any:
     return json.loads(out.stdout) if out.stdout.strip() else None
 
 
-def run_probe(requester: Home, ref: str, outputs: Path) -> str:
+def run_probe(requester: Home, ref: str, outputs: Path, *, try_rm: bool = False) -> str:
     job = cli(
         requester,
         "job",
@@ -63,6 +63,15 @@ def run_probe(requester: Home, ref: str, outputs: Path) -> str:
         "--",
         PROBE,  # the image's entrypoint is sh -c
     )
+    if try_rm:  # the job is not over: its provider may still need the image from here
+        out = subprocess.run(
+            [sys.executable, "-m", "node", "image", "rm", "--home", str(requester.root), ref],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0, "an image an unfinished job names must not be removable"
+        assert "unfinished job" in out.stderr + out.stdout, out.stderr + out.stdout
     final = wait_until(
         lambda: (
             s
@@ -124,10 +133,11 @@ def test_an_image_job_runs_in_the_image_fetched_over_the_mesh(tmp_path: Path) ->
         stats = client(provider).call("net_statistics")["compute"]["images"]
         assert stats["imports"] == 1
 
-        again = run_probe(requester, ref, tmp_path / "out2")
+        again = run_probe(requester, ref, tmp_path / "out2", try_rm=True)
         assert again == probe
         stats = client(provider).call("net_statistics")["compute"]["images"]
         assert stats["imports"] == 1, "the second job must reuse the cached image, not refetch"
         assert cli(provider, "image", "ls") == cached
+        assert cli(requester, "image", "rm", ref)["ref"] == ref, "its jobs are over: removable"
     finally:
         _testnet.down(directory)
