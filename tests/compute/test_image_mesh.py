@@ -316,7 +316,7 @@ def test_a_resumed_partial_is_cut_back_to_its_whole_prefix(tmp_path: Path) -> No
 
 
 def test_image_jobs_go_only_to_offers_with_the_image_runtime() -> None:
-    from compute.market import JobSubmission, Requirements, explain_unsatisfiable
+    from compute.market import JobSubmission, Requirements, explain_unsatisfiable, fit_on_node
     from compute.market._checks import check_manifest
     from compute.market._imagemesh import with_image_runtime
     from compute.market.exceptions import InvalidManifest
@@ -338,6 +338,10 @@ def test_image_jobs_go_only_to_offers_with_the_image_runtime() -> None:
     assert explain_unsatisfiable([plain, images], sub.requirements, 10_000) is None
     with pytest.raises(ValueError, match="runtime"):
         Requirements(runtime="docker")
+    allocator = compute.SlotAllocator(compute.read_inventory(simulate_gpus="RTX4090:1").gpus)
+    assert fit_on_node(sub.requirements, allocator, compute.OfferConfig()) is None, "no bid"
+    with_images = compute.OfferConfig(runtimes=("bwrap", "bwrap-image"))
+    assert fit_on_node(sub.requirements, allocator, with_images) is not None
     descriptor = ImageDescriptor(b"\x03" * 32, 100, 1000)
     check_manifest(JobManifest((), (), (), descriptor), 0)  # the image's entrypoint runs
     with pytest.raises(InvalidManifest, match="arguments"):
