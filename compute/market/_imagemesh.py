@@ -219,8 +219,11 @@ class ImageFetcher:
         hex_ = image.manifest_sha256.hex()
         while True:
             if await trio.to_thread.run_sync(images.has, ref):
-                await self._check_holder(peer, job_id, ref, images)
-                await trio.to_thread.run_sync(images.touch, ref)
+                try:
+                    await self._check_holder(peer, job_id, ref, images)
+                    await trio.to_thread.run_sync(images.touch, ref)
+                except ImageNotFound:
+                    continue  # evicted for another fetch meanwhile: fetch it again
                 self._count("image_cache_hits")
                 return ref
             busy = self._fetching.get(hex_)
