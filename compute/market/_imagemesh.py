@@ -254,12 +254,13 @@ class ImageFetcher:
             if path is not None:
                 sizes[hex_] = path.stat().st_size
         if not sizes:
-            raise MarketError(f"image {ref[:19]} has lost its blobs here")
+            raise ImageNotFound(f"image {ref[:19]} has lost its blobs here")
         hex_ = max(sizes, key=lambda h: (sizes[h], h))
         chunks = max((sizes[hex_] + chunk_bytes_max - 1) // chunk_bytes_max, 1)
         offset = secrets.randbelow(chunks) * chunk_bytes_max
         path = images.blob_path(hex_)
-        assert path is not None
+        if path is None:
+            raise ImageNotFound(f"image {ref[:19]} was evicted")
         ours = await read_chunk(path, offset)
         ask = ledger.encode(BlobRequest(job_id, bytes.fromhex(hex_), offset))
         last = ""
