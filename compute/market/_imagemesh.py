@@ -39,7 +39,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -303,15 +302,15 @@ class ImageFetcher:
         argv = [self.skopeo, "copy", "--preserve-digests", "--quiet", source, f"oci:{root}:image"]
         why = ""
         try:
-            done = await trio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=skopeo_timeout_s,
-                    check=False,
+            # A process trio kills when the job is cancelled (a stalled registry must not
+            # hold a job past its deadline), and at skopeo_timeout_s in any case.
+            done = None
+            with trio.move_on_after(skopeo_timeout_s):
+                done = await trio.run_process(
+                    argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False
                 )
-            )
+            if done is None:
+                raise TimeoutError(f"skopeo took over {skopeo_timeout_s:.0f} s")
             if done.returncode != 0:
                 tail = done.stderr[-skopeo_error_chars_max:].decode(errors="replace").strip()
                 why = f"skopeo exited {done.returncode}: {tail}"
@@ -322,7 +321,7 @@ class ImageFetcher:
                     why = f"the registry gave manifest(s) {digests}, not {image_ref(image)}"
                 else:
                     await trio.to_thread.run_sync(images.import_layout, root)
-        except (OSError, ValueError, AttributeError, subprocess.TimeoutExpired) as exc:
+        except (OSError, ValueError, AttributeError) as exc:
             why = f"{type(exc).__name__}: {exc}"
         except ImageError as exc:
             why = f"the pulled image is not acceptable: {exc}"
