@@ -620,6 +620,10 @@ class Provider:
             )
         except ComputeError as exc:
             raise MarketError(f"the job's limits are not acceptable here: {exc}") from exc
+        # The inputs are this node's to hold (it checked its disk for them before the award):
+        # they do not count against the disk the job itself may write.
+        inputs_bytes = sum(ref.size_bytes for ref in manifest.inputs)
+        limits = dataclasses.replace(limits, disk_bytes=limits.disk_bytes + inputs_bytes)
         image = ""
         if manifest.image is not None:  # from this node's image cache, or over the mesh
             image = await self.images.ensure(

@@ -17,6 +17,7 @@ from compute.market import (
     JobState,
     MarketConfig,
     NetError,
+    Requirements,
     Role,
 )
 from compute.market._blobs import blob_root
@@ -52,6 +53,8 @@ async def test_an_input_file_given_by_path_runs_and_is_swept_on_both_sides(
             inputs=(),
             input_paths=(("in.txt", str(source)),),
             argv=("sh", "-c", 'sha256sum in.txt > "$GPUMESH_OUTPUT_DIR/out.txt"'),
+            # Less disk than the input: the inputs do not count against what the job writes.
+            requirements=Requirements(gpus=1, disk_bytes=MIB),
         )
         record = await requester.market.submit(job)
         assert requester.store is not None
