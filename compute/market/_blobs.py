@@ -42,6 +42,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -265,9 +266,13 @@ class BlobStore:
         something refers to it). Blocking: see ``put_path``."""
         source = Path(source)
         try:
-            size = source.stat().st_size
+            info = source.stat()
         except OSError as exc:
             raise BlobError(f"cannot read {source}: {exc.strerror}") from None
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO or a device would block the copy (or never end): only plain files.
+            raise BlobError(f"{source} is not a regular file")
+        size = info.st_size
         if size > blob_bytes_max:
             raise BlobError(f"{source} is over {blob_bytes_max} bytes")
         self.check_room(size)

@@ -341,3 +341,12 @@ def test_a_sweep_takes_what_a_crash_left_behind(tmp_path: Path) -> None:
     assert store.keep_only([]) == 2
     assert list((tmp_path / "a" / "partial").iterdir()) == []
     assert list((tmp_path / "a" / "data").iterdir()) == []
+
+
+async def test_only_regular_files_are_put(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "a")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path, tmp_path / "missing"):
+        with pytest.raises(_blobs.BlobError, match=r"not a regular file|cannot read"):
+            await store.put_path(path)
