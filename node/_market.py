@@ -276,6 +276,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
         memory_bytes: int = 0,
         disk_bytes: int = 0,
         verify: int = 1,
+        outputs_bytes_max: int = market.outputs_bytes_default,
         image: str = "",
     ) -> dict[str, Any]:
         try:
@@ -315,6 +316,7 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             bid_window_ms=bid_window_ms,
             strategy=strategy,
             verify=verify,
+            outputs_bytes_max=outputs_bytes_max,
             image=str(image),
         )
         try:
@@ -412,6 +414,13 @@ def register_market_methods(registry: MethodRegistry, service: market.MarketServ
             Param("memory_bytes", "integer", False, "Memory cap of the job (0: provider default)."),
             Param("disk_bytes", "integer", False, "Disk cap of the job dir (0: provider default)."),
             Param("verify", "integer", False, "Run on N providers; pay only the majority."),
+            Param(
+                "outputs_bytes_max",
+                "integer",
+                False,
+                "The most output bytes the job may deliver (default 64 MiB); its trade's "
+                "deadline allows for moving them.",
+            ),
             Param("image", "string", False, "Run in this image of the node's store (a ref)."),
         ),
         result=Result("object", "The job record."),

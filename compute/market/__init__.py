@@ -74,6 +74,7 @@ from compute.market.types import (
     MarketConfig,
     Requirements,
     Role,
+    outputs_bytes_default,
 )
 
 __all__ = [
@@ -124,5 +125,6 @@ __all__ = [
     "attempt_job_id",
     "explain_unsatisfiable",
     "fit_on_node",
+    "outputs_bytes_default",
     "rank_bids",
 ]

@@ -439,11 +439,11 @@ class RequesterExchange:
         except FileNotFoundError:
             return 0
         for entry in entries[:sweep_entries_max]:
-            record = keep.get(entry.name)
-            if record is None:
+            kept = keep.get(entry.name)
+            if kept is None:
                 _bundle.remove_dir(entry)
                 removed += 1
-            elif record.state is JobState.DONE and (entry / "out").is_dir():
+            elif kept.state is JobState.DONE and (entry / "out").is_dir():
                 _bundle.remove_dir(entry / "sealed")
         return removed
 
@@ -484,8 +484,9 @@ class RequesterExchange:
         if delivery.job_id != aid or delivery.signer != record.counterparty:
             raise Mismatch("the delivery is not the provider's for this job")
         size = delivery.output_bytes if output_bytes is None else output_bytes
-        if size > bundle_bytes_max(self.ctx.config.outputs_bytes_max):
-            raise Mismatch("the outputs exceed this node's outputs_bytes_max")
+        cap = min(self.ctx.config.outputs_bytes_max, record.request.outputs_bytes_max)
+        if size > bundle_bytes_max(cap):
+            raise Mismatch(f"the outputs ({size} bytes) exceed the job's cap of {cap} bytes")
         meta = SealedMeta(
             delivery.output_root if output_root is None else output_root,
             delivery.plain_root if plain_root is None else plain_root,

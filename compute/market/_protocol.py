@@ -13,6 +13,7 @@ import enum
 from typing import TYPE_CHECKING
 
 import ledger
+from compute.market.types import transfer_rate_bytes_per_s
 from compute.types import CPU_MODEL
 from ledger import AgreementTerms, TradeStatus
 
@@ -168,9 +169,21 @@ def bid_refusal(
     return None
 
 
-def attempt_deadline(request: JobRequest, now_ms: int, slack_ms: int) -> int | None:
-    """An attempt's trade deadline, or None when the job's deadline leaves no time to run."""
-    deadline = min(request.deadline_ms, now_ms + request.max_wall_ms + slack_ms)
+def transfer_allowance_ms(transfer_bytes: int) -> int:
+    """The time a trade's deadline allows for moving ``transfer_bytes`` (inputs, image and
+    outputs) at ``transfer_rate_bytes_per_s``."""
+    return max(transfer_bytes, 0) * 1000 // transfer_rate_bytes_per_s
+
+
+def attempt_deadline(
+    request: JobRequest, now_ms: int, slack_ms: int, image_bytes: int = 0
+) -> int | None:
+    """An attempt's trade deadline, or None when the job's deadline leaves no time to run:
+    the run's wall time, the slack, and an allowance for moving the inputs, the image and up
+    to the declared outputs (``transfer_allowance_ms``), capped by the job's deadline."""
+    moved = request.inputs_bytes + image_bytes + request.outputs_bytes_max
+    allowance_ms = slack_ms + transfer_allowance_ms(moved)
+    deadline = min(request.deadline_ms, now_ms + request.max_wall_ms + allowance_ms)
     if deadline <= now_ms + request.max_wall_ms:
         return None
     return deadline

@@ -177,6 +177,11 @@ class Requester:
             raise InvalidSubmission("the deadline leaves less than max_wall_ms to run the job")
         if not 1 <= submission.verify <= verify_replicas_max:
             raise InvalidSubmission(f"verify must be 1..{verify_replicas_max}")
+        if not 0 <= submission.outputs_bytes_max <= ctx.config.outputs_bytes_max:
+            raise InvalidSubmission(
+                f"the outputs cap must be 0..{ctx.config.outputs_bytes_max} bytes "
+                "(this node's outputs_bytes_max)"
+            )
         refs = await self.store_inputs(submission)
         try:
             return self._submit(submission, refs, deadline)
@@ -234,6 +239,7 @@ class Requester:
                 bid_window_ms=submission.bid_window_ms or ctx.config.bid_window_ms,
                 manifest_digest=ledger.hash_of(manifest),
                 inputs_bytes=sum(ref.size_bytes for ref in manifest.inputs),
+                outputs_bytes_max=submission.outputs_bytes_max,
             )
         )
         job_id = ledger.hash_of(request)
@@ -316,6 +322,12 @@ class Requester:
             return
         log.info("job %s: replicas disagree, one more run", record.group_id.hex()[:16])
         self.add_replica(first, record.verify)
+
+    def image_bytes(self, record: JobRecord) -> int:
+        """The size of the job's image (what its provider may have to fetch), or 0."""
+        manifest = self.ctx.store.manifest(record.job_id)
+        image = manifest.image if manifest is not None else None
+        return image.total_bytes if image is not None else 0
 
     def group_providers(self, record: JobRecord) -> set[bytes]:
         """Every provider a verified job's group has used (none for a job run once)."""
@@ -588,7 +600,9 @@ class Requester:
         refusals: list[str] = []
         attempt = record.attempt if first else record.attempt + 1
         for bid in ranked:
-            deadline = attempt_deadline(request, ctx.clock_ms(), ctx.config.attempt_slack_ms)
+            deadline = attempt_deadline(
+                request, ctx.clock_ms(), ctx.config.attempt_slack_ms, self.image_bytes(record)
+            )
             if deadline is None:
                 refusals.append("no time left before the job's deadline")
                 break

@@ -37,6 +37,11 @@ log_bytes_max = 1024 * 1024
 """Most stdout (and, separately, stderr) a job record keeps."""
 outputs_inline_bytes_max = 1024 * 1024
 """Output files up to this in total also come inline in ``JobResultView.outputs``."""
+outputs_bytes_default = 64 * 1024 * 1024
+"""A job's declared output cap when the requester gives none (``job submit --max-output``)."""
+transfer_rate_bytes_per_s = 8 * 1024 * 1024
+"""The rate a trade's deadline allows for moving a job's inputs, image and outputs (well
+under the ~25 MiB/s one py-libp2p stream makes here, for a loaded or distant pair)."""
 text_chars_max = 4096
 
 
@@ -192,6 +197,8 @@ class JobRequest:
     replica: int = 0
     """Which run of a verified job this is (``--verify N``: replicas 0..N-1, then maybe one
     more); it also keeps the replicas' job ids apart."""
+    outputs_bytes_max: int = outputs_bytes_default
+    """The most output bytes this job may deliver (``JobSubmission.outputs_bytes_max``)."""
     signer: bytes = b""
     signature: bytes = b""
 
@@ -414,6 +421,9 @@ class JobSubmission:
     majority (1: once, unless the node's spot-check rate picks it for a second run)."""
     image: str = ""
     """An image of the requester's image store (reference or unique prefix); "": none."""
+    outputs_bytes_max: int = outputs_bytes_default
+    """The most output bytes the job may deliver (the provider caps the sandbox's output
+    size at it, the requester refuses more); the trade's deadline allows for moving them."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,9 @@ def register(sub: Subparsers) -> None:
         help="run on N providers, pay only those whose outputs agree with the majority",
     )
     j.add_argument("--memory", default=None, help="memory cap of the job, e.g. 2GB")
+    j.add_argument(
+        "--max-output", default=None, help="the most output the job may deliver (default 64MB)"
+    )
     j.add_argument("--disk", default=None, help="disk cap of the job directory, e.g. 10GB")
     j.add_argument(
         "--input",
@@ -303,6 +306,8 @@ def submit_params(args: argparse.Namespace) -> dict[str, Any]:
         params["disk_bytes"] = parse_size(args.disk)
     if args.verify != 1:
         params["verify"] = args.verify
+    if args.max_output:
+        params["outputs_bytes_max"] = parse_size(args.max_output)
     if args.image:
         params["image"] = args.image
     if args.deadline:

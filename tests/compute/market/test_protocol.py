@@ -47,6 +47,9 @@ MANIFEST = JobManifest(("true",), (), ())
 NOW = 1_000_000
 
 
+MIB = 1024 * 1024
+
+
 def _request(**changes: object) -> JobRequest:
     values: dict[str, object] = {
         "chain_id": CHAIN,
@@ -128,9 +131,12 @@ def test_bid_acceptance() -> None:
 
 
 def test_attempt_deadline_and_rounds() -> None:
-    request = _request()
+    request = _request(outputs_bytes_max=0)
     assert attempt_deadline(request, NOW, 4_000) == NOW + 14_000
     assert attempt_deadline(request, NOW + 50_000, 4_000) is None, "no time left to run"
+    # Moving the data gets time at transfer_rate_bytes_per_s: inputs, image, declared outputs.
+    big = _request(inputs_bytes=80 * MIB, outputs_bytes_max=160 * MIB, deadline_ms=NOW + 10**7)
+    assert attempt_deadline(big, NOW, 4_000, image_bytes=16 * MIB) == NOW + 14_000 + 32_000
     assert attempt_job_id(b"j" * 32, 0) == b"j" * 32
     assert attempt_job_id(b"j" * 32, 1) != attempt_job_id(b"j" * 32, 2)
     bids = (_bid(ledger.hash_of(request)),)
