@@ -392,6 +392,7 @@ class BlobStore:
         ask_chunk: Callable[[int], Awaitable[bytes]],
         *,
         retry_on: tuple[type[Exception], ...],
+        attempts_max: int = fetch_attempts_max,
         size_max: int = blob_bytes_max,
         window: int = fetch_window,
         statistics: dict[str, int] | None = None,
@@ -400,12 +401,14 @@ class BlobStore:
         its path. ``ask_*`` raise one of ``retry_on`` for a failure worth retrying (a cut
         connection, a timeout). ``BlobMismatch`` (the peer sent bytes that are not the blob's;
         the partial is dropped), ``BlobDiskFull`` (nothing is left behind),
-        ``BlobUnavailable`` (retries spent; the partial stays for a resume)."""
+        ``BlobUnavailable`` (``attempts_max`` tries of one request failed, with a backoff of
+        0.25 s doubling to 4 s between them; the partial stays for a resume)."""
         if not 0 <= size <= size_max:
             raise BlobMismatch(f"blob {root.hex()[:12]} of {size} bytes is over {size_max}")
         self.pin(root)  # no sweep takes the partial (or the blob) from under the fetch
         try:
-            return await self._fetch(root, size, ask_index, ask_chunk, retry_on, window, statistics)
+            retry = _Retry(retry_on, attempts_max)
+            return await self._fetch(root, size, ask_index, ask_chunk, retry, window, statistics)
         finally:
             self.unpin(root)
 
@@ -415,7 +418,7 @@ class BlobStore:
         size: int,
         ask_index: Callable[[int], Awaitable[bytes]],
         ask_chunk: Callable[[int], Awaitable[bytes]],
-        retry_on: tuple[type[Exception], ...],
+        retry: _Retry,
         window: int,
         statistics: dict[str, int] | None,
     ) -> Path:
@@ -426,15 +429,13 @@ class BlobStore:
         have_bytes = partial.stat().st_size if partial.exists() else 0
         self.check_room(max(size - have_bytes, 0) + chunk_count(size) * hash_bytes)
         try:
-            hashes = await self._fetch_index(root, size, ask_index, retry_on, stats)
+            hashes = await self._fetch_index(root, size, ask_index, retry, stats)
             present = await trio.to_thread.run_sync(_prepare_partial, partial, size, hashes)
             stats["blob_chunks_resumed"] = stats.get("blob_chunks_resumed", 0) + sum(present)
             missing = [i for i, ok in enumerate(present) if not ok]
             fd = await trio.to_thread.run_sync(os.open, partial, os.O_WRONLY)
             try:
-                await self._fetch_chunks(
-                    fd, size, hashes, missing, ask_chunk, retry_on, window, stats
-                )
+                await self._fetch_chunks(fd, size, hashes, missing, ask_chunk, retry, window, stats)
                 await trio.to_thread.run_sync(os.fsync, fd)
             finally:
                 os.close(fd)
@@ -454,7 +455,7 @@ class BlobStore:
         root: bytes,
         size: int,
         ask_index: Callable[[int], Awaitable[bytes]],
-        retry_on: tuple[type[Exception], ...],
+        retry: _Retry,
         stats: dict[str, int],
     ) -> bytes:
         saved = self.partial_path(root).with_suffix(".idx")
@@ -465,7 +466,7 @@ class BlobStore:
         parts: list[bytes] = []
         pages = page_count(size)
         for page in range(pages):
-            data = await _with_retries(functools.partial(ask_index, page), retry_on, stats)
+            data = await _with_retries(functools.partial(ask_index, page), retry, stats)
             try:
                 answer = ledger.decode(BlobIndexPage, data, max_bytes=64 * 1024)
             except ledger.DecodeError as exc:
@@ -487,7 +488,7 @@ class BlobStore:
         hashes: bytes,
         missing: list[int],
         ask_chunk: Callable[[int], Awaitable[bytes]],
-        retry_on: tuple[type[Exception], ...],
+        retry: _Retry,
         window: int,
         stats: dict[str, int],
     ) -> None:
@@ -504,7 +505,7 @@ class BlobStore:
         async def worker(nursery: trio.Nursery) -> None:
             try:
                 for index in todo:
-                    data = await _with_retries(functools.partial(ask_chunk, index), retry_on, stats)
+                    data = await _with_retries(functools.partial(ask_chunk, index), retry, stats)
                     await trio.to_thread.run_sync(store, index, data)
                     stats["blob_chunks_fetched"] = stats.get("blob_chunks_fetched", 0) + 1
             except (BlobError, OSError) as exc:
@@ -577,19 +578,23 @@ def _prepare_partial(partial: Path, size: int, hashes: bytes) -> list[bool]:
     return present
 
 
+@dataclasses.dataclass(frozen=True)
+class _Retry:
+    on: tuple[type[Exception], ...]
+    attempts_max: int
+
+
 async def _with_retries(
-    call: Callable[[], Awaitable[bytes]],
-    retry_on: tuple[type[Exception], ...],
-    stats: dict[str, int],
+    call: Callable[[], Awaitable[bytes]], retry: _Retry, stats: dict[str, int]
 ) -> bytes:
     delay = fetch_backoff_s
     last = ""
-    for _ in range(fetch_attempts_max):
+    for _ in range(max(retry.attempts_max, 1)):
         try:
             return await call()
-        except retry_on as exc:
+        except retry.on as exc:
             last = str(exc) or type(exc).__name__
             stats["blob_retries"] = stats.get("blob_retries", 0) + 1
             await trio.sleep(delay)
             delay = min(delay * 2, fetch_backoff_s_max)
-    raise BlobUnavailable(f"gave up after {fetch_attempts_max} tries: {last}")
+    raise BlobUnavailable(f"gave up after {retry.attempts_max} tries: {last}")

@@ -52,6 +52,11 @@ async def fetch_blob(
     return data
 
 
+input_fetch_attempts_max = 64
+"""Tries of one input request (backing off to 4 s): about 4 minutes, long enough for a
+requester's daemon to restart; the attempt's deadline bounds the whole fetch anyway."""
+
+
 async def fetch_inputs(
     ctx: Context, peer: str, job_id: bytes, manifest: JobManifest
 ) -> list[tuple[str, Path]]:
@@ -81,6 +86,7 @@ async def fetch_inputs(
                 ask_index,
                 ask_chunk,
                 retry_on=(NetError,),
+                attempts_max=input_fetch_attempts_max,
                 size_max=ctx.config.inputs_bytes_max,
                 statistics=ctx.counters,
             )
