@@ -361,6 +361,7 @@ async def test_provider_too_late_to_rerun_cancels_its_trade_unslashed(
                 inputs=(),
                 max_wall_ms=3_000,
                 deadline_ms=now_ms() + 10_000,
+                outputs_bytes_max=0,  # no transfer allowance either: the slack is all there is
             )
         )
         aid = record.attempt_job_id
