@@ -602,8 +602,9 @@ class RequesterExchange:
             try:
                 fetched = await self.fetch_sealed(record)
             except DiskFull as exc:
-                self.book.update(record, error=str(exc))
-                log.warning("job %s: %s", record.job_id.hex()[:16], exc)
+                if record.error != str(exc):  # said once, tried again at every poll
+                    self.book.update(record, error=str(exc))
+                    log.warning("job %s: %s", record.job_id.hex()[:16], exc)
                 return
             except Mismatch as exc:
                 await trio.to_thread.run_sync(_bundle.remove_dir, self.fetch_dir(aid))

@@ -7,9 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
-from compute.market import JobState
+from compute.market import JobState, _bundle
 from compute.market._exchange import RequesterExchange
 from compute.market._wire import (
     PROTOCOL_LOGS,
@@ -18,6 +19,7 @@ from compute.market._wire import (
     PROTOCOL_SEALED_CHUNKS,
 )
 from compute.market.exceptions import NetError
+from p2p.testing import wait_until
 from tests.compute.market.cluster import open_cluster
 from tests.compute.market.test_market import copy_job
 
@@ -151,3 +153,32 @@ async def test_a_requester_restarted_mid_fetch_resumes_from_its_partial_file(
         assert counters.get("outputs_ranges_resumed", 0) >= 1, counters
         result = await requester.market.result(record.job_id)
         assert (Path(result.output_dir) / "big.txt").read_bytes() == b"y" * 9_000_000
+
+
+async def test_a_requester_without_disk_for_the_outputs_says_so_and_fetches_once_it_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = [True]
+    honest_check = _bundle.check_free_disk
+
+    def check(directory: Path, needed: int, what: str) -> None:
+        if full[0] and "-blobs" in str(directory):  # the requester's outputs, not the seal
+            raise _bundle.DiskFull(f"not enough free disk for {what} (test)")
+        honest_check(directory, needed, what)
+
+    monkeypatch.setattr(_bundle, "check_free_disk", check)
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
+        requester = cluster.requester
+        record = await requester.market.submit(copy_job(b"fits later\n"))
+
+        def said() -> bool:
+            return "not enough free disk" in requester.market.get(record.job_id).error
+
+        await wait_until(said, 60, "the requester to record the full disk")
+        exchange = requester.market.requester.exchange
+        aid = requester.market.get(record.job_id).attempt_job_id
+        assert not exchange.fetch_dir(aid).exists(), "a fetch that did not fit left files"
+        full[0] = False
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"out.txt": b"fits later\n"}, result.outputs
