@@ -39,7 +39,6 @@ import dataclasses
 import errno
 import functools
 import hashlib
-import logging
 import os
 import shutil
 import stat
@@ -55,8 +54,6 @@ from compute.market.exceptions import MarketError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
-
-log = logging.getLogger("gpumesh.compute.market.blobs")
 
 FORMAT_TAG = b"gpumesh-blob/1\0"
 chunk_bytes = 1024 * 1024
@@ -76,7 +73,6 @@ fetch_backoff_s = 0.25
 fetch_backoff_s_max = 4.0
 disk_reserve_bytes = 64 * 1024 * 1024
 """Free space a store leaves on its file system after a put or a fetch."""
-copy_bytes = 4 * 1024 * 1024
 
 
 class BlobError(MarketError):
@@ -92,7 +88,7 @@ class BlobMissing(BlobError):
 
 
 class BlobDiskFull(BlobError):
-    """Raised when the store's file system has not room for a blob (nothing is left behind)."""
+    """Raised when the store's file system has no room for a blob (nothing is left behind)."""
 
 
 class BlobUnavailable(BlobError):

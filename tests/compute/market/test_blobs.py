@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ledger
 from compute._files import clone_file
@@ -17,6 +19,7 @@ from compute.exceptions import JobSpecError
 from compute.market import _blobs
 from compute.market._blobs import (
     BlobDiskFull,
+    BlobIndexAsk,
     BlobIndexPage,
     BlobMismatch,
     BlobStore,
@@ -350,3 +353,19 @@ async def test_only_regular_files_are_put(tmp_path: Path) -> None:
     for path in (fifo, tmp_path, tmp_path / "missing"):
         with pytest.raises(_blobs.BlobError, match=r"not a regular file|cannot read"):
             await store.put_path(path)
+
+
+@given(
+    scope=st.binary(max_size=40),
+    root=st.binary(min_size=32, max_size=32),
+    number=st.integers(0, 2**40),
+    hashes=st.binary(max_size=320),
+)
+def test_blob_messages_round_trip(scope: bytes, root: bytes, number: int, hashes: bytes) -> None:
+    for message in (
+        BlobIndexAsk(scope, root, number),
+        _blobs.BlobChunkAsk(scope, root, number),
+        BlobIndexPage(number, hashes),
+    ):
+        data = ledger.encode(message)
+        assert ledger.decode(type(message), data) == message, f"{message} must round-trip"
