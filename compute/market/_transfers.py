@@ -1,10 +1,9 @@
-"""Moving a job's bytes between peers: inputs to the provider, outputs to the requester.
+"""Moving a job's inputs to the provider (the outputs travel sealed: ``_exchange``).
 
 Inputs are ``_blobs`` blobs: the provider fetches each one's chunk index (paged) and chunks
 (a window in flight) from the requester's input store into its own, scoped to the job (a peer
 can only read the inputs of a job awarded to it), every chunk checked as it arrives and the
-fetch resumed from disk after a cut or a restart. Outputs travel as ``chunk_bytes_max``
-request/response chunks of one SHA-256-named file, checked at the end.
+fetch resumed from disk after a cut or a restart.
 """
 
 from __future__ import annotations
@@ -21,15 +20,15 @@ from compute.market._blobs import (
     BlobMismatch,
     BlobUnavailable,
 )
-from compute.market._wire import PROTOCOL_INPUT, PROTOCOL_INPUT_INDEX, PROTOCOL_OUTPUT, Mismatch
+from compute.market._wire import PROTOCOL_INPUT, PROTOCOL_INPUT_INDEX, Mismatch
 from compute.market.exceptions import NetError
-from compute.market.types import BlobRequest, chunk_bytes_max, output_files_max
+from compute.market.types import BlobRequest, chunk_bytes_max
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from compute.market._context import Context
-    from compute.market.types import JobManifest, OutputsInfo
+    from compute.market.types import JobManifest
 
 
 async def fetch_blob(
@@ -138,21 +137,6 @@ async def sweep_inputs(ctx: Context) -> None:
     gone = await trio.to_thread.run_sync(store.inputs.keep_only, store.inputs_in_use())
     if gone:
         ctx.counters["input_blobs_swept"] = ctx.counters.get("input_blobs_swept", 0) + gone
-
-
-async def fetch_output_files(
-    ctx: Context, peer: str, aid: bytes, info: OutputsInfo, outputs_bytes_max: int
-) -> list[bytes]:
-    """Every file of ``info`` from the provider, each checked against its size and digest."""
-    if len(info.files) > output_files_max:
-        raise Mismatch(f"{len(info.files)} output files exceed {output_files_max}")
-    if sum(f.size_bytes for f in info.files) > outputs_bytes_max:
-        raise Mismatch("the outputs exceed this node's outputs_bytes_max")
-    blobs: list[bytes] = []
-    for file in info.files:
-        data = await fetch_blob(ctx, peer, PROTOCOL_OUTPUT, aid, file.sha256, file.size_bytes)
-        blobs.append(data)
-    return blobs
 
 
 async def read_chunk(path: Path, offset: int) -> bytes:
