@@ -161,6 +161,7 @@ async def _measure(
                 "dht_walks",
                 "connections_opened",
                 "connections_closed",
+                "streams_opened",
             )
         },
         dial_failures_by_reason=mesh.statistics()["dial_failures_by_reason"],

@@ -32,7 +32,7 @@ from libp2p.io.exceptions import IOException, MessageTooLarge
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
-from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -43,6 +43,7 @@ from libp2p.pubsub.pubsub import GossipsubEvent, Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import encode_uvarint
 
 from p2p import _tuning
 from p2p._envelope import (
@@ -98,10 +99,15 @@ peer_event_subscribers_max = 16
 subscribers_per_topic_max = 16
 shutdown_disconnect_s = 2.0
 pubsub_read_chunk_bytes = 64 * 1024
+pubsub_coalesce_bytes_max = 60 * 1024
+"""Queued RPCs for one peer are written together up to this (one yamux frame is < 64 KiB)."""
 varint_bytes_max = 10
 connection_slack = 16
 banned_peers_max = 1_024
 dial_failure_reasons_max = 32
+accepted_envelopes_max = 256
+accepted_envelope_bytes_max = 64 * 1024
+"""Larger accepted messages are decoded again on delivery and forwarded without origin."""
 
 
 def topic_name(chain_id: str, purpose: str) -> str:
@@ -145,6 +151,7 @@ class _Notifee(INotifee):  # type: ignore[misc]  # libp2p types are Any to mypy
         self._mesh = mesh
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        self._mesh._counters["streams_opened"] += 1
         await trio.lowlevel.checkpoint()
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -208,6 +215,43 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
             assert not topic_validator.is_async, "the mesh registers only sync validators"
             if not topic_validator.validator(msg_forwarder, msg):
                 raise ValidationError("rejected by a topic validator")
+
+    async def handle_sending_messages(self, peer_id: ID, stream: Any, queue: Any) -> None:
+        """py-libp2p's per-peer sending loop, writing whatever is queued in one frame.
+
+        The stock loop writes each queued RPC on its own (a yamux frame, a Noise message and
+        a socket write each, through four locks). Here every RPC already queued when the
+        loop wakes is framed and written together, up to ``pubsub_coalesce_bytes_max``, and
+        the write skips the stream's locks where that is safe (``_tuning.write_stream``).
+        """
+        if not self.fast_reader:
+            await super().handle_sending_messages(peer_id, stream, queue)
+            return
+        try:
+            while True:
+                rpc = await queue.pop()
+                if rpc is None:
+                    return  # the queue was closed: the peer is gone
+                frames = [_framed(rpc)]
+                size = len(frames[0])
+                while size < pubsub_coalesce_bytes_max:
+                    more = queue._queue.pop()
+                    if more is None:
+                        break
+                    frames.append(_framed(more))
+                    size += len(frames[-1])
+                await _tuning.write_stream(stream, b"".join(frames))
+        except (StreamClosed, StreamReset):
+            logger.debug("pubsub stream to %s closed or reset", peer_id)
+            self._handle_dead_peer(peer_id)
+        except (
+            BaseLibp2pError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
+            logger.debug("sending to %s failed: %s", peer_id, exc)
+            self._handle_dead_peer(peer_id)
 
     async def continuously_read_stream(self, stream: Any) -> None:
         try:
@@ -288,6 +332,12 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
             event.subopts = bool(rpc.subscriptions)
             event.control = rpc.HasField("control")
             await stream.metric_send_channel.send(event)
+
+
+def _framed(rpc: rpc_pb2.RPC) -> bytes:
+    body: bytes = rpc.SerializeToString()
+    prefix: bytes = encode_uvarint(len(body))
+    return prefix + body
 
 
 def _take_frame(buffer: bytearray, bytes_max: int) -> bytes | None:
@@ -373,6 +423,7 @@ class Mesh(MeshAPI):
             if config.gossip_strict_signing
             else StrictNoSignGossipSub(
                 id_of=_message_id_of,
+                origin_of=self._origin_of,
                 fast_publish=config.libp2p_hot_path_caches,
                 degree_lazy=config.gossip_degree_lazy,
                 **gossipsub_options,
@@ -410,6 +461,7 @@ class Mesh(MeshAPI):
         self._connected: dict[ID, _Connected] = {}
         self._dialing_sources: dict[ID, PeerSource] = {}
         self._peers_changed = trio.Event()
+        self._dial_wanted = trio.Event()
         self._peer_event_sends: list[trio.MemorySendChannel[PeerEvent]] = []
         self._subscribers: dict[str, list[_Subscriber]] = {}
         self._draining: set[str] = set()
@@ -419,6 +471,9 @@ class Mesh(MeshAPI):
             config.gossip_ban_score_half_life_s, rejected_peers_tracked_max
         )
         self._topic_limits: dict[str, tuple[float, int]] = {}
+        # Envelopes that passed _check, by data, for the router (origin) and _drain (no
+        # second decode); bounded, oldest dropped first.
+        self._accepted: collections.OrderedDict[bytes, Envelope] = collections.OrderedDict()
         self._buckets: dict[ID, dict[str, TokenBucket]] = {}
         self._banned: dict[ID, None] = {}
         self._dial_failures: collections.Counter[str] = collections.Counter()
@@ -435,6 +490,8 @@ class Mesh(MeshAPI):
             "peers_banned": 0,
             "connections_opened": 0,
             "connections_closed": 0,
+            "streams_opened": 0,
+            "peers_joined": 0,
         }
         for addr in config.bootstrap:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
@@ -574,6 +631,7 @@ class Mesh(MeshAPI):
             # Outbound dials we did not start are the DHT's lookups reaching new peers.
             source = PeerSource.DHT if outbound else PeerSource.INBOUND
         self._connected[peer] = _Connected(source, _now_ms())
+        self._counters["peers_joined"] += 1
         if candidate is not None:
             candidate.failures = 0
         self._emit(PeerEvent(PeerEventKind.CONNECTED, PeerId(peer.to_base58()), source, _now_ms()))
@@ -628,7 +686,17 @@ class Mesh(MeshAPI):
                 return
             worst = max(evictable, key=lambda c: c.failures)
             del self._candidates[worst.peer_id]
-        self._candidates[peer] = _Candidate(peer, list(addrs), source, permanent=False)
+        candidate = _Candidate(peer, list(addrs), source, permanent=False)
+        if self.config.dial_tiebreak_ms > 0 and self._id.to_bytes() > peer.to_bytes():
+            # Peers that find each other through the DHT or mDNS learn of each other at
+            # about the same time; both dialing makes two connections, each a full Noise
+            # handshake, identify and pubsub hello on both sides, and one is thrown away.
+            # The lower peer id dials at once, the higher one only if no connection came
+            # by then.
+            with contextlib.suppress(RuntimeError):  # outside trio.run: no clock, no delay
+                candidate.next_attempt = trio.current_time() + self.config.dial_tiebreak_ms / 1000
+        self._candidates[peer] = candidate
+        self._dial_wanted.set()
 
     async def _dial_loop(self) -> None:
         assert self._nursery is not None
@@ -648,7 +716,11 @@ class Mesh(MeshAPI):
                     candidate.dialing = True
                     await in_flight.acquire_on_behalf_of(candidate.peer_id)
                     self._nursery.start_soon(self._dial, candidate, in_flight)
-            await trio.sleep(self.config.dial_interval_ms / 1000)
+            # A new candidate or a freed dial slot wakes the loop at once; backoffs and
+            # tie-break delays are served by the periodic pass.
+            with trio.move_on_after(self.config.dial_interval_ms / 1000):
+                await self._dial_wanted.wait()
+            self._dial_wanted = trio.Event()
 
     async def _dial(self, candidate: _Candidate, in_flight: trio.CapacityLimiter) -> None:
         peer = candidate.peer_id
@@ -670,6 +742,7 @@ class Mesh(MeshAPI):
                 self._dialing_sources.pop(peer, None)
             candidate.dialing = False
             in_flight.release_on_behalf_of(candidate.peer_id)
+            self._dial_wanted.set()
         if ok:
             candidate.failures = 0
             candidate.next_attempt = 0.0
@@ -686,22 +759,25 @@ class Mesh(MeshAPI):
         candidate.next_attempt = trio.current_time() + backoff_ms / 1000 * random.uniform(0.8, 1.2)
 
     async def _dht_walk_loop(self) -> None:
-        # Walks are expensive for everyone (each opens streams to ~k peers) and measurably
-        # delay gossip while they run, so the interval adapts: fast while walks keep finding
-        # new peers, doubling up to dht_walk_interval_ms once they stop.
+        # Walks are expensive for everyone (each opens a FIND_NODE stream to ~k peers, and
+        # each of them serves it) and delay gossip while they run. So: walk every
+        # dht_walk_fast_interval_ms while walks find new peers; after a dry walk, wait
+        # until a new peer connects (its routing table may know peers we do not), at most
+        # dht_walk_interval_ms. A newcomer walks and dials on its own, so a fully connected
+        # node has nothing to look for. (Issue 14: dry walks on a doubling schedule were
+        # most of an idle node's CPU at 12 nodes and kept running during the benchmark.)
         # The first walk starts as soon as a first peer is connected (a node that just
         # joined through one bootstrap peer learns the rest from it), not a period later.
         assert self._dht is not None
-        interval_ms = self.config.dht_walk_fast_interval_ms
         while True:
             while not self._connected:
                 await self._peers_changed.wait()
-            found_new = await self._dht_walk()
-            if found_new:
-                interval_ms = self.config.dht_walk_fast_interval_ms
-            else:
-                interval_ms = min(2 * interval_ms, self.config.dht_walk_interval_ms)
-            await trio.sleep(interval_ms / 1000)
+            joined_before = self._counters["peers_joined"]
+            if not await self._dht_walk():
+                with trio.move_on_after(self.config.dht_walk_interval_ms / 1000):
+                    while self._counters["peers_joined"] == joined_before:
+                        await self._peers_changed.wait()
+            await trio.sleep(self.config.dht_walk_fast_interval_ms / 1000)
 
     async def _dht_walk(self) -> bool:
         """One lookup; feeds unknown peers to the dial loop. True if any was new."""
@@ -719,16 +795,22 @@ class Mesh(MeshAPI):
                 logger.debug("DHT walk failed: %s", exc)
         store = self._host.get_peerstore()
         new = False
-        for peer in [*found, *self._dht.routing_table.get_peer_ids()]:
+        # Every FIND_NODE answer of the walk (up to k peers each, with addresses) went into
+        # the peerstore, not only the k closest that the lookup returns: take them all, so
+        # one walk teaches a node most of a small network instead of one walk per k peers.
+        # The candidate table stays bounded (known_peers_max) and dials are paced as ever.
+        learned = dict.fromkeys([*found, *self._dht.routing_table.get_peer_ids()])
+        learned.update(dict.fromkeys(store.peers_with_addrs()))
+        for peer in learned:
             if peer in self._candidates or peer == self._id:
                 continue
             try:
-                addrs = list(store.addrs(peer))
+                addrs = [a for a in store.addrs(peer) if _is_dialable(a)]
             except PeerStoreError:
                 continue
             if addrs:
                 self._add_candidate(peer, addrs, PeerSource.DHT)
-                new = True
+                new = new or peer in self._candidates
         return new
 
     def _on_mdns_thread(self, info: Libp2pPeerInfo) -> None:
@@ -809,7 +891,9 @@ class Mesh(MeshAPI):
         # the subscribers' own (larger, bounded, counted) queues.
         counters = self._topic_counters[topic]
         async for msg in subscription:
-            envelope = _decoded(msg.data, self._envelope_bytes_max())
+            envelope = self._accepted.pop(msg.data, None)
+            if envelope is None:
+                envelope = _decoded(msg.data, self._envelope_bytes_max())
             if envelope is None or envelope.sender == self.public_key:
                 continue
             message = _gossip_message(topic, envelope, msg.data)
@@ -939,7 +1023,16 @@ class Mesh(MeshAPI):
                 assert verdict is True or verdict is Verdict.ACCEPT, (
                     f"gossip validator for {topic} returned {verdict!r}"
                 )
+        if len(data) <= accepted_envelope_bytes_max:
+            self._accepted[data] = envelope
+            while len(self._accepted) > accepted_envelopes_max:
+                self._accepted.popitem(last=False)
         return None
+
+    def _origin_of(self, msg: rpc_pb2.Message) -> ID | None:
+        """The signer of an accepted message's envelope, as a libp2p peer id."""
+        envelope = self._accepted.get(msg.data)
+        return None if envelope is None else ID(peer_id_bytes_of(envelope.sender))
 
     async def publish(self, purpose: str, type_tag: str, payload: bytes) -> bytes:
         """Sign and gossip ``payload``; returns its message id. Paced to the publish rate."""

@@ -23,30 +23,56 @@ carries its signed record, each verified again on every lookup (0.24 of a profil
   credit the way go-yamux does without auto-tuning: consumed bytes are returned in one
   update once they reach half the stream's window (128 KiB by default). Only when no
   ``PY_YAMUX_*`` variable is set (an operator's explicit tuning wins).
+
+Issue 14, per frame (each message copy is one yamux frame in one Noise message):
+
+- The TCP reader took every Noise message in two ``receive_some`` calls (its 2-byte length,
+  then its body), each through a lock and two trio checkpoints. ``TrioTCPStream.read`` now
+  reads up to ``tcp_read_chunk_bytes`` at once and serves later reads from what it buffered,
+  so a burst of frames costs one system call and no await per frame already received.
+- ``Yamux._write_frame`` unpacked every outgoing header and formatted a debug line for it
+  (the f-string is built even with debug logging off) before taking the connection's write
+  lock; it now only takes the lock and writes.
+- ``write_stream`` is pubsub's write: a yamux DATA frame that fits the send window goes
+  straight to the connection's ``_write_frame``, skipping the net stream's state lock and
+  the yamux stream's read/write and window locks (pubsub's sending loop is the only writer
+  of its stream, and the window check and debit run with no await between them).
+  Anything else (another muxer, a closed stream, a short window) takes the stock path.
+- A full Kademlia bucket pings its oldest peer before taking a new one; a peer we are
+  connected to counts as alive without a ping (``_ping_unless_connected``).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import struct
 import time
 import weakref
 from typing import Any
 
 import libp2p.kad_dht.kad_dht as kad_dht_module
 import libp2p.kad_dht.peer_routing as peer_routing_module
+import libp2p.kad_dht.routing_table as routing_table_module
 import libp2p.kad_dht.utils as kad_utils_module
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import StreamState
 
 local_record_ttl_s = 5.0
 remote_record_ttl_s = 60.0
 remote_records_cached_max = 4_096
+tcp_read_chunk_bytes = 64 * 1024
 
 _original_env = pubsub_module.env_to_send_in_RPC
 _original_dht_consume = kad_utils_module.maybe_consume_signed_record
 _original_consume = pubsub_module.maybe_consume_signed_record
+_original_ping_peer = routing_table_module.KBucket._ping_peer
+_original_tcp_read = TrioTCPStream.read
+_yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
+_installed = False
 _local: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -119,8 +145,72 @@ async def _batched_window_update(stream: Any, *, bytes_read: int = 0) -> None:
     await stream.send_window_update(increment)
 
 
+async def _ping_unless_connected(bucket: Any, peer_id: Any) -> bool:
+    # A full bucket pings its oldest peer before it would take a new one; every FIND_NODE
+    # answer (20 peers) hit this for each peer not in the table, a new stream per ping on
+    # both sides. A peer we hold a connection to is alive: no ping needed (go-libp2p-kad-dht
+    # decides on connectedness too). Unconnected peers are still pinged.
+    if bucket.host.get_network().get_connections(peer_id):
+        return True
+    alive: bool = await _original_ping_peer(bucket, peer_id)
+    return alive
+
+
+async def _buffered_tcp_read(stream: Any, n: int | None = None) -> bytes:
+    # Only the connection's one reader task (the muxer, or the handshake before it) reads.
+    buffered: bytearray | None = getattr(stream, "_gpumesh_read_buffer", None)
+    if buffered:
+        if n is None or n < 0 or n >= len(buffered):
+            out = bytes(buffered)
+            buffered.clear()
+            return out
+        out = bytes(buffered[:n])
+        del buffered[:n]
+        return out
+    if n == 0:
+        return b""
+    chunk: bytes = await _original_tcp_read(stream, tcp_read_chunk_bytes)
+    if n is None or n < 0 or len(chunk) <= n:
+        return chunk
+    if buffered is None:
+        stream._gpumesh_read_buffer = bytearray(chunk[n:])
+    else:
+        buffered += chunk[n:]
+    return chunk[:n]
+
+
+async def _lean_write_frame(conn: Any, data: bytes) -> None:
+    async with conn._write_lock:
+        await conn.secured_conn.write(data)
+
+
+async def write_stream(stream: Any, data: bytes) -> None:
+    """Write ``data`` to a net stream: one yamux DATA frame when it can, else the stock path."""
+    muxed: Any = getattr(stream, "muxed_stream", None)
+    if (
+        _installed
+        and type(muxed) is yamux_module.YamuxStream
+        and stream._state is StreamState.OPEN
+        and not (muxed.send_closed or muxed.closed)
+        and len(data) <= min(muxed.send_window, _yamux_data_bytes_max)
+    ):
+        muxed.send_window -= len(data)
+        header = struct.pack(
+            yamux_module.YAMUX_HEADER_FORMAT,
+            0,
+            yamux_module.TYPE_DATA,
+            0,
+            muxed.stream_id,
+            len(data),
+        )
+        await muxed.conn._write_frame(header + data)
+        return
+    await stream.write(data)
+
+
 def apply() -> None:
-    """Install the caches (idempotent)."""
+    """Install the caches and the lean I/O paths (idempotent)."""
+    global _installed
     for module in (pubsub_module, gossipsub_module):
         if hasattr(module, "env_to_send_in_RPC"):
             module.env_to_send_in_RPC = _cached_env_to_send_in_rpc
@@ -128,5 +218,9 @@ def apply() -> None:
             module.maybe_consume_signed_record = _cached_maybe_consume
     for module in (kad_dht_module, peer_routing_module):
         module.maybe_consume_signed_record = _cached_dht_consume
+    routing_table_module.KBucket._ping_peer = _ping_unless_connected
+    TrioTCPStream.read = _buffered_tcp_read
+    yamux_module.Yamux._write_frame = _lean_write_frame
+    _installed = True
     if not any(name.startswith("PY_YAMUX_") for name in os.environ):
         yamux_module.YamuxStream._auto_tune_and_send_window_update = _batched_window_update

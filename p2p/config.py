@@ -31,12 +31,19 @@ class P2PConfig:
     load ~35 timed out 3,498 of 3,986 dials, each timeout throwing away a half-done Noise
     handshake on both sides and closing connections the other side had finished (958)."""
     dials_in_flight_max: int = 8
+    dial_tiebreak_ms: int = 1_500
+    """A peer learned from the DHT or mDNS whose id is below ours is dialed only after this
+    long, to give it time to dial us first: both dialing at once opens two connections
+    (each a Noise handshake, identify and pubsub hello on both ends) and closes one.
+    0 dials at once. Bootstrap peers are always dialed at once."""
     backoff_initial_ms: int = 500
     backoff_max_ms: int = 30_000
     dht_walk_interval_ms: int = 60_000
-    """The slowest a lookup walk runs, once walks stop finding new peers."""
+    """The longest a node goes without a lookup walk once walks stop finding new peers and
+    no new peer connects."""
     dht_walk_fast_interval_ms: int = 1_000
-    """The walk interval while walks keep finding new peers (it doubles after each dry one)."""
+    """The walk interval while walks find new peers; a dry walk waits for a new peer to
+    connect (at most ``dht_walk_interval_ms``), then this long."""
 
     gossip_degree: int = 4
     gossip_degree_low: int = 3
@@ -103,6 +110,7 @@ class P2PConfig:
         need(self.peers_max >= 1, "peers_max", "must be >= 1")
         need(self.known_peers_max >= self.peers_max, "known_peers_max", "must be >= peers_max")
         need(self.dials_in_flight_max >= 1, "dials_in_flight_max", "must be >= 1")
+        need(self.dial_tiebreak_ms >= 0, "dial_tiebreak_ms", "must be >= 0")
         need(
             0 < self.backoff_initial_ms <= self.backoff_max_ms,
             "backoff_initial_ms",
@@ -150,6 +158,7 @@ class P2PConfig:
             "mdns": False,
             "dht": True,
             "dial_interval_ms": 200,
+            "dial_tiebreak_ms": 300,
             "backoff_initial_ms": 200,
             "backoff_max_ms": 2_000,
             "dht_walk_interval_ms": 5_000,

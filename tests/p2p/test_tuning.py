@@ -1,0 +1,88 @@
+"""The issue-14 lean paths keep the stock behaviour they replace (p2p/_tuning.py, _mesh.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from libp2p.pubsub.pb import rpc_pb2
+
+from p2p import _tuning
+from p2p._mesh import _framed, _take_frame
+
+
+def test_coalesced_frames_split_back_into_the_same_rpcs() -> None:
+    rpcs = [
+        rpc_pb2.RPC(publish=[rpc_pb2.Message(data=bytes([i]) * (i * 97), topicIDs=["t"])])
+        for i in range(1, 40)
+    ]
+    buffer = bytearray(b"".join(_framed(rpc) for rpc in rpcs))
+    parsed = []
+    while (frame := _take_frame(buffer, 1 << 20)) is not None:
+        rpc = rpc_pb2.RPC()
+        rpc.ParseFromString(frame)
+        parsed.append(rpc)
+    assert parsed == rpcs, "coalesced RPCs must come back whole and in order"
+    assert not buffer
+
+
+class _FakeSocketStream:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.calls = 0
+
+    async def receive_some(self, n: int | None = None) -> bytes:
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+async def test_buffered_tcp_read_serves_small_reads_from_one_receive() -> None:
+    from libp2p.io.trio import TrioTCPStream
+
+    fake = _FakeSocketStream([b"\x00\x05hello\x00\x03abc", b"tail"])
+    stream = TrioTCPStream(fake)  # type: ignore[arg-type]
+    reads = [await _tuning._buffered_tcp_read(stream, n) for n in (2, 5, 2, 3)]
+    assert reads == [b"\x00\x05", b"hello", b"\x00\x03", b"abc"]
+    assert fake.calls == 1, "frames already received must not cost another receive"
+    assert await _tuning._buffered_tcp_read(stream, 100) == b"tail"
+    assert await _tuning._buffered_tcp_read(stream, 100) == b"", "EOF still reads as b''"
+
+
+class _FakeNetwork:
+    def __init__(self, connected: set[str]) -> None:
+        self.connected = connected
+
+    def get_connections(self, peer_id: Any) -> list[object]:
+        return [object()] if peer_id in self.connected else []
+
+
+class _FakeHost:
+    def __init__(self, connected: set[str]) -> None:
+        self.network = _FakeNetwork(connected)
+
+    def get_network(self) -> _FakeNetwork:
+        return self.network
+
+
+class _FakeBucket:
+    def __init__(self, connected: set[str]) -> None:
+        self.host = _FakeHost(connected)
+
+
+async def test_full_bucket_counts_a_connected_peer_alive_without_a_ping(
+    monkeypatch: Any,
+) -> None:
+    pinged: list[str] = []
+
+    async def fake_ping(bucket: Any, peer_id: str) -> bool:
+        pinged.append(peer_id)
+        await trio.lowlevel.checkpoint()
+        return False
+
+    monkeypatch.setattr(_tuning, "_original_ping_peer", fake_ping)
+    bucket = _FakeBucket({"connected"})
+    assert await _tuning._ping_unless_connected(bucket, "connected") is True
+    assert pinged == [], "a connected peer is alive: no ping stream"
+    assert await _tuning._ping_unless_connected(bucket, "gone") is False
+    assert pinged == ["gone"], "an unconnected peer is still pinged"
