@@ -82,6 +82,25 @@ def plain_leaf(plain_hash: bytes) -> bytes:
     return _sha256(_PLAIN_LEAF + plain_hash)
 
 
+def output_leaves_from(
+    first: int, ciphertexts: Sequence[bytes], plain_hashes: Sequence[bytes]
+) -> list[bytes]:
+    """``output_leaf`` of chunks ``first, first + 1, ...`` (one call for a whole range)."""
+    sha256, leaf = hashlib.sha256, _LEAF
+    return [
+        sha256(leaf + i.to_bytes(8, "big") + sha256(ct).digest() + h).digest()
+        for i, ct, h in zip(
+            range(first, first + len(ciphertexts)), ciphertexts, plain_hashes, strict=True
+        )
+    ]
+
+
+def plain_leaves(plain_hashes: Sequence[bytes]) -> list[bytes]:
+    """``plain_leaf`` of each plaintext hash."""
+    sha256, prefix = hashlib.sha256, _PLAIN_LEAF
+    return [sha256(prefix + h).digest() for h in plain_hashes]
+
+
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
     """The root of the binary tree over ``leaves`` (odd node promoted); needs one leaf."""
     assert leaves, "a Merkle tree needs at least one leaf"
@@ -113,6 +132,28 @@ class RootBuilder:
             height += 1
         peaks.append((height, node))
         self.count += 1
+
+    def add_many(self, leaves: Sequence[bytes]) -> None:
+        """``add`` for each leaf; a power-of-two run starting at a multiple of its length is
+        one perfect subtree, hashed level by level in bulk (the same root, fewer steps)."""
+        size = len(leaves)
+        if size < 2 or size & (size - 1) or self.count % size:
+            for leaf in leaves:
+                self.add(leaf)
+            return
+        sha256, node = hashlib.sha256, _NODE
+        level = list(leaves)
+        while len(level) > 1:
+            pairs = zip(level[::2], level[1::2], strict=True)
+            level = [sha256(node + a + b).digest() for a, b in pairs]
+        height, top = size.bit_length() - 1, level[0]
+        peaks = self._peaks
+        while peaks and peaks[-1][0] == height:
+            _, left = peaks.pop()
+            top = _sha256(_NODE + left + top)
+            height += 1
+        peaks.append((height, top))
+        self.count += size
 
     def root(self) -> bytes:
         """The root over every leaf added (needs one). An odd node promoted unchanged level
@@ -278,6 +319,21 @@ def open_chunk(job_id: bytes, key: bytes, index: int, ciphertext: bytes) -> byte
         return ChaCha20Poly1305(key).decrypt(_nonce(index), ciphertext, job_id)
     except InvalidTag:
         return None
+
+
+def chunk_opener(job_id: bytes, key: bytes) -> Callable[[int, bytes], bytes | None]:
+    """``open_chunk`` with the key set up once: ``opener(index, ciphertext)``."""
+    if len(key) != output_key_bytes:
+        return lambda index, ciphertext: None
+    decrypt = ChaCha20Poly1305(key).decrypt
+
+    def opener(index: int, ciphertext: bytes) -> bytes | None:
+        try:
+            return decrypt(index.to_bytes(12, "big"), ciphertext, job_id)
+        except InvalidTag:
+            return None
+
+    return opener
 
 
 def chunk_is_bad(

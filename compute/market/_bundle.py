@@ -192,15 +192,28 @@ def _seal_into(
         (sealed_dir / CHUNKS).open("wb", buffering=io_block_bytes) as chunks_file,
         (sealed_dir / PLAIN_HASHES).open("wb", buffering=io_block_bytes) as hashes_file,
     ):
-        index = 0
+        index = first = 0
+        sealed: list[bytes] = []
+        plain_hashes: list[bytes] = []
+
+        def flush() -> None:
+            # A range at a time: its leaves in bulk (a whole range is one perfect subtree).
+            outputs.add_many(ledger.output_leaves_from(first, sealed, plain_hashes))
+            plains.add_many(ledger.plain_leaves(plain_hashes))
+            chunks_file.write(b"".join(sealed))
+            hashes_file.write(b"".join(plain_hashes))
+            sealed.clear()
+            plain_hashes.clear()
+
         for plain in _chunks(_plaintext(info, out_dir)):
-            ciphertext = ledger.seal_chunk(aead, job_id, index, plain)
-            plain_hash = sha256(plain).digest()
-            outputs.add(ledger.output_leaf(index, ciphertext, plain_hash))
-            plains.add(ledger.plain_leaf(plain_hash))
-            chunks_file.write(ciphertext)
-            hashes_file.write(plain_hash)
+            sealed.append(ledger.seal_chunk(aead, job_id, index, plain))
+            plain_hashes.append(sha256(plain).digest())
             index += 1
+            if len(sealed) == range_chunks:
+                flush()
+                first = index
+        if sealed:
+            flush()
         assert index == ledger.chunk_count(size), "the bundle is not the size its header says"
         _sync(chunks_file)
         _sync(hashes_file)
@@ -254,6 +267,10 @@ def _ranges(
         index += count
 
 
+def _split_hashes(hashes: bytes) -> list[bytes]:
+    return [hashes[i : i + 32] for i in range(0, len(hashes), 32)]
+
+
 def check_sealed_dir(
     sealed_dir: Path, output_root: bytes, plain_root: bytes, output_bytes: int
 ) -> None:
@@ -270,10 +287,9 @@ def check_sealed_dir(
         raise ledger.OutputsError(f"the sealed files are {sizes} bytes for {count} chunks")
     outputs, plains = ledger.RootBuilder(), ledger.RootBuilder()
     for first, chunks, hashes in _ranges(sealed_dir, output_bytes, 0, count):
-        for k, ciphertext in enumerate(chunks):
-            plain_hash = hashes[32 * k : 32 * k + 32]
-            outputs.add(ledger.output_leaf(first + k, ciphertext, plain_hash))
-            plains.add(ledger.plain_leaf(plain_hash))
+        plain_hashes = _split_hashes(hashes)
+        outputs.add_many(ledger.output_leaves_from(first, chunks, plain_hashes))
+        plains.add_many(ledger.plain_leaves(plain_hashes))
     if outputs.root() != output_root:
         raise ledger.OutputsError("the chunks do not match the delivery's output root")
     if plains.root() != plain_root:
@@ -432,13 +448,16 @@ def open_sealed_dir(
     staging.mkdir(parents=True)
     unpacker = _Unpacker(staging, output_bytes)
     sha256 = hashlib.sha256
+    opener = ledger.chunk_opener(job_id, key)
     try:
         for first, chunks, hashes in _ranges(sealed_dir, output_bytes, 0, count):
+            plains: list[bytes] = []
             for k, ciphertext in enumerate(chunks):
-                plain = ledger.open_chunk(job_id, key, first + k, ciphertext)
+                plain = opener(first + k, ciphertext)
                 if plain is None or sha256(plain).digest() != hashes[32 * k : 32 * k + 32]:
                     return first + k
-                unpacker.feed(plain)
+                plains.append(plain)
+            unpacker.feed(b"".join(plains))  # a range at a time
         opened = unpacker.finish()
         if isinstance(opened, OutputsInfo):
             remove_dir(dest)

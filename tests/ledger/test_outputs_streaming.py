@@ -63,3 +63,23 @@ def test_sealing_a_chunk_at_a_time_gives_seals_bytes_and_roots(plaintext: bytes)
         plains.add(ledger.plain_leaf(plain_hashes[i]))
     assert (outputs.root(), plains.root()) == (output_root, plain_root)
     assert ledger.sealed_bytes(len(plaintext)) == sum(len(c) for c in chunks)
+
+
+def test_bulk_leaves_and_aligned_runs_give_the_same_root() -> None:
+    for count in (1, 2, 3, 64, 100, 1024, 1025, 2500):
+        leaves = _leaves(count)
+        builder = ledger.RootBuilder()
+        for start in range(0, count, 64):  # aligned runs of 64, the last one short
+            builder.add_many(leaves[start : start + 64])
+        assert builder.root() == ledger.merkle_root(leaves), f"{count} leaves in runs of 64"
+        odd = ledger.RootBuilder()
+        odd.add(leaves[0])
+        odd.add_many(leaves[1:])  # not aligned: one at a time
+        assert odd.root() == ledger.merkle_root(leaves), f"{count} leaves, unaligned"
+    plain, ct = hashlib.sha256(b"p").digest(), b"c" * 40
+    assert ledger.output_leaves_from(5, [ct], [plain]) == [ledger.output_leaf(5, ct, plain)]
+    assert ledger.plain_leaves([plain]) == [ledger.plain_leaf(plain)]
+    opener = ledger.chunk_opener(JOB, KEY)
+    sealed = ledger.seal_chunk(ChaCha20Poly1305(KEY), JOB, 3, b"x")
+    assert opener(3, sealed) == b"x" and opener(4, sealed) is None
+    assert ledger.chunk_opener(JOB, b"short")(3, sealed) is None
