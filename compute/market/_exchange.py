@@ -428,24 +428,15 @@ class RequesterExchange:
         ended other than DONE (a partial fetch of a refused, cancelled, refunded or retried
         attempt), and the ciphertext of an opened one. A DONE job's opened files stay (the
         user copies them out with ``job outputs``). How many folders went."""
-        root = outputs_root(self.ctx)
-        keep: dict[str, JobRecord] = {}
-        for record in self.book.records():
-            if not record.state.terminal or record.state is JobState.DONE:
-                keep[record.attempt_job_id.hex()] = record
-        removed = 0
-        try:
-            entries = list(root.iterdir())
-        except FileNotFoundError:
-            return 0
-        for entry in entries[:sweep_entries_max]:
-            kept = keep.get(entry.name)
-            if kept is None:
-                _bundle.remove_dir(entry)
-                removed += 1
-            elif kept.state is JobState.DONE and (entry / "out").is_dir():
-                _bundle.remove_dir(entry / "sealed")
-        return removed
+        return sweep_outputs(outputs_root(self.ctx), self.keep())
+
+    def keep(self) -> dict[str, JobRecord]:
+        """The attempts whose folders a sweep keeps, by folder name (read on the trio thread)."""
+        return {
+            record.attempt_job_id.hex(): record
+            for record in self.book.records()
+            if not record.state.terminal or record.state is JobState.DONE
+        }
 
     async def on_delivered(self, peer_id: str, data: bytes) -> bytes:
         for record in self.book.records():
@@ -749,7 +740,7 @@ class RequesterExchange:
             stderr=info.stderr[:log_bytes_max],
         )
         self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
-        await trio.to_thread.run_sync(self.sweep)
+        await trio.to_thread.run_sync(sweep_outputs, outputs_root(self.ctx), self.keep())
 
     async def slash_bad_key(self, record: JobRecord, fetched: Fetched, index: int) -> None:
         """The revealed key fails chunk ``index``: submit the evidence (half the slash is
@@ -783,6 +774,23 @@ class RequesterExchange:
     def mismatch(self, record: JobRecord, why: str) -> None:
         record = self.book.update(record, state=JobState.OUTPUT_MISMATCH, error=why)
         log.warning("job %s: provider outputs rejected: %s", record.job_id.hex()[:16], why)
+
+
+def sweep_outputs(root: Path, keep: dict[str, JobRecord]) -> int:
+    """``RequesterExchange.sweep``'s file work (blocking): how many folders went."""
+    removed = 0
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return 0
+    for entry in entries[:sweep_entries_max]:
+        kept = keep.get(entry.name)
+        if kept is None:
+            _bundle.remove_dir(entry)
+            removed += 1
+        elif kept.state is JobState.DONE and (entry / "out").is_dir():
+            _bundle.remove_dir(entry / "sealed")
+    return removed
 
 
 def outputs_root(ctx: Context) -> Path:
