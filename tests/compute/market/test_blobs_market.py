@@ -166,3 +166,46 @@ async def test_a_provider_restarted_mid_fetch_resumes_from_its_partial_file(
         assert view.outputs["out.txt"].split()[0].decode() == hashlib.sha256(data).hexdigest()
         resumed = provider.market.statistics().get("blob_chunks_resumed", 0)
         assert resumed >= 3, f"the restarted provider fetched again what it had ({resumed})"
+
+
+async def test_a_requester_restarted_mid_fetch_serves_the_rest(tmp_path: Path) -> None:
+    source = tmp_path / "in.bin"
+    data = b"".join(hashlib.sha256(bytes([i])).digest() * (MIB // 32) for i in range(8))
+    source.write_bytes(data)
+    config = MarketConfig.for_tests(attempt_slack_ms=60_000)
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),), config=config) as cluster:
+        requester, provider = cluster.requester, cluster.nodes[1]
+        assert requester.store is not None
+        blobs = requester.store.inputs
+        serve = blobs.serve_chunk
+        gate = trio.Event()
+        served = []
+
+        async def gated(root: bytes, index: int) -> bytes:
+            if len(served) >= 3:
+                await gate.wait()
+            served.append(index)
+            return await serve(root, index)
+
+        blobs.serve_chunk = gated  # type: ignore[method-assign]
+        job = copy_job(
+            b"",
+            inputs=(),
+            input_paths=(("in.txt", str(source)),),
+            argv=("sh", "-c", 'sha256sum in.txt > "$GPUMESH_OUTPUT_DIR/out.txt"'),
+            max_wall_ms=20_000,
+        )
+        record = await requester.market.submit(job)
+        await wait_until(
+            lambda: provider.market.statistics().get("blob_chunks_fetched", 0) >= 3,
+            30,
+            "the provider to hold three chunks",
+        )
+        await cluster.stop_service(requester)
+        gate.set()
+        await cluster.start_service(requester)  # a new store over the same directory
+        done = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 90)
+        view = await requester.market.result(done.job_id)
+        assert view.outputs["out.txt"].split()[0].decode() == hashlib.sha256(data).hexdigest()
+        stats = provider.market.statistics()
+        assert stats.get("blob_chunks_fetched") == 8, f"a chunk was fetched twice: {stats}"
