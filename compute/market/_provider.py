@@ -618,11 +618,10 @@ class Provider:
             limits = self.side.offer_config.job_limits(
                 record.request.max_wall_ms, req.memory_bytes, req.disk_bytes
             )
-            # No more outputs than the requester said it takes (its deadline allows for them).
+            # As much output as the requester said it takes (its deadline allows for that),
+            # within the job directory's disk cap, where the outputs are written.
             declared = max(record.request.outputs_bytes_max, 1)
-            limits = dataclasses.replace(
-                limits, output_bytes_max=min(limits.output_bytes_max, declared)
-            )
+            limits = dataclasses.replace(limits, output_bytes_max=min(limits.disk_bytes, declared))
         except ComputeError as exc:
             raise MarketError(f"the job's limits are not acceptable here: {exc}") from exc
         # The inputs are this node's to hold (it checked its disk for them before the award):
