@@ -627,7 +627,10 @@ class Provider:
         # The inputs are this node's to hold (it checked its disk for them before the award):
         # they do not count against the disk the job itself may write.
         inputs_bytes = sum(ref.size_bytes for ref in manifest.inputs)
-        limits = dataclasses.replace(limits, disk_bytes=limits.disk_bytes + inputs_bytes)
+        disk_bytes = limits.disk_bytes + inputs_bytes
+        # One file may fill the job's whole disk: RLIMIT_FSIZE follows the disk cap (the
+        # sandbox's default of 1 GiB would refuse a 1 GiB output long before the market's caps).
+        limits = dataclasses.replace(limits, disk_bytes=disk_bytes, file_size_bytes=disk_bytes)
         image = ""
         if manifest.image is not None:  # from this node's image cache, or over the mesh
             image = await self.images.ensure(

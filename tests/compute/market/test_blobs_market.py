@@ -209,3 +209,20 @@ async def test_a_requester_restarted_mid_fetch_serves_the_rest(tmp_path: Path) -
         assert view.outputs["out.txt"].split()[0].decode() == hashlib.sha256(data).hexdigest()
         stats = provider.market.statistics()
         assert stats.get("blob_chunks_fetched") == 8, f"a chunk was fetched twice: {stats}"
+
+
+async def test_one_file_may_fill_the_jobs_disk(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
+        requester = cluster.requester
+        probe = "import resource; print(resource.getrlimit(resource.RLIMIT_FSIZE)[0])"
+        job = copy_job(
+            b"",
+            inputs=(),
+            argv=("sh", "-c", f'python3 -c "{probe}" > "$GPUMESH_OUTPUT_DIR/out.txt"'),
+            requirements=Requirements(gpus=1, disk_bytes=3 * 1024 * MIB),
+        )
+        record = await requester.market.submit(job)
+        done = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        view = await requester.market.result(done.job_id)
+        limit = int(view.outputs["out.txt"])
+        assert limit == 3 * 1024 * MIB, f"RLIMIT_FSIZE is {limit}, not the job's 3 GiB disk cap"
