@@ -22,33 +22,13 @@ from compute.market._blobs import (
 )
 from compute.market._wire import PROTOCOL_INPUT, PROTOCOL_INPUT_INDEX, Mismatch
 from compute.market.exceptions import NetError
-from compute.market.types import BlobRequest, chunk_bytes_max
+from compute.market.types import chunk_bytes_max
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from compute.market._context import Context
     from compute.market.types import JobManifest
-
-
-async def fetch_blob(
-    ctx: Context, peer: str, protocol: str, scope_id: bytes, sha256: bytes, size: int
-) -> bytes:
-    """Fetch ``size`` bytes in chunks and check them against ``sha256``."""
-    parts: list[bytes] = []
-    got = 0
-    for _ in range(size // chunk_bytes_max + 2):
-        if got >= size:
-            break
-        chunk = await ctx.request(peer, protocol, ledger.encode(BlobRequest(scope_id, sha256, got)))
-        if not chunk or got + len(chunk) > size:
-            raise Mismatch(f"blob {sha256.hex()[:12]} is not {size} bytes as announced")
-        parts.append(chunk)
-        got += len(chunk)
-    data = b"".join(parts)
-    if len(data) != size or ledger.digest(data) != sha256:
-        raise Mismatch(f"blob {sha256.hex()[:12]} does not match its SHA-256")
-    return data
 
 
 input_fetch_attempts_max = 64
