@@ -11,8 +11,13 @@ before the first byte of it, and writes it straight to its place.
 On disk, a sealed bundle is a directory of three files:
 - ``chunks``: the sealed chunks end to end (chunk ``i`` at ``ledger.sealed_offset(i)``);
 - ``plain-hashes``: the 32-byte plaintext hash of every chunk, end to end;
+- ``range-roots`` (provider): for every range of ``range_chunks`` chunks, the roots of its
+  subtree of the output tree and of the plain tree (32 + 32 bytes). The trees over these
+  give ``output_root`` and ``plain_root`` (a range is an aligned subtree; the last one may be
+  short, as the last node of a level is), so a range served with the Merkle proofs of its two
+  subtree roots is checked on arrival (``check_range``);
 - ``roots``: the encoded ``SealedMeta`` (roots and size). A provider writes it last, after
-  both files are synced, so its presence means the other two are whole.
+  the other files are synced, so its presence means they are whole.
 
 Every function here blocks (file I/O and hashing); the exchange runs them in threads.
 """
@@ -51,6 +56,7 @@ output_path_depth_max = 16
 CHUNKS = "chunks"
 PLAIN_HASHES = "plain-hashes"
 ROOTS = "roots"
+RANGE_ROOTS = "range-roots"
 
 
 class DiskFull(MarketError):
@@ -153,12 +159,28 @@ def read_meta(sealed_dir: Path) -> SealedMeta | None:
         meta = ledger.decode(SealedMeta, data, max_bytes=1024)
         chunks = (sealed_dir / CHUNKS).stat().st_size
         hashes = (sealed_dir / PLAIN_HASHES).stat().st_size
+        range_roots = (sealed_dir / RANGE_ROOTS).stat().st_size
     except (OSError, ledger.DecodeError):
         return None
     count = ledger.chunk_count(meta.output_bytes)
     if chunks != ledger.sealed_bytes(meta.output_bytes) or hashes != 32 * count:
         return None
+    if range_roots != 64 * ranges_of(meta.output_bytes):
+        return None
     return meta
+
+
+def ranges_of(output_bytes: int) -> int:
+    """How many ranges of ``range_chunks`` chunks a bundle of ``output_bytes`` is served in."""
+    return -(-ledger.chunk_count(output_bytes) // range_chunks)
+
+
+def subtree_roots(
+    first: int, chunks: list[bytes], plain_hashes: list[bytes]
+) -> tuple[bytes, bytes]:
+    """The roots of a range's subtrees of the output tree and of the plain tree."""
+    output_leaves = ledger.output_leaves_from(first, chunks, plain_hashes)
+    return ledger.merkle_root(output_leaves), ledger.merkle_root(ledger.plain_leaves(plain_hashes))
 
 
 def seal_outputs(
@@ -191,15 +213,18 @@ def _seal_into(
     with (
         (sealed_dir / CHUNKS).open("wb", buffering=io_block_bytes) as chunks_file,
         (sealed_dir / PLAIN_HASHES).open("wb", buffering=io_block_bytes) as hashes_file,
+        (sealed_dir / RANGE_ROOTS).open("wb", buffering=io_block_bytes) as roots_file,
     ):
         index = first = 0
         sealed: list[bytes] = []
         plain_hashes: list[bytes] = []
 
         def flush() -> None:
-            # A range at a time: its leaves in bulk (a whole range is one perfect subtree).
-            outputs.add_many(ledger.output_leaves_from(first, sealed, plain_hashes))
-            plains.add_many(ledger.plain_leaves(plain_hashes))
+            # A range at a time: its subtree roots, which the trees over them fold into.
+            output_root, plain_root = subtree_roots(first, sealed, plain_hashes)
+            outputs.add(output_root)
+            plains.add(plain_root)
+            roots_file.write(output_root + plain_root)
             chunks_file.write(b"".join(sealed))
             hashes_file.write(b"".join(plain_hashes))
             sealed.clear()
@@ -217,6 +242,7 @@ def _seal_into(
         assert index == ledger.chunk_count(size), "the bundle is not the size its header says"
         _sync(chunks_file)
         _sync(hashes_file)
+        _sync(roots_file)
     meta = SealedMeta(outputs.root(), plains.root(), size)
     _write_atomically(sealed_dir / ROOTS, ledger.encode(meta))
     return meta
@@ -287,13 +313,50 @@ def check_sealed_dir(
         raise ledger.OutputsError(f"the sealed files are {sizes} bytes for {count} chunks")
     outputs, plains = ledger.RootBuilder(), ledger.RootBuilder()
     for first, chunks, hashes in _ranges(sealed_dir, output_bytes, 0, count):
-        plain_hashes = _split_hashes(hashes)
-        outputs.add_many(ledger.output_leaves_from(first, chunks, plain_hashes))
-        plains.add_many(ledger.plain_leaves(plain_hashes))
+        range_output_root, range_plain_root = subtree_roots(first, chunks, _split_hashes(hashes))
+        outputs.add(range_output_root)
+        plains.add(range_plain_root)
     if outputs.root() != output_root:
         raise ledger.OutputsError("the chunks do not match the delivery's output root")
     if plains.root() != plain_root:
         raise ledger.OutputsError("the plain hashes do not match the delivery's plain root")
+
+
+def range_proofs(
+    sealed_dir: Path, output_bytes: int, first: int
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """The Merkle proofs of the range at chunk ``first``: of its output subtree root up to
+    the output root, and of its plain subtree root up to the plain root (provider)."""
+    ranges = ranges_of(output_bytes)
+    data = (sealed_dir / RANGE_ROOTS).read_bytes()
+    if len(data) != 64 * ranges:
+        raise MarketError("the sealed outputs' range roots are not whole")
+    output_roots = [data[i : i + 32] for i in range(0, len(data), 64)]
+    plain_roots = [data[i + 32 : i + 64] for i in range(0, len(data), 64)]
+    index = first // range_chunks
+    return ledger.merkle_proof(output_roots, index), ledger.merkle_proof(plain_roots, index)
+
+
+def check_range(
+    meta: SealedMeta,
+    first: int,
+    chunks: bytes,
+    hashes: bytes,
+    output_proof: tuple[bytes, ...],
+    plain_proof: tuple[bytes, ...],
+) -> None:
+    """A served range against the delivery's roots, through its two subtree roots and their
+    proofs (its shape already checked: ``range_bytes``). ``ledger.OutputsError`` if not."""
+    count = len(hashes) // 32
+    view = memoryview(chunks)
+    cuts = [ledger.sealed_offset(k) for k in range(count)] + [len(chunks)]
+    ciphertexts = [bytes(view[cuts[k] : cuts[k + 1]]) for k in range(count)]
+    output_root, plain_root = subtree_roots(first, ciphertexts, _split_hashes(hashes))
+    index, ranges = first // range_chunks, ranges_of(meta.output_bytes)
+    if not ledger.merkle_verify(meta.output_root, output_root, index, ranges, output_proof):
+        raise ledger.OutputsError(f"range {index} does not match the delivery's output root")
+    if not ledger.merkle_verify(meta.plain_root, plain_root, index, ranges, plain_proof):
+        raise ledger.OutputsError(f"range {index} does not match the delivery's plain root")
 
 
 def evidence(
@@ -482,7 +545,7 @@ class PartialFetch:
         self.directory = directory
         self.meta = meta
         self.count = ledger.chunk_count(meta.output_bytes)
-        self.ranges = -(-self.count // range_chunks)
+        self.ranges = ranges_of(meta.output_bytes)
         self.have = bytearray(self.ranges)
         self.resumed = 0
         """Ranges found on disk when this fetch began."""

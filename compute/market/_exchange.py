@@ -106,9 +106,12 @@ def exec_id(attempt_id: bytes) -> ExecJobId:
 @dataclasses.dataclass(frozen=True, slots=True)
 class SealedRange:
     """Sealed chunks ``first ..`` (up to ``sealed_chunks_per_request``) and their plaintext
-    hashes, each laid end to end."""
+    hashes, each laid end to end, with the Merkle proofs of the range's two subtree roots
+    (``_bundle.check_range``: the requester checks every range as it arrives)."""
 
     first: int
+    output_proof: tuple[bytes, ...]
+    plain_proof: tuple[bytes, ...]
     plain_hashes: bytes
     chunks: bytes
 
@@ -243,21 +246,21 @@ class ProviderExchange:
         return ledger.encode(SealedOffer(sealed.delivery, await self.chunk_range(sealed, 0)))
 
     async def chunk_range(self, sealed: Sealed, first: int) -> SealedRange:
-        if not 0 <= first < ledger.chunk_count(sealed.output_bytes):
-            raise NetError(f"no sealed chunk {first}")
+        count = ledger.chunk_count(sealed.output_bytes)
+        if not 0 <= first < count or first % sealed_chunks_per_request:
+            raise NetError(f"no range of sealed chunks starts at {first}")
         try:
-            hashes, chunks = await trio.to_thread.run_sync(
-                self.read_range, sealed, first, sealed_chunks_per_request
-            )
-        except OSError as exc:
+            return await trio.to_thread.run_sync(self.read_range, sealed, first)
+        except (OSError, MarketError) as exc:
             self.sealed.pop(sealed.delivery.job_id, None)  # sealed again on the next ask
             raise NetError(f"the sealed outputs are unreadable: {exc}") from exc
-        return SealedRange(first, hashes, chunks)
 
-    def read_range(self, sealed: Sealed, first: int, count: int) -> tuple[bytes, bytes]:
-        """``(plain hashes, chunks)`` of a range, from disk (blocking)."""
-        chunks, hashes = _bundle.read_range(sealed.directory, sealed.output_bytes, first, count)
-        return hashes, chunks
+    def read_range(self, sealed: Sealed, first: int) -> SealedRange:
+        """A range and its proofs, from disk (blocking)."""
+        directory, size = sealed.directory, sealed.output_bytes
+        chunks, hashes = _bundle.read_range(directory, size, first, sealed_chunks_per_request)
+        output_proof, plain_proof = _bundle.range_proofs(directory, size, first)
+        return SealedRange(first, output_proof, plain_proof, hashes, chunks)
 
     async def on_sealed_chunks(self, peer_id: str, data: bytes) -> bytes:
         ask = decode(ChunkRange, data)
@@ -510,7 +513,7 @@ class RequesterExchange:
         size = partial.meta.output_bytes
         missing = partial.missing()
         if missing and missing[0] == 0:
-            self.accept(partial, first, 0)  # it came with the offer
+            await self.accept(partial, first, 0)  # it came with the offer
             _bump(counters, "outputs_ranges_fetched")
             missing.pop(0)
         errors: list[NetError | Mismatch] = []
@@ -522,7 +525,8 @@ class RequesterExchange:
                     answer = await self.ctx.request(
                         peer, PROTOCOL_SEALED_CHUNKS, ledger.encode(ChunkRange(aid, start))
                     )
-                    self.accept(partial, decode(SealedRange, answer, 2 * chunk_bytes_max), start)
+                    part = decode(SealedRange, answer, 2 * chunk_bytes_max)
+                    await self.accept(partial, part, start)
                 except (NetError, Mismatch) as exc:  # the first one ends the fetch
                     errors.append(exc)
                     cancel.cancel()
@@ -545,20 +549,38 @@ class RequesterExchange:
             raise errors[0]
         assert partial.complete() or size == 0, "a fetch ended with ranges missing"
 
-    def accept(self, partial: PartialFetch, part: SealedRange, start: int) -> None:
-        """Write a served range after checking its shape (its bytes are checked against the
-        roots once the whole bundle is there)."""
+    async def accept(self, partial: PartialFetch, part: SealedRange, start: int) -> None:
+        """Write a served range once its shape and its bytes check: through its subtree
+        roots and their proofs, against the delivery's roots (``Mismatch`` if not)."""
         count, nbytes = _bundle.range_bytes(partial.meta.output_bytes, start)
         if part.first != start or len(part.plain_hashes) != 32 * count:
             raise Mismatch(f"the provider served range {part.first}, not {start}, or short")
         if len(part.chunks) != nbytes:
             raise Mismatch(f"range {start} is {len(part.chunks)} bytes, not {nbytes}")
+        if max(len(part.output_proof), len(part.plain_proof)) > ledger.proof_hashes_max:
+            raise Mismatch(f"range {start} comes with an overlong proof")
+        try:
+            await trio.to_thread.run_sync(
+                _bundle.check_range,
+                partial.meta,
+                start,
+                part.chunks,
+                part.plain_hashes,
+                part.output_proof,
+                part.plain_proof,
+            )
+        except ledger.OutputsError as exc:
+            raise Mismatch(f"the sealed outputs do not match the delivery: {exc}") from exc
         partial.write(start, part.chunks, part.plain_hashes)
 
     async def check_fetched(self, partial: PartialFetch) -> None:
-        """The whole fetched bundle against its roots. A resumed one that does not match is
-        fetched again from scratch before it is held against the provider."""
+        """Every range was checked as it arrived; a bundle resumed from disk is checked whole
+        once more (what an earlier run wrote), and if it does not match it is fetched again
+        from scratch before it is held against the provider."""
         meta = partial.meta
+        if not partial.resumed:
+            partial.mark_checked()
+            return
         try:
             await trio.to_thread.run_sync(
                 _bundle.check_sealed_dir,

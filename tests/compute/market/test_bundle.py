@@ -160,3 +160,28 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(
     with pytest.raises(_bundle.DiskFull):
         _bundle.PartialFetch(tmp_path / "req" / "sealed", meta)
     assert not (tmp_path / "req" / "sealed").exists()
+
+
+def test_every_range_checks_on_arrival_with_its_proofs_and_a_tampered_one_does_not(
+    tmp_path: Path,
+) -> None:
+    info, out = _job(tmp_path, FILES)
+    sealed = tmp_path / "job" / "sealed"
+    meta = _bundle.seal_outputs(JOB, KEY, info, out, sealed)
+    ranges = _bundle.ranges_of(meta.output_bytes)
+    assert ranges > 3
+    for r in range(ranges):
+        first = r * _bundle.range_chunks
+        count, _ = _bundle.range_bytes(meta.output_bytes, first)
+        chunks, hashes = _bundle.read_range(sealed, meta.output_bytes, first, count)
+        proofs = _bundle.range_proofs(sealed, meta.output_bytes, first)
+        _bundle.check_range(meta, first, chunks, hashes, *proofs)
+    flipped = bytes([chunks[0] ^ 1]) + chunks[1:]
+    with pytest.raises(ledger.OutputsError, match="output root"):
+        _bundle.check_range(meta, first, flipped, hashes, *proofs)
+    other = _bundle.range_proofs(sealed, meta.output_bytes, 0)
+    with pytest.raises(ledger.OutputsError):
+        _bundle.check_range(meta, first, chunks, hashes, *other)
+    lying = hashes[:-1] + bytes([hashes[-1] ^ 1])
+    with pytest.raises(ledger.OutputsError):
+        _bundle.check_range(meta, first, chunks, lying, *proofs)
