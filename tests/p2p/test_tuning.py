@@ -86,3 +86,46 @@ async def test_full_bucket_counts_a_connected_peer_alive_without_a_ping(
     assert pinged == [], "a connected peer is alive: no ping stream"
     assert await _tuning._ping_unless_connected(bucket, "gone") is False
     assert pinged == ["gone"], "an unconnected peer is still pinged"
+
+
+def test_score_decay_matches_py_libp2p() -> None:
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.score import PeerScorer, ScoreParams
+
+    from p2p._router import _decay_scores
+
+    def populated() -> PeerScorer:
+        scorer = PeerScorer(ScoreParams())
+        for i in range(5):
+            peer = ID(bytes([0, 1, i]))
+            for topic in ("a", "b"):
+                scorer.time_in_mesh[peer][topic] = 3.0 + i
+                scorer.first_message_deliveries[peer][topic] = 7.0 * i
+                scorer.mesh_message_deliveries[peer][topic] = 2.5
+                scorer.invalid_messages[peer][topic] = 1.0 + i
+            scorer.behavior_penalty[peer] = 4.0
+            scorer.app_specific_scores[peer] = -1.0
+            scorer.graft_flood_penalties[peer] = 2.0
+            scorer.iwant_spam_penalties[peer] = 3.0
+            scorer.ihave_spam_penalties[peer] = 5.0
+            scorer.equivocation_penalties[peer] = 6.0
+        return scorer
+
+    tables = (
+        "time_in_mesh",
+        "first_message_deliveries",
+        "mesh_message_deliveries",
+        "invalid_messages",
+        "behavior_penalty",
+        "app_specific_scores",
+        "graft_flood_penalties",
+        "iwant_spam_penalties",
+        "ihave_spam_penalties",
+        "equivocation_penalties",
+    )
+    stock, ours = populated(), populated()
+    for _ in range(3):
+        stock.on_heartbeat()
+        _decay_scores(ours)
+    for name in tables:
+        assert getattr(ours, name) == getattr(stock, name), f"{name} decays differently"
