@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import ledger
-from compute import outputs_digest
+from compute import JobOutcome, outputs_digest
 from compute.market import _bundle
 from compute.market._bundle import DiskFull, PartialFetch, SealedMeta
 from compute.market._protocol import SettleStep, settle_step
@@ -57,6 +57,7 @@ from compute.market.types import (
     log_bytes_max,
     message_bytes_max,
     outputs_inline_bytes_max,
+    text_chars_max,
 )
 from compute.types import JobId as ExecJobId
 from ledger import Cancel, Delivery, DeliveryAck, Receipt, SlashBadKey
@@ -69,6 +70,12 @@ if TYPE_CHECKING:
     from compute.market.types import JobRecord
 
 log = logging.getLogger("gpumesh.compute.market")
+
+STOPPED_OUTCOMES = frozenset(o.value for o in JobOutcome) - {
+    JobOutcome.SUCCEEDED.value,
+    JobOutcome.EXIT_NONZERO.value,
+}
+"""What a bundle's header may say of a run the provider's sandbox stopped at a limit."""
 
 sealed_chunks_per_request = _bundle.range_chunks
 """Ciphertext chunks per ``PROTOCOL_SEALED_CHUNKS`` answer (1 MiB of plaintext: ~1.05 MiB
@@ -197,7 +204,13 @@ class ProviderExchange:
         assert result is not None, "only a job with a result has outputs"
         aid = record.attempt_job_id
         out = self.executor.job_dir(exec_id(aid)) / "work" / "out"
-        info = OutputsInfo(result.files, result.stdout, result.stderr)
+        info = OutputsInfo(
+            result.files,
+            result.stdout,
+            result.stderr,
+            result.outcome,
+            result.reason[:text_chars_max],
+        )
         return _bundle.seal_outputs(aid, key, info, out, self.sealed_dir(aid))
 
     async def seal(self, record: JobRecord) -> Sealed:
@@ -751,9 +764,11 @@ class RequesterExchange:
         # The files are in place: the ciphertext is no longer needed.
         await trio.to_thread.run_sync(_bundle.remove_dir, fetched.directory)
         info = opened
+        stopped = info.outcome in STOPPED_OUTCOMES
+        ran = "succeeded" if receipt.exit_status == 0 else "failed"
         result = RunResult(
-            outcome="succeeded" if receipt.exit_status == 0 else "failed",
-            reason="",
+            outcome=info.outcome if stopped else ran,
+            reason=info.reason[:text_chars_max],
             exit_status=receipt.exit_status,
             wall_ms=receipt.wall_ms,
             outputs_digest=outputs_digest(info.files),
@@ -761,7 +776,12 @@ class RequesterExchange:
             stdout=info.stdout[:log_bytes_max],
             stderr=info.stderr[:log_bytes_max],
         )
-        self.book.update(record, state=JobState.DONE, outputs=info.files, result=result)
+        # A run its provider stopped at a limit is still settled (the time was used), but the
+        # job says why it delivered nothing.
+        error = f"the provider stopped the job ({info.outcome}): {result.reason}" if stopped else ""
+        self.book.update(
+            record, state=JobState.DONE, outputs=info.files, result=result, error=error
+        )
         await trio.to_thread.run_sync(sweep_outputs, outputs_root(self.ctx), self.keep())
 
     async def slash_bad_key(self, record: JobRecord, fetched: Fetched, index: int) -> None:

@@ -285,6 +285,10 @@ class OutputsInfo:
     files: tuple[OutputFile, ...]
     stdout: bytes
     stderr: bytes
+    outcome: str = "succeeded"
+    """The sandbox's verdict on the run (``compute.JobOutcome``): a run stopped at a limit
+    (``output_limit``, ``timed_out``, ...) delivers no files, and this says why."""
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -300,6 +300,28 @@ async def test_cpu_only_job_runs_on_a_cpu_provider(tmp_path: Path) -> None:
             await requester.market.submit(copy_job(b"x"))
 
 
+async def test_outputs_past_the_declared_cap_settle_and_say_why_none_came(
+    tmp_path: Path,
+) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        requester = cluster.requester
+        record = await requester.market.submit(
+            copy_job(
+                b"",
+                argv=("sh", "-c", 'head -c 8192 /dev/zero > "$GPUMESH_OUTPUT_DIR/big.bin"'),
+                inputs=(),
+                outputs_bytes_max=4096,
+            )
+        )
+        record = await cluster.wait_state(requester, record.job_id, {JobState.DONE}, 60)
+        # The run used the provider's time (paid), but its outputs broke the job's own cap:
+        # none are delivered and the job says so instead of looking like a success.
+        assert record.receipt is not None and record.cost > 0, record.to_json()
+        assert "output_limit" in record.error, record.to_json()
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {}, f"outputs {result.outputs}"
+
+
 async def test_provider_refuses_awards_a_requester_cannot_pay_for(tmp_path: Path) -> None:
     async with open_cluster(tmp_path, providers=(("RTX4090:1", 30),)) as cluster:
         provider = cluster.nodes[1]
