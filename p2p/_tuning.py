@@ -30,6 +30,11 @@ Issue 14, per frame (each message copy is one yamux frame in one Noise message):
   then its body), each through a lock and two trio checkpoints. ``TrioTCPStream.read`` now
   reads up to ``tcp_read_chunk_bytes`` at once and serves later reads from what it buffered,
   so a burst of frames costs one system call and no await per frame already received.
+- Yamux read each frame's header and body through ``read_exactly`` (a retry loop) and the
+  body inside a fresh ``fail_after`` scope (plus an environment lookup for its timeout); a
+  frame is one Noise message, so both are nearly always in the session's buffer already:
+  ``_buffered_read_exactly``/``_lean_read_data_body`` take them from it directly, and fall
+  back to the stock reads (timeout included) when they are not all there.
 - ``Yamux._write_frame`` unpacked every outgoing header and formatted a debug line for it
   (the f-string is built even with debug logging off) before taking the connection's write
   lock; it now only takes the lock and writes.
@@ -60,6 +65,7 @@ import libp2p.pubsub.pubsub as pubsub_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import StreamState
+from libp2p.security.secure_session import SecureSession
 
 local_record_ttl_s = 5.0
 remote_record_ttl_s = 60.0
@@ -71,6 +77,8 @@ _original_dht_consume = kad_utils_module.maybe_consume_signed_record
 _original_consume = pubsub_module.maybe_consume_signed_record
 _original_ping_peer = routing_table_module.KBucket._ping_peer
 _original_tcp_read = TrioTCPStream.read
+_original_read_exactly = yamux_module.read_exactly
+_original_read_data_body = yamux_module.Yamux._read_data_body
 _yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
 _installed = False
 _local: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
@@ -179,6 +187,24 @@ async def _buffered_tcp_read(stream: Any, n: int | None = None) -> bytes:
     return chunk[:n]
 
 
+async def _buffered_read_exactly(reader: Any, n: int, *args: Any, **kwargs: Any) -> bytes:
+    # Yamux reads each frame's 12-byte header and then its body from the Noise session; a
+    # frame arrives in one Noise message, so both are usually in the session's buffer
+    # already: take them without the retry loop (and, for bodies, the timeout scope).
+    if type(reader) is SecureSession and reader.high_watermark - reader.low_watermark >= n:
+        return reader._drain(n)
+    data: bytes = await _original_read_exactly(reader, n, *args, **kwargs)
+    return data
+
+
+async def _lean_read_data_body(conn: Any, length: int) -> bytes:
+    reader = conn.secured_conn
+    if type(reader) is SecureSession and reader.high_watermark - reader.low_watermark >= length:
+        return reader._drain(length)
+    data: bytes = await _original_read_data_body(conn, length)
+    return data
+
+
 async def _lean_write_frame(conn: Any, data: bytes) -> None:
     async with conn._write_lock:
         await conn.secured_conn.write(data)
@@ -221,6 +247,8 @@ def apply() -> None:
     routing_table_module.KBucket._ping_peer = _ping_unless_connected
     TrioTCPStream.read = _buffered_tcp_read
     yamux_module.Yamux._write_frame = _lean_write_frame
+    yamux_module.read_exactly = _buffered_read_exactly
+    yamux_module.Yamux._read_data_body = _lean_read_data_body
     _installed = True
     if not any(name.startswith("PY_YAMUX_") for name in os.environ):
         yamux_module.YamuxStream._auto_tune_and_send_window_update = _batched_window_update
