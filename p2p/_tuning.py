@@ -192,7 +192,8 @@ async def _buffered_read_exactly(reader: Any, n: int, *args: Any, **kwargs: Any)
     # frame arrives in one Noise message, so both are usually in the session's buffer
     # already: take them without the retry loop (and, for bodies, the timeout scope).
     if type(reader) is SecureSession and reader.high_watermark - reader.low_watermark >= n:
-        return reader._drain(n)
+        buffered: bytes = reader._drain(n)
+        return buffered
     data: bytes = await _original_read_exactly(reader, n, *args, **kwargs)
     return data
 
@@ -200,7 +201,8 @@ async def _buffered_read_exactly(reader: Any, n: int, *args: Any, **kwargs: Any)
 async def _lean_read_data_body(conn: Any, length: int) -> bytes:
     reader = conn.secured_conn
     if type(reader) is SecureSession and reader.high_watermark - reader.low_watermark >= length:
-        return reader._drain(length)
+        buffered: bytes = reader._drain(length)
+        return buffered
     data: bytes = await _original_read_data_body(conn, length)
     return data
 
