@@ -103,6 +103,7 @@ pubsub_coalesce_bytes_max = 60 * 1024
 """Queued RPCs for one peer are written together up to this (one yamux frame is < 64 KiB)."""
 varint_bytes_max = 10
 connection_slack = 16
+identify_poll_s = 0.05
 banned_peers_max = 1_024
 dial_failure_reasons_max = 32
 accepted_envelopes_max = 256
@@ -647,6 +648,7 @@ class Mesh(MeshAPI):
         state = self._connected.pop(peer, None)
         if state is None:
             return
+        self._dial_wanted.set()
         self._emit(
             PeerEvent(PeerEventKind.DISCONNECTED, PeerId(peer.to_base58()), state.source, _now_ms())
         )
@@ -659,7 +661,17 @@ class Mesh(MeshAPI):
 
     async def _add_to_dht(self, peer: ID) -> None:
         assert self._dht is not None
+        store = self._host.get_peerstore()
         with trio.move_on_after(self.config.dial_timeout_ms / 1000):
+            # The routing table takes a peer only with its addresses in the peerstore. A
+            # peer that dialed us has none until identify has run (it runs after the
+            # connected notification), so add_peer skipped every inbound peer: a node's
+            # table held only the peers it had dialed, and a DHT walk through it could not
+            # learn of the others (a hub with 4 inbound spokes answered with none).
+            while not _has_addrs(store, peer):
+                if peer not in self._connected:
+                    return
+                await trio.sleep(identify_poll_s)
             try:
                 await self._dht.add_peer(peer)
             except (BaseLibp2pError, OSError) as exc:
@@ -703,22 +715,24 @@ class Mesh(MeshAPI):
         in_flight = trio.CapacityLimiter(self.config.dials_in_flight_max)
         while True:
             now = trio.current_time()
+            waiting = False
             if len(self._connected) < self.config.peers_max:
                 for candidate in list(self._candidates.values()):
-                    if in_flight.available_tokens == 0:
-                        break
-                    if (
-                        candidate.dialing
-                        or candidate.peer_id in self._connected
-                        or candidate.next_attempt > now
-                    ):
+                    if candidate.dialing or candidate.peer_id in self._connected:
+                        continue
+                    if candidate.next_attempt > now or in_flight.available_tokens == 0:
+                        waiting = True
                         continue
                     candidate.dialing = True
                     await in_flight.acquire_on_behalf_of(candidate.peer_id)
                     self._nursery.start_soon(self._dial, candidate, in_flight)
-            # A new candidate or a freed dial slot wakes the loop at once; backoffs and
-            # tie-break delays are served by the periodic pass.
-            with trio.move_on_after(self.config.dial_interval_ms / 1000):
+            # A new candidate, a freed dial slot or a lost peer wakes the loop at once; the
+            # periodic pass only serves backoffs and tie-break delays, so a node connected
+            # to all it knows does not scan its table every dial_interval_ms.
+            if waiting:
+                with trio.move_on_after(self.config.dial_interval_ms / 1000):
+                    await self._dial_wanted.wait()
+            else:
                 await self._dial_wanted.wait()
             self._dial_wanted = trio.Event()
 
@@ -799,9 +813,10 @@ class Mesh(MeshAPI):
         # the peerstore, not only the k closest that the lookup returns: take them all, so
         # one walk teaches a node most of a small network instead of one walk per k peers.
         # The candidate table stays bounded (known_peers_max) and dials are paced as ever.
-        learned = dict.fromkeys([*found, *self._dht.routing_table.get_peer_ids()])
-        learned.update(dict.fromkeys(store.peers_with_addrs()))
-        for peer in learned:
+        # Only the lookup's own result decides whether walking again may pay (the walk
+        # schedule's question); the rest of the peerstore is taken without asking.
+        looked_up = set(found) | set(self._dht.routing_table.get_peer_ids())
+        for peer in dict.fromkeys([*looked_up, *store.peers_with_addrs()]):
             if peer in self._candidates or peer == self._id:
                 continue
             try:
@@ -810,7 +825,7 @@ class Mesh(MeshAPI):
                 continue
             if addrs:
                 self._add_candidate(peer, addrs, PeerSource.DHT)
-                new = new or peer in self._candidates
+                new = new or (peer in looked_up and peer in self._candidates)
         return new
 
     def _on_mdns_thread(self, info: Libp2pPeerInfo) -> None:
@@ -1146,6 +1161,13 @@ def _gossip_message(topic: str, envelope: Envelope, data: bytes) -> GossipMessag
 
 def _is_closed(send: trio.MemorySendChannel[Any]) -> bool:
     return send.statistics().open_receive_channels == 0
+
+
+def _has_addrs(store: Any, peer: ID) -> bool:
+    try:
+        return bool(store.addrs(peer))
+    except PeerStoreError:
+        return False
 
 
 def _is_dialable(addr: multiaddr.Multiaddr) -> bool:
