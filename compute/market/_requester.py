@@ -102,6 +102,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from compute.market._context import Context
+    from ledger import Trade
 
 log = logging.getLogger("gpumesh.compute.market")
 
@@ -114,6 +115,9 @@ capacity_rounds_max = 2_000
 driver_passes_max = 10_000
 verify_replicas_max = 5
 agreement_wait_blocks_max = 30
+replica_deliveries_max = 16
+"""A verified job's replica that has had this many checked deliveries (each from a provider
+the group had not used) is not retried again: its record keeps every one as evidence."""
 
 
 class Requester:
@@ -129,17 +133,9 @@ class Requester:
         self.live_logs = RequesterLogs(ctx, self.book)
         self.bidding: set[bytes] = set()
         """Jobs whose bid window is open right now (bids are persisted in their records)."""
-        self.roots: dict[bytes, bytes] = {}
-        """Verified jobs: each replica's delivered plain root (by replica job id)."""
-        self.outvoted: dict[bytes, Delivery] = {}
-        """Replicas whose delivery the majority contradicts (the slash evidence), by job id."""
-        self.deliveries: dict[bytes, Delivery] = {}
-        """Verified jobs: each replica's checked delivery (the evidence if it is outvoted)."""
         self.slashed: set[bytes] = set()
-        for record in self.book.records():
-            if record.delivery is not None:
-                self.deliveries[record.job_id] = record.delivery
-                self.roots[record.job_id] = record.delivery.plain_root
+        """Attempts whose outvoted delivery went to the chain as evidence from here (once
+        each; after a restart the trade's own ``slashed`` flag says so)."""
         self.exchange.ack_gate = self.verify_gate
 
     def handlers(self) -> dict[str, Callable[[str, bytes], Awaitable[bytes]]]:
@@ -300,26 +296,33 @@ class Requester:
         same plain root; never ack one the majority contradicts (it is slash evidence)."""
         if not record.group_id:
             return True
-        self.roots[record.job_id] = delivery.plain_root
-        self.deliveries[record.job_id] = delivery
-        if self.book[record.job_id].delivery != delivery:
-            self.book.update(record, delivery=delivery)
+        self.keep_delivery(record, delivery)
         decision = self.group_decision(record)
         if decision.run_extra:
             self.run_extra(record)
             return False
-        if decision.winner is None:
-            return False
-        if delivery.plain_root != decision.winner:
-            self.outvoted[record.job_id] = delivery
-            return False
-        return True
+        return decision.winner is not None and delivery.plain_root == decision.winner
+
+    def keep_delivery(self, record: JobRecord, delivery: Delivery) -> None:
+        """Persist a checked delivery in its replica's record (before any ack), one per
+        attempt: a retry of the replica adds its own and never drops an earlier attempt's."""
+        current = self.book[record.job_id]
+        if delivery in current.deliveries:
+            return
+        kept = tuple(d for d in current.deliveries if d.job_id != delivery.job_id)
+        self.book.update(current, deliveries=(*kept, delivery))
+
+    @staticmethod
+    def current_delivery(record: JobRecord) -> Delivery | None:
+        """The checked delivery of the record's current attempt, if it delivered."""
+        last = record.deliveries[-1] if record.deliveries else None
+        return last if last is not None and last.job_id == record.attempt_job_id else None
 
     def run_extra(self, record: JobRecord) -> None:
         """The replicas disagree with no majority: one more run of the group."""
         first = next((r for r in self.replicas(record) if r.job_id == record.group_id), None)
-        if first is None:
-            return
+        if first is None or first.cancel_requested or first.state is JobState.CANCELLED:
+            return  # the user cancelled the group
         log.info("job %s: replicas disagree, one more run", record.group_id.hex()[:16])
         self.add_replica(first, record.verify)
 
@@ -338,9 +341,7 @@ class Requester:
             used.update(r.tried)
             if r.counterparty:
                 used.add(r.counterparty)
-            delivery = self.deliveries.get(r.job_id)
-            if delivery is not None:
-                used.add(delivery.signer)
+            used.update(d.signer for d in r.deliveries)
         return used
 
     def group_decision(self, record: JobRecord) -> VerifyDecision:
@@ -349,7 +350,7 @@ class Requester:
         replicas = self.replicas(record)
         extra_used = any(r.request.replica >= record.verify for r in replicas)
         planned = record.verify + (1 if extra_used else 0)
-        all_in = all(r.job_id in self.roots or r.state.terminal for r in replicas)
+        all_in = all(r.deliveries or r.state.terminal for r in replicas)
         voters: set[bytes] = set()
         roots: list[bytes | None] = []
         for r in replicas:
@@ -362,35 +363,59 @@ class Requester:
         return verify_step(planned, roots, all_in, extra_used)
 
     def vote(self, replica: JobRecord) -> tuple[bytes, bytes] | None:
-        """``(provider, plain root)`` a replica delivered: from the checked delivery held in
-        memory, else (after a restart, which loses those) from its settled trade, where the
-        chain keeps the delivery's plain root."""
-        delivery = self.deliveries.get(replica.job_id)
-        if delivery is not None:
+        """``(provider, plain root)`` a replica delivered: its latest attempt's checked
+        delivery (a replica votes once, however many of its attempts delivered), else its
+        settled trade's, where the chain keeps the delivery's plain root."""
+        if replica.deliveries:
+            delivery = replica.deliveries[-1]
             return delivery.signer, delivery.plain_root
         trade = self.ctx.chain.trade(replica.attempt_job_id) if replica.terms else None
         if trade is None or trade.status is not TradeStatus.SETTLED or not trade.plain_root:
             return None
         return trade.terms.provider, trade.plain_root
 
+    def outvoted(self, record: JobRecord) -> tuple[bytes | None, list[Delivery]]:
+        """The majority's plain root of ``record``'s group (None: no majority yet) and every
+        delivery of the group that contradicts it (any replica, any attempt): the evidence."""
+        winner = self.group_decision(record).winner
+        if winner is None:
+            return None, []
+        evidence = [
+            d for r in self.replicas(record) for d in r.deliveries if d.plain_root != winner
+        ]
+        return winner, evidence
+
+    def was_slashed(self, aid: bytes) -> bool:
+        """Whether an attempt's outvoted delivery already went to the chain as evidence."""
+        trade = self.ctx.chain.trade(aid)
+        return aid in self.slashed or (trade is not None and trade.slashed)
+
     async def slash_outvoted(self, record: JobRecord) -> None:
-        """Submit the evidence against an outvoted replica once two replicas of the majority
-        have settled (the chain checks the roots itself)."""
-        delivery = self.outvoted.get(record.job_id)
-        if delivery is None or record.job_id in self.slashed:
+        """Submit the evidence against every outvoted delivery of ``record``'s group, each
+        once, as soon as two replicas of the majority have settled (the chain checks the
+        roots itself). Any replica's driver may do it: the last of the majority to settle
+        finds the evidence of attempts that were retried since, or of finished replicas."""
+        winner, evidence = self.outvoted(record)
+        evidence = [d for d in evidence if not self.was_slashed(d.job_id)]
+        if winner is None or not evidence:
             return
-        winners = []
+        settled: list[Trade] = []
         for other in self.replicas(record):
             trade = self.ctx.chain.trade(other.attempt_job_id) if other.terms else None
-            if (
-                trade is not None
-                and trade.status is TradeStatus.SETTLED
-                and trade.plain_root != delivery.plain_root
-                and trade.terms.provider != delivery.signer
-            ):
-                winners.append(other.attempt_job_id)
-        if len(winners) < 2:
-            return
+            if trade is not None and trade.status is TradeStatus.SETTLED:
+                settled.append(trade)
+        for delivery in evidence:
+            winners = [
+                t.terms.job_id
+                for t in settled
+                if t.plain_root == winner and t.terms.provider != delivery.signer
+            ]
+            if len(winners) >= 2:
+                await self.submit_slash(record, delivery, winners[0], winners[1])
+
+    async def submit_slash(
+        self, record: JobRecord, delivery: Delivery, job_y: bytes, job_z: bytes
+    ) -> None:
         ctx = self.ctx
 
         def build(nonce: int) -> ledger.Transaction:
@@ -399,19 +424,27 @@ class Requester:
                     nonce=nonce,
                     fee=ctx.fee(),
                     delivery=delivery,
-                    job_y=ledger.JobId(winners[0]),
-                    job_z=ledger.JobId(winners[1]),
+                    job_y=ledger.JobId(job_y),
+                    job_z=ledger.JobId(job_z),
                 )
             )
 
-        self.slashed.add(record.job_id)
+        self.slashed.add(delivery.job_id)
         try:
             ok, error = await ctx.submit_and_commit(build, lambda _: None)
         except ChainRejected as exc:
             ok, error = False, str(exc)
         outcome = "its provider was slashed" if ok else f"the slash failed: {error}"
-        log.warning("job %s: replica outvoted; %s", record.job_id.hex()[:16], outcome)
-        self.book.update(record, error=f"outvoted by the other replicas; {outcome}")
+        owner = next(r for r in self.replicas(record) if delivery in r.deliveries)
+        log.warning(
+            "job %s: the delivery of attempt %s was outvoted; %s",
+            owner.job_id.hex()[:16],
+            delivery.job_id.hex()[:16],
+            outcome,
+        )
+        if owner.attempt_job_id == delivery.job_id and not owner.state.terminal:
+            # The replica's current attempt: its record ends output_mismatch with this.
+            self.book.update(owner, error=f"outvoted by the other replicas; {outcome}")
 
     def check_submission(self, sub: JobSubmission, refs: tuple[InputRef, ...]) -> JobManifest:
         """The manifest of ``sub`` whose inputs (already stored) are ``refs``."""
@@ -442,19 +475,19 @@ class Requester:
         return record
 
     async def cancel(self, job_id: bytes) -> JobRecord:
+        """Cancel a job; a verified job's id (its group's) cancels every live replica, each
+        trade paying its provider pro rata as a job run once would."""
         record = self.get(job_id)
-        if record.state.terminal:
-            return record
-        self.book.update(record, error="cancel requested", cancel_requested=True)
-        self.drivers.start(job_id, replace=True)
+        group = self.replicas(record) if record.group_id == job_id else [record]
+        live = {r.job_id for r in group if not r.state.terminal}
+        for key in live:
+            self.book.update(self.book[key], error="cancel requested", cancel_requested=True)
+            self.drivers.start(key, replace=True)
         with trio.move_on_after(self.ctx.config.request_timeout_s * 3):
             receive = self.ctx.events.subscribe()
             async with receive:
-                record = self.get(job_id)
-                while not record.state.terminal:
-                    changed = await receive.receive()
-                    if changed.job_id == job_id and changed.role is Role.REQUESTER:
-                        record = changed
+                while not all(self.book[key].state.terminal for key in live):
+                    await receive.receive()
         return self.get(job_id)
 
     async def result(self, job_id: bytes) -> JobResultView:
@@ -501,6 +534,9 @@ class Requester:
             elif record.state in (JobState.LOCKED, JobState.RUNNING):
                 await self.watch_trade(record)
             elif record.state is JobState.SETTLING:
+                # A settled replica may complete the majority that outvotes another's
+                # delivery (of any attempt, retried or finished since): slash it first.
+                await self.slash_outvoted(record)
                 await self.exchange.collect(record)
         raise AssertionError(f"a requester driver made no progress in {driver_passes_max} passes")
 
@@ -717,22 +753,24 @@ class Requester:
             others_over = all(
                 r.state.terminal for r in self.replicas(record) if r.job_id != record.job_id
             )
-            if record.job_id in self.deliveries and record.job_id not in self.outvoted:
-                # A replica that delivered: the group decides, even after its provider gave
+            mine = self.current_delivery(record)
+            outvoted = False
+            if mine is not None:
+                # This attempt delivered: the group decides, even after its provider gave
                 # the trade up waiting for an ack (then it is not retried while undecided).
                 decision = self.group_decision(record)
                 if decision.run_extra:
                     self.run_extra(record)
                 winner = decision.winner
-                if winner is not None and winner != self.roots[record.job_id]:
-                    self.outvoted[record.job_id] = self.deliveries[record.job_id]
-                elif winner is None and closed and not others_over and not decision.undecided:
+                outvoted = winner is not None and winner != mine.plain_root
+                if winner is None and closed and not others_over and not decision.undecided:
                     await ctx.wait_block()
                     continue
-            if record.job_id in self.outvoted:
+            if outvoted:
+                assert mine is not None
                 # Never retried: the evidence goes in once two of the majority settled.
                 await self.slash_outvoted(record)
-                if closed and (record.job_id in self.slashed or others_over):
+                if closed and (self.was_slashed(mine.job_id) or others_over):
                     why = self.book[record.job_id].error or "outvoted by the other replicas"
                     self.book.finish(record, JobState.OUTPUT_MISMATCH, why)
                     return
@@ -761,6 +799,9 @@ class Requester:
         """The attempt's escrow came back: retry with the next untried bid, time allowing."""
         provider = record.counterparty
         record = self.book.update(record, error=f"provider {provider.hex()[:12]} {what}")
+        if len(record.deliveries) >= replica_deliveries_max:
+            self.book.finish(record, JobState.REFUNDED, f"{record.error} (no more retries)")
+            return
         if retry_after_refund(record.request, self.ctx.clock_ms(), record.bids, record.tried):
             await self.award_next(record, first=False)
             return

@@ -357,9 +357,11 @@ class JobRecord:
     verify: int = 1
     """Requester: how many replicas of the group must run (a majority of them must agree)."""
     stamps: tuple[Stamp, ...] = ()
-    delivery: Delivery | None = None
-    """Requester, verified job: the checked delivery of this replica, kept across a restart
-    (its vote, and the slash evidence if the majority outvotes it)."""
+    deliveries: tuple[Delivery, ...] = ()
+    """Requester, verified job: the checked delivery of each of this replica's attempts that
+    delivered (one per attempt, ``Delivery.job_id`` its attempt job id, in attempt order),
+    kept across retries and restarts: the last is the replica's vote, and every one the
+    majority outvotes is slash evidence."""
 
     def to_json(self) -> dict[str, object]:
         stamps: dict[str, int] = {}

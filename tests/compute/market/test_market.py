@@ -463,3 +463,115 @@ async def test_verify_pays_the_majority_and_slashes_the_outvoted_provider(
         for other in honest:
             trade = cluster.chain.trade(other.attempt_job_id)
             assert trade is not None and trade.status is TradeStatus.SETTLED, f"{trade}"
+
+
+def write_instead(node: Any, text: str) -> None:
+    """Make ``node``'s provider skip the job and deliver ``text`` as its output, honestly
+    sealed (cheap work)."""
+    executor = node.provider.executor
+    honest_run = executor.run
+
+    async def cheap_run(job_id: Any, spec: Any, allocation: Any) -> Any:
+        cheap = ("sh", "-c", f'echo {text} > "$GPUMESH_OUTPUT_DIR/out.txt"')
+        return await honest_run(job_id, dataclasses.replace(spec, argv=cheap), allocation)
+
+    executor.run = cheap_run
+
+
+async def test_verify_slashes_a_cheat_whose_replica_was_retried_on_another_provider(
+    tmp_path: Path,
+) -> None:
+    """A cheat delivers wrong work and gives its trade up at once. Two replicas and the
+    extra run deliver three roots, so its replica is retried on a fourth provider, whose
+    delivery joins the majority: the cheat's delivery, of an earlier attempt of a replica
+    that ends done, is still kept and slashed."""
+    providers = (("RTX4090:2", 10), ("RTX4090:2", 20), ("RTX4090:2", 30), ("RTX4090:2", 40))
+    async with open_cluster(tmp_path, providers=providers) as cluster:
+        requester = cluster.requester
+        cheat, wrong = cluster.nodes[1], cluster.nodes[2]  # the cheapest two: picked first
+        write_instead(cheat, "cheap")
+        write_instead(wrong, "also-wrong")
+
+        def checked(aid: bytes) -> bool:
+            records = requester.market.list(Role.REQUESTER)
+            return any(d.job_id == aid for r in records for d in r.deliveries)
+
+        async def bail_out(record: JobRecord) -> None:
+            # No waiting for the ack: the trade is given up (Cancel, refunded in full) as soon
+            # as the requester holds the signed delivery.
+            await wait_until(lambda: checked(record.attempt_job_id), 30, "the delivery is checked")
+
+        assert cheat.market.provider is not None
+        cheat.market.provider.exchange.wait_ack = bail_out  # type: ignore[assignment,method-assign]
+        argv = ("sh", "-c", 'cat in.txt > "$GPUMESH_OUTPUT_DIR/out.txt"')
+        record = await requester.market.submit(copy_job(b"the answer\n", argv=argv, verify=2))
+
+        def group() -> list[JobRecord]:
+            return [r for r in requester.market.list(Role.REQUESTER) if r.group_id == record.job_id]
+
+        await wait_until(
+            lambda: len(group()) == 3 and all(r.state.terminal for r in group()),
+            120,
+            "every replica of the verified job ends",
+        )
+        replicas = group()
+        states = [
+            (r.state.label, r.error, [d.signer.hex()[:8] for d in r.deliveries]) for r in replicas
+        ]
+        retried = [r for r in replicas if any(d.signer == cheat.key.address for d in r.deliveries)]
+        assert len(retried) == 1, f"the cheat should have delivered one replica: {states}"
+        first, last = retried[0].deliveries[0], retried[0].deliveries[-1]
+        assert first.signer == cheat.key.address and retried[0].attempt > 0, states
+        assert last.signer not in (cheat.key.address, wrong.key.address), states
+        assert retried[0].state is JobState.DONE, f"the retried replica: {states}"
+        result = await requester.market.result(record.job_id)
+        assert result.outputs == {"out.txt": b"the answer\n"}, f"outputs {result.outputs}"
+        for node in (cheat, wrong):
+            account = cluster.chain.account(node.key.address)
+            assert account.slashed == 1 and account.earned == 0, f"{states}\n{account}"
+        honest = [r for r in replicas if r.state is JobState.DONE]
+        assert len(honest) == 2, f"two replicas of the majority settle: {states}"
+        for other in honest:
+            trade = cluster.chain.trade(other.attempt_job_id)
+            assert trade is not None and trade.status is TradeStatus.SETTLED, f"{trade}"
+            assert trade.terms.provider not in (cheat.key.address, wrong.key.address), states
+
+
+async def test_cancelling_a_verified_job_cancels_every_replica(tmp_path: Path) -> None:
+    async with open_cluster(tmp_path) as cluster:
+        requester = cluster.requester
+        submission = copy_job(b"", argv=("sleep", "30"), inputs=(), max_wall_ms=40_000, verify=2)
+        record = await requester.market.submit(submission)
+
+        def group() -> list[JobRecord]:
+            return [r for r in requester.market.list(Role.REQUESTER) if r.group_id == record.job_id]
+
+        await wait_until(
+            lambda: len(group()) == 2 and all(r.state is JobState.RUNNING for r in group()),
+            60,
+            "both replicas run",
+        )
+        cancelled = await requester.market.cancel(record.job_id)
+        assert cancelled.state is JobState.CANCELLED, f"cancel ended {cancelled.to_json()}"
+        replicas = group()
+        states = [(r.state.label, r.error) for r in replicas]
+        assert len(replicas) == 2, f"a cancelled group runs no extra replica: {states}"
+        assert all(r.state is JobState.CANCELLED for r in replicas), states
+        # Each replica's trade is cancelled as a job run once: its provider is paid for the
+        # time it held the job (pro rata) and the rest of the escrow comes back.
+        paid = 0
+        for replica in replicas:
+            trade = cluster.chain.trade(replica.attempt_job_id)
+            assert trade is not None and trade.status is TradeStatus.CANCELLED, f"{trade}"
+            assert 0 < trade.paid < trade.terms.max_cost, f"pro rata pay: {trade}"
+            paid += trade.paid
+            provider = next(n for n in cluster.nodes if n.key.address == trade.terms.provider)
+            side = await cluster.wait_state(
+                provider, replica.attempt_job_id, {JobState.CANCELLED}, 10, role=Role.PROVIDER
+            )
+            assert side.result is None, "a cancelled replica must not have run to completion"
+        account = cluster.chain.account(requester.key.address)
+        fees = account.nonce * cluster.chain.params().fee_min
+        assert (account.balance + paid + fees, account.locked) == (BALANCE, 0), (
+            f"escrow not returned: {account}"
+        )
