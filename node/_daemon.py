@@ -71,9 +71,12 @@ class Node:
             images_dir=home.data_dir / "images",
         )
         self.market_net = MeshNet(self.mesh)
-        self.job_store = market.JobStore(
-            home.data_dir / "jobs", inputs_dir=home.data_dir / "blobs" / "inputs"
-        )
+        try:
+            self.job_store = market.JobStore(
+                home.data_dir / "jobs", inputs_dir=home.data_dir / "blobs" / "inputs"
+            )
+        except market.StoreFormatError as exc:
+            raise ConfigError(str(exc)) from None
         provider = None
         if self.compute.executor is not None:  # provider on and its sandbox works
             provider = market.ProviderSide(

@@ -56,6 +56,7 @@ from compute.market.exceptions import (
     MarketError,
     NetError,
     StoreCorrupt,
+    StoreFormatError,
     UnknownJob,
     Unsatisfiable,
 )
@@ -120,6 +121,7 @@ __all__ = [
     "Requirements",
     "Role",
     "StoreCorrupt",
+    "StoreFormatError",
     "UnknownJob",
     "Unsatisfiable",
     "attempt_job_id",

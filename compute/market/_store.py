@@ -6,6 +6,9 @@ The schema (this module owns every key):
   the attempt's job id (every attempt is a separate trade, hence a separate provider job).
 - ``m`` + job id -> ``JobManifest`` (requester: what providers fetch).
 - ``b`` + sha256 -> blob bytes (verified output files).
+- ``v`` -> the store's format (``store_format``, u32 BE). Records of another format do not
+  decode, so a store of another format (or an unmarked one holding jobs: written before the
+  mark existed) is refused at open with what to do, rather than failing on its first record.
 
 Input files are not in LevelDB: they are blobs (``_blobs.BlobStore``) in ``inputs``, a
 directory beside the database (``<path>-blobs/inputs`` unless given): the requester's copies
@@ -25,7 +28,7 @@ import plyvel
 
 import ledger
 from compute.market._blobs import BlobStore
-from compute.market.exceptions import StoreCorrupt
+from compute.market.exceptions import StoreCorrupt, StoreFormatError
 from compute.market.types import JobManifest, JobRecord, Role, message_bytes_max
 
 if TYPE_CHECKING:
@@ -35,6 +38,10 @@ _JOB = b"j"
 _MANIFEST = b"m"
 _BLOB = b"b"
 _PROVIDER = b"p"
+_FORMAT = b"v"
+store_format = 2
+"""Bumped whenever ``JobRecord`` or ``JobManifest`` change shape (2: inputs as blobs, outputs
+on disk, live logs, images, per-attempt deliveries)."""
 record_bytes_max = 8 * 1024 * 1024
 """A record holds up to two capped logs (1 MiB each) plus bids and metadata."""
 jobs_listed_max = 100_000
@@ -56,11 +63,34 @@ class JobStore:
     ) -> None:
         self.path = os.fspath(path)
         self._db = plyvel.DB(self.path, create_if_missing=True)
+        try:
+            self._check_format()
+        except StoreFormatError:
+            self._db.close()
+            raise
         self.inputs = BlobStore(inputs_dir or f"{self.path}-blobs/inputs")
         self._inputs_in_use: dict[bytes, frozenset[bytes]] = {}
         """Unfinished record key (role byte + key) -> the input roots its manifest names."""
         for record in self.records():
             self._track(record, None)
+
+    def _check_format(self) -> None:
+        found = self._db.get(_FORMAT)
+        if found is None:
+            with self._db.iterator(include_value=False) as keys:
+                holds_jobs = any(key[:1] in (_JOB, _MANIFEST) for key in keys)
+            if not holds_jobs:  # a new (or empty) store: mark it
+                self._write([(_FORMAT, store_format.to_bytes(4, "big"))])
+                return
+            version = 1
+        else:
+            version = int.from_bytes(found, "big")
+        if version != store_format:
+            raise StoreFormatError(
+                f"the job store {self.path} is in format {version}, this gpumesh reads format "
+                f"{store_format}: finish or cancel its jobs with the gpumesh that wrote it, or "
+                "move the directory aside (its jobs' trades settle or refund on chain anyway)"
+            )
 
     def close(self) -> None:
         self._db.close()

@@ -39,3 +39,7 @@ class JobNotReady(MarketError):
 
 class StoreCorrupt(MarketError):
     """Raised when the job store holds bytes that do not decode as its schema says."""
+
+
+class StoreFormatError(StoreCorrupt):
+    """Raised at open when the job store was written in another format than this code reads."""

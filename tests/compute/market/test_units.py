@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import plyvel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,12 +22,14 @@ from compute.market import (
     JobStore,
     Requirements,
     Role,
+    StoreFormatError,
     attempt_job_id,
     explain_unsatisfiable,
     fit_on_node,
     rank_bids,
 )
 from compute.market._protocol import reputation
+from compute.market._store import store_format
 from compute.market.types import InputRef, Stamp
 from compute.testing import make_offer
 from ledger.testing import key_for
@@ -168,6 +171,24 @@ def test_job_store_persists_across_reopen(tmp_path: Path) -> None:
         assert store.manifest(job_id) == manifest and store.blob(ledger.digest(b"abc")) == b"abc"
     finally:
         store.close()
+
+
+def test_a_job_store_of_another_format_is_refused_at_open_saying_what_to_do(
+    tmp_path: Path,
+) -> None:
+    JobStore(tmp_path / "fresh").close()
+    JobStore(tmp_path / "fresh").close()  # a store it marked itself opens again
+    # An unmarked store holding a job: written before the format mark existed.
+    old = plyvel.DB(str(tmp_path / "old"), create_if_missing=True)
+    old.put(b"j\x01" + bytes(32), b"an older record")
+    old.close()
+    with pytest.raises(StoreFormatError, match="format 1, this gpumesh reads format"):
+        JobStore(tmp_path / "old")
+    newer = plyvel.DB(str(tmp_path / "newer"), create_if_missing=True)
+    newer.put(b"v", (store_format + 1).to_bytes(4, "big"))
+    newer.close()
+    with pytest.raises(StoreFormatError, match="move the directory aside"):
+        JobStore(tmp_path / "newer")
 
 
 def test_reputation_score_orders_providers() -> None:
