@@ -9,13 +9,10 @@ input.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +24,11 @@ from node import _testnet
 from node._home import Home
 from node.testing import free_port_block, wait_until
 from rpc import RpcClient
+from tests.e2e import _nodes
+from tests.e2e._nodes import FINAL, cli
 
 pytestmark = pytest.mark.slow
 
-FINAL = {"done", "failed", "cancelled", "refunded", "output_mismatch"}
 MIB = 1024 * 1024
 SIZE_MIB = int(os.environ.get("GPUMESH_BIGDATA_MIB", "1024"))
 RANGE_BYTES = MIB
@@ -40,18 +38,7 @@ SLACK_RANGES = 64 + 4
 
 
 def client(home: Home) -> RpcClient:
-    return RpcClient.from_home(home.root, timeout_s=60.0)
-
-
-def cli(home: Home, *argv: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "node", *argv[:2], "--home", str(home.root), "--json", *argv[2:]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, f"gpumesh {' '.join(argv)} failed: {out.stderr}{out.stdout}"
-    return json.loads(out.stdout) if out.stdout.strip() else None
+    return _nodes.client(home, 60.0)
 
 
 def market_events(home: Home) -> dict[str, int]:

@@ -4,13 +4,11 @@ runs it on the provider, which fetched the image over the mesh (and a second job
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,32 +17,16 @@ from compute import testing
 from node import _testnet
 from node._home import Home
 from node.testing import free_port_block, wait_until
-from rpc import RpcClient
+from tests.e2e._nodes import FINAL, cli, client
 
 pytestmark = pytest.mark.slow
 
 CI = os.environ.get("CI") == "true"
-FINAL = {"done", "failed", "cancelled", "refunded", "output_mismatch"}
 PROBE = (
     "cat /etc/gpumesh-image-marker > /job/out/probe.txt; "
     "for p in /usr/bin /etc/os-release /lib; do test -e $p && echo HOST-VISIBLE $p; done "
     ">> /job/out/probe.txt; echo done >> /job/out/probe.txt"
 )
-
-
-def client(home: Home) -> RpcClient:
-    return RpcClient.from_home(home.root, timeout_s=30.0)
-
-
-def cli(home: Home, *argv: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "node", *argv[:2], "--home", str(home.root), "--json", *argv[2:]],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, f"gpumesh {' '.join(argv)} failed: {out.stderr}{out.stdout}"
-    return json.loads(out.stdout) if out.stdout.strip() else None
 
 
 def run_probe(requester: Home, ref: str, outputs: Path, *, try_rm: bool = False) -> str:

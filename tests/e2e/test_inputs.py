@@ -5,38 +5,16 @@ the job sees them byte-identical in its directory."""
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from node import _testnet
 from node._home import Home
 from node.testing import free_port_block, wait_until
-from rpc import RpcClient
+from tests.e2e._nodes import FINAL, cli, client
 
 pytestmark = pytest.mark.slow
-
-FINAL = {"done", "failed", "cancelled", "refunded", "output_mismatch"}
-
-
-def client(home: Home) -> RpcClient:
-    return RpcClient.from_home(home.root, timeout_s=30.0)
-
-
-def cli(home: Home, *argv: str) -> Any:
-    out = subprocess.run(
-        # The options go before the command's own argv (which follows "--").
-        [sys.executable, "-m", "node", *argv[:2], "--home", str(home.root), "--json", *argv[2:]],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, f"gpumesh {' '.join(argv)} failed: {out.stderr}{out.stdout}"
-    return json.loads(out.stdout) if out.stdout.strip() else None
 
 
 def start_testnet(tmp_path: Path, name: str) -> tuple[Path, list[Home]]:

@@ -18,10 +18,11 @@ from node._home import Home
 from node.commands._common import open_subscription
 from node.testing import free_port_block, wait_until
 from rpc import RpcClient
+from tests.e2e import _nodes
+from tests.e2e._nodes import FINAL
 
 pytestmark = pytest.mark.slow
 
-FINAL = {"done", "failed", "cancelled", "refunded", "output_mismatch"}
 LINES = 20
 SCRIPT = f"for i in $(seq 1 {LINES}); do echo line $i; echo err $i >&2; sleep 0.3; done"
 """A line to each stream every 0.3 s for 6 s: the follower must see the first ones long
@@ -61,7 +62,7 @@ def buyer(testnet: _testnet.TestnetLayout) -> Home:
 
 
 def client(home: Home) -> RpcClient:
-    return RpcClient.from_home(home.root, timeout_s=10.0)
+    return _nodes.client(home, 10.0)
 
 
 def submit(home: Home) -> str:

@@ -15,17 +15,18 @@ from node import _testnet
 from node._home import Home
 from node.testing import free_port_block, wait_until
 from rpc import RpcCallError, RpcClient
+from tests.e2e import _nodes
+from tests.e2e._nodes import FINAL
 
 pytestmark = pytest.mark.slow
 
 FEE_MAX = 10
 """The most one transaction of the market pays in fees on these testnets."""
-FINAL = {"done", "failed", "cancelled", "refunded", "output_mismatch"}
 GPUS = "A100-80GB:2,RTX4090:1"
 
 
 def client(home: Home) -> RpcClient:
-    return RpcClient.from_home(home.root, timeout_s=10.0)
+    return _nodes.client(home, 10.0)
 
 
 def submit(home: Home, argv: list[str], **extra: Any) -> dict[str, Any]:

@@ -47,6 +47,8 @@ from node.testing import free_port_block, wait_until
 from p2p.testing import start_mesh
 from p2p.testing import wait_until as mesh_wait_until
 from rpc import RpcCallError, RpcClient
+from tests.e2e import _nodes
+from tests.e2e._nodes import FINAL
 
 pytestmark = [
     pytest.mark.slow,
@@ -66,7 +68,6 @@ def _collect_libp2p_garbage() -> Iterator[None]:
         gc.collect()
 
 
-FINAL = {"done", "failed", "cancelled", "refunded", "output_mismatch"}
 HOSTILE_NAMES = ("out", "out/x.txt", "../escape.txt", "a/../../b", "/etc/passwd")
 hostile_wait_s = 90
 fee = 1
@@ -74,7 +75,7 @@ fee = 1
 
 
 def client(home: Home) -> RpcClient:
-    return RpcClient.from_home(home.root, timeout_s=10.0)
+    return _nodes.client(home, 10.0)
 
 
 def b64(data: bytes) -> str:
