@@ -42,8 +42,9 @@ class P2PConfig:
     """The longest a node goes without a lookup walk once walks stop finding new peers and
     no new peer connects."""
     dht_walk_fast_interval_ms: int = 1_000
-    """The walk interval while walks find new peers; a dry walk waits for a new peer to
-    connect (at most ``dht_walk_interval_ms``), then this long."""
+    """The walk interval while walks find new peers; after ``n`` dry walks in a row a node
+    waits for a new peer to connect, at most this times ``2**n`` (capped at
+    ``dht_walk_interval_ms``), then this long."""
 
     gossip_degree: int = 4
     gossip_degree_low: int = 3
