@@ -8,10 +8,13 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
+from node import _testnet
+from node._home import Home
+from node.testing import free_port_block, wait_until
 from rpc import RpcClient
 
 if TYPE_CHECKING:
-    from node._home import Home
+    from pathlib import Path
 
 FINAL = frozenset({"done", "failed", "cancelled", "refunded", "output_mismatch"})
 """Job states a job does not leave."""
@@ -32,3 +35,35 @@ def cli(home: Home, *argv: str, timeout_s: float = 300.0) -> Any:
     )
     assert out.returncode == 0, f"gpumesh {' '.join(argv)} failed: {out.stderr}{out.stdout}"
     return json.loads(out.stdout) if out.stdout.strip() else None
+
+
+def start_pair(
+    tmp_path: Path, name: str, *, offer_wait_s: float = 30.0
+) -> tuple[Path, list[Home], _testnet.TestnetLayout]:
+    """A two-node testnet in ``tmp_path / name``: node 0 provides one simulated GPU, node 1
+    only requests, both validate; returned once both list the provider's offer. A testnet
+    that does not get there is taken down before the error goes on (no daemon left behind)."""
+    directory = tmp_path / name
+    layout = _testnet.init_testnet(
+        directory,
+        2,
+        chain_id=f"e2e-{name}",
+        validators=2,
+        providers=1,
+        simulate_gpus="RTX4090:1",
+        base_port=free_port_block(4),
+    )
+    homes = [Home(n.home) for n in layout.nodes]
+    _testnet.up(directory)
+    try:
+        wait_until(
+            lambda: all(
+                sum(1 for o in client(h).call("market_offers") if o["gpus"]) == 1 for h in homes
+            ),
+            timeout_s=offer_wait_s,
+            what="both nodes to list the provider's offer",
+        )
+    except BaseException:
+        _testnet.down(directory)
+        raise
+    return directory, homes, layout

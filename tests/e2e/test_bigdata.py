@@ -22,10 +22,10 @@ import ledger
 from compute.market._bundle import SealedMeta
 from node import _testnet
 from node._home import Home
-from node.testing import free_port_block, wait_until
+from node.testing import wait_until
 from rpc import RpcClient
 from tests.e2e import _nodes
-from tests.e2e._nodes import FINAL, cli
+from tests.e2e._nodes import FINAL, cli, start_pair
 
 pytestmark = pytest.mark.slow
 
@@ -85,27 +85,8 @@ def test_a_gigabyte_in_and_out_resumes_after_the_provider_is_killed_mid_fetch(
 ) -> None:
     big = tmp_path / "in.bin"
     want = write_input(big, SIZE_MIB)
-    directory = tmp_path / "bigdata"
-    layout = _testnet.init_testnet(
-        directory,
-        2,
-        chain_id="e2e-bigdata",
-        validators=2,
-        providers=1,
-        simulate_gpus="RTX4090:1",
-        base_port=free_port_block(4),
-    )
-    provider, requester = (Home(n.home) for n in layout.nodes)
+    directory, (provider, requester), _ = start_pair(tmp_path, "bigdata", offer_wait_s=60)
     try:
-        _testnet.up(directory)
-        wait_until(
-            lambda: all(
-                sum(1 for o in client(h).call("market_offers") if o["gpus"]) == 1
-                for h in (provider, requester)
-            ),
-            timeout_s=60,
-            what="both nodes to list the provider's offer",
-        )
         job = cli(
             requester,
             "job",

@@ -10,35 +10,10 @@ from pathlib import Path
 import pytest
 
 from node import _testnet
-from node._home import Home
-from node.testing import free_port_block, wait_until
-from tests.e2e._nodes import FINAL, cli, client
+from node.testing import wait_until
+from tests.e2e._nodes import FINAL, cli, client, start_pair
 
 pytestmark = pytest.mark.slow
-
-
-def start_testnet(tmp_path: Path, name: str) -> tuple[Path, list[Home]]:
-    """Node 0 provides one simulated GPU; node 1 only requests; both validate."""
-    directory = tmp_path / name
-    layout = _testnet.init_testnet(
-        directory,
-        2,
-        chain_id=f"e2e-{name}",
-        validators=2,
-        providers=1,
-        simulate_gpus="RTX4090:1",
-        base_port=free_port_block(4),
-    )
-    homes = [Home(n.home) for n in layout.nodes]
-    _testnet.up(directory)
-    wait_until(
-        lambda: all(
-            sum(1 for o in client(h).call("market_offers") if o["gpus"]) == 1 for h in homes
-        ),
-        timeout_s=30,
-        what="both nodes to list the provider's offer",
-    )
-    return directory, homes
 
 
 def test_a_2mb_file_and_a_directory_go_in_byte_identical(tmp_path: Path) -> None:
@@ -55,7 +30,7 @@ def test_a_2mb_file_and_a_directory_go_in_byte_identical(tmp_path: Path) -> None
         "data/sub/b.bin": data / "sub" / "b.bin",
         "data/empty": data / "empty",
     }
-    directory, (provider, requester) = start_testnet(tmp_path, "inputs")
+    directory, (provider, requester), _ = start_pair(tmp_path, "inputs")
     try:
         job = cli(
             requester,

@@ -43,12 +43,12 @@ from ledger import Account, ChainParams, Receipt, Trade, Transaction
 from node import _testnet
 from node._home import Home
 from node._market import MeshNet
-from node.testing import free_port_block, wait_until
+from node.testing import wait_until
 from p2p.testing import start_mesh
 from p2p.testing import wait_until as mesh_wait_until
 from rpc import RpcCallError, RpcClient
 from tests.e2e import _nodes
-from tests.e2e._nodes import FINAL
+from tests.e2e._nodes import FINAL, start_pair
 
 pytestmark = [
     pytest.mark.slow,
@@ -102,30 +102,6 @@ def final_status(home: Home, job_id: str, timeout_s: float) -> dict[str, Any]:
 
     result: dict[str, Any] = wait_until(final, timeout_s=timeout_s, what=f"job {job_id[:8]} ends")
     return result
-
-
-def start_testnet(tmp_path: Path, name: str) -> tuple[Path, list[Home], _testnet.TestnetLayout]:
-    """Node 0 provides one simulated GPU; node 1 only requests; both validate."""
-    directory = tmp_path / name
-    layout = _testnet.init_testnet(
-        directory,
-        2,
-        chain_id=f"e2e-{name}",
-        validators=2,
-        providers=1,
-        simulate_gpus="RTX4090:1",
-        base_port=free_port_block(4),
-    )
-    homes = [Home(n.home) for n in layout.nodes]
-    _testnet.up(directory)
-    wait_until(
-        lambda: all(
-            sum(1 for o in client(h).call("market_offers") if o["gpus"]) == 1 for h in homes
-        ),
-        timeout_s=30,
-        what="both nodes to list the provider's offer",
-    )
-    return directory, homes, layout
 
 
 def from_json(cls: Any, data: Any) -> Any:
@@ -321,7 +297,7 @@ async def hostile_requester(
 def test_hostile_input_names_fail_with_a_reason_and_the_provider_keeps_serving(
     tmp_path: Path,
 ) -> None:
-    directory, homes, layout = start_testnet(tmp_path, "hostile")
+    directory, homes, layout = start_pair(tmp_path, "hostile")
     provider, requester = homes
     try:
         provider_pid = _testnet.read_pid(provider)
@@ -424,7 +400,7 @@ async def feed_offers(mesh: p2p.Mesh, directory: OfferDirectory) -> None:
 
 
 def test_fetch_then_cancel_gets_no_usable_outputs_and_pays_pro_rata(tmp_path: Path) -> None:
-    directory, homes, layout = start_testnet(tmp_path, "grab")
+    directory, homes, layout = start_pair(tmp_path, "grab")
     provider, requester = homes
     provider_address = layout.nodes[0].address
     try:
