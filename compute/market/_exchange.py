@@ -50,7 +50,6 @@ from compute.market._wire import (
 from compute.market.exceptions import ChainRejected, MarketError, NetError
 from compute.market.types import (
     JobState,
-    LogsInfo,
     OutputsInfo,
     RunResult,
     chunk_bytes_max,
@@ -298,11 +297,6 @@ class ProviderExchange:
         self.acks[aid] = ack
         self._acked.setdefault(aid, trio.Event()).set()
         return b""
-
-    async def on_logs(self, peer_id: str, data: bytes) -> bytes:
-        record = self.job_for_peer(data, peer_id)
-        # The logs are part of the sealed outputs: the requester reads them once it paid.
-        return ledger.encode(LogsInfo(record.state.label, b"", b""))
 
     async def notify_delivered(self, record: JobRecord) -> None:
         try:

@@ -51,7 +51,6 @@ from compute.market._wire import (
     PROTOCOL_CANCEL,
     PROTOCOL_DELIVERY_ACK,
     PROTOCOL_LOG_TAIL,
-    PROTOCOL_LOGS,
     PROTOCOL_SEALED,
     PROTOCOL_SEALED_CHUNKS,
     PROTOCOL_STATUS,
@@ -160,7 +159,6 @@ class Provider:
             PROTOCOL_SEALED: self.exchange.on_sealed,
             PROTOCOL_SEALED_CHUNKS: self.exchange.on_sealed_chunks,
             PROTOCOL_DELIVERY_ACK: self.exchange.on_ack,
-            PROTOCOL_LOGS: self.exchange.on_logs,
             PROTOCOL_LOG_TAIL: self.logs.on_log_tail,
             PROTOCOL_CANCEL: self.on_cancel,
         }

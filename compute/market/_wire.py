@@ -30,6 +30,9 @@ PROTOCOL_INPUT_INDEX = "/gpumesh/market/input-index/1"
 PROTOCOL_OUTPUTS = "/gpumesh/market/outputs/1"
 PROTOCOL_OUTPUT = "/gpumesh/market/output/1"
 PROTOCOL_LOGS = "/gpumesh/market/logs/1"
+"""Retired: plaintext outputs and logs were once served on these three; nothing serves them now
+(outputs travel sealed, live logs on ``PROTOCOL_LOG_TAIL``). Tests and the simulation's
+output grabber still ask them, to show that nothing answers before payment."""
 PROTOCOL_CANCEL = "/gpumesh/market/cancel/1"
 PROTOCOL_STATUS = "/gpumesh/market/status/1"
 PROTOCOL_SEALED = "/gpumesh/market/sealed/2"

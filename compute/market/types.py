@@ -292,13 +292,6 @@ class OutputsInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class LogsInfo:
-    state: str
-    stdout: bytes
-    stderr: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class RunResult:
     """What a provider measured, kept with the job so a restart can resubmit the receipt."""
 
