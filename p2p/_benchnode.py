@@ -54,6 +54,8 @@ class _State:
     rate: float
     size: int
     print_recv: bool
+    phase: float = 0.0
+    profile_window: bool = True
     sent: int = 0
     received: dict[int, int] = dataclasses.field(default_factory=dict)
     latencies_ms: list[float] = dataclasses.field(default_factory=list)
@@ -76,25 +78,32 @@ async def _receive(mesh: Mesh, state: _State, channel: trio.MemoryReceiveChannel
 async def _publish(mesh: Mesh, state: _State, duration_s: float) -> None:
     interval = 1.0 / state.rate
     deadline = trio.current_time() + duration_s if duration_s > 0 else float("inf")
-    next_at = trio.current_time()
+    # Each node's first message waits its phase of the interval, so N nodes publishing at
+    # rate/N each make one evenly spaced stream of messages network-wide, not a burst of N
+    # messages at once every N/rate seconds (all nodes get "start" within milliseconds).
+    next_at = trio.current_time() + state.phase * interval
     seq = 0
     pid = os.getpid()
-    while trio.current_time() < deadline:
+    while next_at < deadline:
+        await trio.sleep_until(next_at)
         header = [state.index, pid, seq, time.time_ns(), state.measuring]
         padding = b"\0" * max(0, state.size - 40)
         await mesh.publish(purpose, "bench", msgpack.packb([*header, padding]))
         state.sent += 1
         seq += 1
         next_at += interval
-        await trio.sleep_until(next_at)
+    await trio.sleep_until(deadline)
     state.publish_done.set()
 
 
-async def _watch_peers(mesh: Mesh, started: float) -> None:
+async def _watch_peers(mesh: Mesh, started: float, full: int | None) -> None:
     last = -1
     events = mesh.peer_events()
     while True:
         count = mesh.peer_count()
+        if full is not None and count >= full and _profiler is not None:
+            _profiler.disable()  # --profile-connect: from start-up until connected to all
+            full = None
         if count != last:
             by_source = mesh.statistics()["peers_by_source"]
             _emit("peers", count=count, by_source=by_source, t=round(time.monotonic() - started, 3))
@@ -127,7 +136,7 @@ async def _commands(nursery: trio.Nursery, mesh: Mesh, state: _State, linger_s: 
 async def _measure(
     nursery: trio.Nursery, mesh: Mesh, state: _State, duration_s: float, linger_s: float
 ) -> None:
-    if _profiler is not None:
+    if _profiler is not None and state.profile_window:
         _profiler.enable()  # the measured window only, not start-up and connecting
     cpu0, t0 = _cpu_s(), time.monotonic()
     state.measuring = True
@@ -135,7 +144,7 @@ async def _measure(
     state.measuring = False
     await trio.sleep(linger_s)
     elapsed = time.monotonic() - t0
-    if _profiler is not None:
+    if _profiler is not None and state.profile_window:
         _profiler.disable()
     _emit(
         "result",
@@ -153,12 +162,15 @@ async def _measure(
         topic_peers=len(mesh._pubsub.peer_topics.get(mesh.topic(purpose), ())),
         dropped=sum(t["dropped_queue_full"] for t in mesh.statistics()["topics"].values()),
         counters={
-            key: mesh.statistics()[key]
+            key: mesh.statistics().get(key, 0)  # .get: the harness also runs older trees
             for key in (
                 "dial_attempts",
                 "dial_failures",
                 "refused_peers_max",
                 "dht_walks",
+                "dht_probes",
+                "records_published",
+                "records_received",
                 "connections_opened",
                 "connections_closed",
                 "streams_opened",
@@ -181,6 +193,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-dht", action="store_true")
     parser.add_argument("--rate", type=float, default=1.0, help="messages/s this node sends")
     parser.add_argument("--size", type=int, default=256, help="payload bytes")
+    parser.add_argument(
+        "--phase", type=float, default=0.0, help="first publish after this part of the interval"
+    )
     parser.add_argument("--autostart", type=float, default=None, help="publish for N s (0=ever)")
     parser.add_argument("--linger", type=float, default=5.0)
     parser.add_argument("--print-recv", action="store_true")
@@ -192,6 +207,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-caches", action="store_true", help="leave libp2p hot paths as is")
     parser.add_argument("--dial-backoff-ms", type=int, nargs=2, default=[250, 5_000])
     parser.add_argument("--profile", default=None, help="write cProfile stats here at exit")
+    parser.add_argument(
+        "--profile-connect",
+        type=int,
+        default=None,
+        metavar="PEERS",
+        help="profile from start-up until connected to PEERS peers, not the measured window",
+    )
     return parser.parse_args(argv)
 
 
@@ -219,13 +241,16 @@ async def _main(args: argparse.Namespace) -> None:
         backoff_max_ms=args.dial_backoff_ms[1],
     )
     mesh = Mesh(bytes.fromhex(args.seed_hex), args.chain, config)
-    state = _State(args.index, args.rate, args.size, args.print_recv)
+    state = _State(args.index, args.rate, args.size, args.print_recv, args.phase)
+    state.profile_window = args.profile_connect is None
+    if _profiler is not None and args.profile_connect is not None:
+        _profiler.enable()
     channel = mesh.subscribe(purpose)
     async with trio.open_nursery() as nursery:
         await nursery.start(mesh.run)
         _emit("ready", peer_id=mesh.peer_id, addrs=mesh.listen_addrs(), pid=os.getpid())
         nursery.start_soon(_receive, mesh, state, channel)
-        nursery.start_soon(_watch_peers, mesh, started)
+        nursery.start_soon(_watch_peers, mesh, started, args.profile_connect)
         nursery.start_soon(_commands, nursery, mesh, state, args.linger)
         if args.autostart == 0:
             nursery.start_soon(_publish, mesh, state, 0.0)
