@@ -57,6 +57,7 @@ from p2p._envelope import (
 )
 from p2p._identity import key_pair_from_seed, peer_id_bytes_of, peer_id_of, private_key_from_seed
 from p2p._limits import BanScores, TokenBucket, reason_weights
+from p2p._records import PEERS_PURPOSE, RECORD_TYPE_TAG, decode_record, encode_record
 from p2p._reqresp import Handler, RequestResponse
 from p2p._router import StrictNoSignGossipSub
 from p2p._stats import Rejections, TopicCounters, rejected_peers_tracked_max
@@ -104,6 +105,9 @@ pubsub_coalesce_bytes_max = 60 * 1024
 varint_bytes_max = 10
 connection_slack = 16
 identify_poll_s = 0.05
+identify_poll_max_s = 0.8
+record_topic_poll_s = 0.1
+dht_probe_peers = 3
 banned_peers_max = 1_024
 dial_failure_reasons_max = 32
 accepted_envelopes_max = 256
@@ -486,6 +490,7 @@ class Mesh(MeshAPI):
             "refused_peers_max": 0,
             "peer_events_dropped": 0,
             "dht_walks": 0,
+            "dht_probes": 0,
             "dht_walk_failures": 0,
             "mdns_discovered": 0,
             "peers_banned": 0,
@@ -493,7 +498,20 @@ class Mesh(MeshAPI):
             "connections_closed": 0,
             "streams_opened": 0,
             "peers_joined": 0,
+            "records_published": 0,
+            "records_received": 0,
         }
+        self._records: trio.MemoryReceiveChannel[GossipMessage] | None = None
+        self._record_published_ms: int | None = None
+        if config.peer_records:
+            self._records = self.subscribe(
+                PEERS_PURPOSE,
+                self._validate_record,
+                peer_rate_per_s=config.peer_record_rate_per_s,
+                peer_burst=config.peer_record_burst,
+            )
+            if isinstance(self._gossipsub, StrictNoSignGossipSub):
+                self._gossipsub.flood_topics.add(self.topic(PEERS_PURPOSE))
         for addr in config.bootstrap:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             if info.peer_id != self._id:
@@ -521,6 +539,9 @@ class Mesh(MeshAPI):
                     if self._dht is not None:
                         nursery.start_soon(self._dht_walk_loop)
                     self._running = True
+                    if self._records is not None:
+                        nursery.start_soon(self._publish_records)
+                        nursery.start_soon(self._take_records, self._records)
                     task_status.started()
                     try:
                         await trio.sleep_forever()
@@ -668,10 +689,15 @@ class Mesh(MeshAPI):
             # connected notification), so add_peer skipped every inbound peer: a node's
             # table held only the peers it had dialed, and a DHT walk through it could not
             # learn of the others (a hub with 4 inbound spokes answered with none).
+            # Polled from 50 ms, doubling: identify takes a second or more on a busy CPU,
+            # and a 50 ms poll for each of 33 peers at start-up was 4% of the CPU of
+            # forming a 34-node mesh (26,000 wake-ups).
+            poll_s = identify_poll_s
             while not _has_addrs(store, peer):
                 if peer not in self._connected:
                     return
-                await trio.sleep(identify_poll_s)
+                await trio.sleep(poll_s)
+                poll_s = min(2 * poll_s, identify_poll_max_s)
             try:
                 await self._dht.add_peer(peer)
             except (BaseLibp2pError, OSError) as exc:
@@ -680,13 +706,23 @@ class Mesh(MeshAPI):
     # ---- discovery and dialing -------------------------------------------------------------
 
     def _add_candidate(
-        self, peer: ID, addrs: list[multiaddr.Multiaddr], source: PeerSource
+        self,
+        peer: ID,
+        addrs: list[multiaddr.Multiaddr],
+        source: PeerSource,
+        *,
+        dial_after_ms: int | None = None,
     ) -> None:
         if peer == self._id or not addrs or peer in self._banned:
             return
         existing = self._candidates.get(peer)
         if existing is not None:
             existing.addrs = list(addrs)
+            if dial_after_ms == 0 and existing.failures == 0 and not existing.dialing:
+                # A record says it is ours to dial: cut a tie-break wait short (not a backoff).
+                with contextlib.suppress(RuntimeError):
+                    existing.next_attempt = min(existing.next_attempt, trio.current_time())
+                self._dial_wanted.set()
             return
         if len(self._candidates) >= self.config.known_peers_max:
             evictable = [
@@ -699,7 +735,11 @@ class Mesh(MeshAPI):
             worst = max(evictable, key=lambda c: c.failures)
             del self._candidates[worst.peer_id]
         candidate = _Candidate(peer, list(addrs), source, permanent=False)
-        if self.config.dial_tiebreak_ms > 0 and self._id.to_bytes() > peer.to_bytes():
+        if dial_after_ms is not None:
+            # The caller decided who dials (peer records); 0 is at once.
+            with contextlib.suppress(RuntimeError):
+                candidate.next_attempt = trio.current_time() + dial_after_ms / 1000
+        elif self.config.dial_tiebreak_ms > 0 and self._id.to_bytes() > peer.to_bytes():
             # Peers that find each other through the DHT or mDNS learn of each other at
             # about the same time; both dialing makes two connections, each a full Noise
             # handshake, identify and pubsub hello on both sides, and one is thrown away.
@@ -774,7 +814,12 @@ class Mesh(MeshAPI):
 
     async def _dht_walk_loop(self) -> None:
         # Walks are expensive for everyone (each opens a FIND_NODE stream to ~k peers, and
-        # each of them serves it) and delay gossip while they run. So: walk every
+        # each of them serves it) and delay gossip while they run.
+        assert self._dht is not None
+        if self.config.peer_records:
+            await self._backup_walks()
+            return
+        # Without peer records, walks are how a node learns of the network: walk every
         # dht_walk_fast_interval_ms while walks find new peers; after a dry walk, wait
         # until a new peer connects (its routing table may know peers we do not), at most
         # dht_walk_interval_ms. A newcomer walks and dials on its own, so a fully connected
@@ -786,7 +831,6 @@ class Mesh(MeshAPI):
         # node that missed a few peers at start (every walk it made came back before they
         # were up) must not wait the whole cap to find them (seen at 34 nodes: 146 s to a
         # full mesh instead of 25 s).
-        assert self._dht is not None
         dry = 0
         while True:
             while not self._connected:
@@ -805,17 +849,58 @@ class Mesh(MeshAPI):
                         await self._peers_changed.wait()
             await trio.sleep(self.config.dht_walk_fast_interval_ms / 1000)
 
-    async def _dht_walk(self) -> bool:
-        """One lookup; feeds unknown peers to the dial loop. True if any was new."""
+    async def _backup_walks(self) -> None:
+        # With peer records every node of the topic announces itself, and the peers that
+        # receive a record dial it: walks only catch what records missed (a record lost
+        # while the gossip mesh was forming, peers of a partition that healed). So the
+        # first walk waits dht_walk_first_ms after the first connection, a walk that found
+        # someone new is followed by another soon (records did miss something), and dry
+        # walks back off from dht_walk_interval_ms to dht_walk_interval_max_ms. A new peer
+        # connecting no longer starts a walk: its record did the announcing.
         assert self._dht is not None
-        self._counters["dht_walks"] += 1
+        while not self._connected:
+            await self._peers_changed.wait()
+        await trio.sleep(self.config.dht_walk_first_ms / 1000)
+        dry = 0
+        found_before = False
+        cap_ms = max(self.config.dht_walk_interval_ms, self.config.dht_walk_interval_max_ms)
+        while True:
+            while not self._connected:
+                await self._peers_changed.wait()
+            # A probe (a few FIND_NODE queries to connected peers) rather than a lookup (~k
+            # queries): it only has to notice that someone is missing; if it does, full
+            # lookups follow until they find nothing new.
+            if await self._dht_walk(probe=dry > 0 or not found_before):
+                found_before = True
+                dry = 0
+                await trio.sleep(self.config.dht_walk_fast_interval_ms / 1000)
+                continue
+            found_before = False
+            wait_ms = min(self.config.dht_walk_interval_ms * 2**dry, cap_ms)
+            dry = min(dry + 1, 16)
+            await trio.sleep(wait_ms / 1000)
+
+    async def _dht_walk(self, *, probe: bool = False) -> bool:
+        """One lookup (or with ``probe``, one FIND_NODE to each of ``dht_probe_peers``
+        random connected peers); feeds unknown peers to the dial loop. True if any was new."""
+        assert self._dht is not None
+        self._counters["dht_probes" if probe else "dht_walks"] += 1
         # Alternate our own id (fills our neighbourhood) with random keys (the far buckets),
         # as Kademlia's bucket refresh does.
         key = self._id.to_bytes() if self._counters["dht_walks"] % 2 else os.urandom(32)
         found: list[ID] = []
+        routing = self._dht.peer_routing
         with trio.move_on_after(self.config.dial_timeout_ms / 1000):
             try:
-                found = await self._dht.peer_routing.find_closest_peers_network(key)
+                if probe:
+                    asked = list(self._connected)
+                    random.shuffle(asked)
+                    for peer in asked[:dht_probe_peers]:
+                        # py-libp2p's per-peer query (the lookup's own step): the answer's
+                        # peers and addresses go to the peerstore as in a lookup.
+                        found += await routing._query_peer_for_closest(peer, os.urandom(32))
+                else:
+                    found = await routing.find_closest_peers_network(key)
             except (BaseLibp2pError, OSError) as exc:
                 self._counters["dht_walk_failures"] += 1
                 logger.debug("DHT walk failed: %s", exc)
@@ -839,6 +924,65 @@ class Mesh(MeshAPI):
                 self._add_candidate(peer, addrs, PeerSource.DHT)
                 new = new or (peer in looked_up and peer in self._candidates)
         return new
+
+    # ---- peer records (p2p/_records.py) ------------------------------------------------------
+
+    def _validate_record(self, message: GossipMessage) -> Verdict:
+        if message.type_tag != RECORD_TYPE_TAG:
+            return Verdict.REJECT
+        try:
+            decode_record(message.payload)
+        except EnvelopeError:
+            return Verdict.REJECT
+        return Verdict.ACCEPT
+
+    async def _publish_records(self) -> None:
+        """Our record once a first peer shares the topic, then every interval."""
+        topic = self.topic(PEERS_PURPOSE)
+        addrs = [str(a) for a in self._host.get_addrs()]
+        record = encode_record([a.rsplit("/p2p/", 1)[0] for a in addrs])
+        while True:
+            while not self._pubsub.peer_topics.get(topic):
+                # The peers' hello (their subscriptions) follows the connection; wake on
+                # peer changes, and poll briefly since the hello has no event of its own.
+                with trio.move_on_after(record_topic_poll_s):
+                    await self._peers_changed.wait()
+            self._record_published_ms = _now_ms()
+            await self.publish(PEERS_PURPOSE, RECORD_TYPE_TAG, record)
+            self._counters["records_published"] += 1
+            if self._counters["records_published"] == 1:
+                # The first went out while the gossip meshes around us were still forming
+                # (forwarders with no mesh peers yet pass it on only by IHAVE): at 34 nodes
+                # starting together a quarter of the first records never arrived, and each
+                # node that missed some found them with lookups. Once more, soon.
+                await trio.sleep(self.config.peer_record_repeat_ms / 1000)
+                continue
+            await trio.sleep(self.config.peer_record_interval_ms / 1000)
+
+    async def _take_records(self, records: trio.MemoryReceiveChannel[GossipMessage]) -> None:
+        async for message in records:
+            self._counters["records_received"] += 1
+            peer = ID(peer_id_bytes_of(message.sender_public_key))
+            # Who dials: the pair's older record, a rule both ends evaluate alike. A peer
+            # whose record is newer than our latest joined after we announced, so it may
+            # not know of us: we dial it at once. A peer whose record is older will have
+            # ours (or has it coming) and dials us: we give it peer_record_tiebreak_ms, long
+            # enough for a handshake on a starved CPU, before we dial it ourselves. (Both
+            # dialing makes two connections and closes one: at 34 nodes with the lower id
+            # dialing and 1.5 s for the higher, duplicates were a third of all connections.)
+            # Before our first record we only wait: everyone dials a newcomer.
+            ours = self._record_published_ms
+            dial_now = ours is not None and (ours, self._id.to_bytes()) < (
+                message.timestamp_ms,
+                peer.to_bytes(),
+            )
+            self._add_candidate(
+                peer,
+                # Validated already; decoding again is cheaper than holding the result.
+                decode_record(message.payload),
+                PeerSource.GOSSIP,
+                dial_after_ms=0 if dial_now else self.config.peer_record_tiebreak_ms,
+            )
 
     def _on_mdns_thread(self, info: Libp2pPeerInfo) -> None:
         # Runs on zeroconf's thread: hand the peer to trio and let the dial loop connect.

@@ -140,6 +140,10 @@ class StrictNoSignGossipSub(GossipSub):  # type: ignore[misc]  # libp2p is Any t
         self._origin_of = origin_of
         self._degree_lazy = degree_lazy
         self._fast_publish = fast_publish
+        self.flood_topics: set[str] = set()
+        """Topics whose messages we originate go to every peer of the topic, not only the
+        mesh (gossipsub v1.1's flood publishing, for our own messages on these topics): a
+        peer record must reach the peers of a newcomer whose mesh has not formed yet."""
         self.mcache = ContentAddressedMessageCache(
             kwargs["gossip_window"], kwargs["gossip_history"], id_of
         )
@@ -182,6 +186,8 @@ class StrictNoSignGossipSub(GossipSub):  # type: ignore[misc]  # libp2p is Any t
                     )
                 )
             send_to.update(self.direct_peers)
+            if topic in self.flood_topics and forwarder == pubsub.my_id:
+                mesh = pubsub.peer_topics[topic]
             if scorer is None:
                 send_to.update(mesh)
             else:

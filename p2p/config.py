@@ -41,6 +41,26 @@ class P2PConfig:
     dht_walk_interval_ms: int = 60_000
     """The longest a node goes without a lookup walk once walks stop finding new peers and
     no new peer connects."""
+    dht_walk_first_ms: int = 10_000
+    """With ``peer_records``: the first walk, this long after the first peer connects."""
+    dht_walk_interval_max_ms: int = 600_000
+    """With ``peer_records``: dry walks back off from ``dht_walk_interval_ms`` to this (or to
+    ``dht_walk_interval_ms`` when that is longer)."""
+    peer_records: bool = True
+    """Publish our listen addresses on the chain's ``peers`` topic and dial the peers whose
+    records arrive (``p2p/_records.py``). Walks then only back records up: without them a
+    node walks whenever a new peer connects, and at 34 nodes the walks were two thirds of
+    the CPU of forming the full mesh (docs/p2p.md)."""
+    peer_record_tiebreak_ms: int = 15_000
+    """The ``dial_tiebreak_ms`` of a peer learned from its record, when it must have had ours
+    (a peer whose record is newer than our last one has not seen ours: we dial it at once)."""
+    peer_record_repeat_ms: int = 5_000
+    """The second record follows the first this soon (the first meets unformed meshes)."""
+    peer_record_interval_ms: int = 300_000
+    """How often a node publishes its record again after the first, at its first peer."""
+    peer_record_rate_per_s: float = 10.0
+    peer_record_burst: int = 512
+    """One peer may forward this many records at once (a whole network starting together)."""
     dht_walk_fast_interval_ms: int = 1_000
     """The walk interval while walks find new peers; after ``n`` dry walks in a row a node
     waits for a new peer to connect, at most this times ``2**n`` (capped at
@@ -112,6 +132,12 @@ class P2PConfig:
         need(self.known_peers_max >= self.peers_max, "known_peers_max", "must be >= peers_max")
         need(self.dials_in_flight_max >= 1, "dials_in_flight_max", "must be >= 1")
         need(self.dial_tiebreak_ms >= 0, "dial_tiebreak_ms", "must be >= 0")
+        need(self.dht_walk_first_ms >= 0, "dht_walk_first_ms", "must be >= 0")
+        need(self.peer_record_tiebreak_ms >= 0, "peer_record_tiebreak_ms", "must be >= 0")
+        need(self.peer_record_repeat_ms >= 0, "peer_record_repeat_ms", "must be >= 0")
+        need(self.peer_record_interval_ms >= 1_000, "peer_record_interval_ms", "must be >= 1 s")
+        need(self.peer_record_rate_per_s > 0, "peer_record_rate_per_s", "must be > 0")
+        need(self.peer_record_burst >= 1, "peer_record_burst", "must be >= 1")
         need(
             0 < self.backoff_initial_ms <= self.backoff_max_ms,
             "backoff_initial_ms",
@@ -164,6 +190,9 @@ class P2PConfig:
             "backoff_max_ms": 2_000,
             "dht_walk_interval_ms": 5_000,
             "dht_walk_fast_interval_ms": 300,
+            "dht_walk_first_ms": 1_000,
+            "peer_record_tiebreak_ms": 1_000,
+            "dht_walk_interval_max_ms": 20_000,
             "gossip_heartbeat_ms": 200,
             "request_timeout_s_default": 5.0,
         }

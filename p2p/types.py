@@ -16,6 +16,8 @@ class PeerSource(enum.StrEnum):
     BOOTSTRAP = "bootstrap"
     MDNS = "mdns"
     DHT = "dht"
+    GOSSIP = "gossip"
+    """A peer record on the chain's ``peers`` topic (``p2p/_records.py``)."""
     INBOUND = "inbound"
 
 

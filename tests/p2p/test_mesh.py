@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import multiaddr
@@ -82,15 +83,18 @@ async def test_five_node_bootstrap_chain_connects_and_gossip_reaches_all() -> No
         assert PeerSource.BOOTSTRAP in sources, f"node 4 records its bootstrap peer: {sources}"
 
 
-async def test_one_bootstrap_peer_discovers_ten_node_network_through_dht() -> None:
+def _star_then_one(i: int) -> list[int]:
     # Nodes 1-8 know only node 0 (a star), node 9 knows only node 1. No node 9 <-> others
-    # link exists in any bootstrap list, so only the DHT can introduce them.
-    def bootstrap_of(i: int) -> list[int]:
-        if i == 0:
-            return []
-        return [1] if i == 9 else [0]
+    # link exists in any bootstrap list: discovery has to introduce them.
+    if i == 0:
+        return []
+    return [1] if i == 9 else [0]
 
-    async with open_meshes(10, bootstrap_of=bootstrap_of) as meshes:
+
+async def test_one_bootstrap_peer_discovers_ten_node_network_through_dht() -> None:
+    # Peer records off: only the DHT can introduce them.
+    config = P2PConfig.for_tests(peer_records=False)
+    async with open_meshes(10, config=config, bootstrap_of=_star_then_one) as meshes:
         newcomer = meshes[9]
         await wait_until(
             lambda: newcomer.peer_count() == 9,
@@ -121,6 +125,62 @@ async def test_one_bootstrap_peer_discovers_ten_node_network_through_dht() -> No
             assert set(sources) <= {"dht", "inbound"}, f"link 9 <-> {index}: {sources}"
             dht_links += "dht" in sources
         assert dht_links >= 1, "no link to node 9 was dialed from a DHT lookup"
+
+
+async def test_peer_records_alone_introduce_a_ten_node_network_with_one_dial_per_pair() -> None:
+    # The same topology with no DHT at all: each node's record (p2p/_records.py) reaches
+    # the others over gossip and the older record's node dials, so every pair is one
+    # connection, opened once.
+    config = P2PConfig.for_tests(dht=False)
+    async with open_meshes(10, config=config, bootstrap_of=_star_then_one) as meshes:
+        await wait_until(
+            lambda: all(m.peer_count() == 9 for m in meshes),
+            CONNECT_S,
+            f"all 10 connected to all 9 others: {[m.peer_count() for m in meshes]}",
+        )
+        newcomer = meshes[9]
+        by_source = newcomer.statistics()["peers_by_source"]
+        assert by_source["bootstrap"] == 1, f"exactly one bootstrap peer: {by_source}"
+        assert by_source["gossip"] + by_source["inbound"] == 8, f"the rest by records: {by_source}"
+        # Published once or twice each (the repeat follows soon, then minutes), read by all.
+        assert all(1 <= m.statistics()["records_published"] <= 2 for m in meshes)
+        received = [m.statistics()["records_received"] for m in meshes]
+        assert all(count >= 9 - index for index, count in enumerate(received)), received
+        # One connection per pair: 45 pairs, each opened at its two ends exactly once.
+        opened = sum(m.statistics()["connections_opened"] for m in meshes)
+        assert opened == 2 * 45, f"{opened} connection ends opened for 45 pairs"
+
+
+async def test_a_malformed_peer_record_is_rejected_and_scored() -> None:
+    # A node-signed envelope on the peers topic whose payload is not a record (or names an
+    # undialable address) is refused like any invalid message: counted against the peer
+    # that forwarded it and never turned into a dial candidate.
+    from p2p._records import PEERS_PURPOSE, RECORD_TYPE_TAG, encode_record
+
+    config = P2PConfig.for_tests(dht=False)
+    async with open_meshes(1, config=config) as (victim,):
+        topic = victim.topic(PEERS_PURPOSE)
+        async with rogue_gossip_peer(victim, topic) as rogue:
+            signer = Ed25519PrivateKey.from_private_bytes(seed_for(7, "records"))
+            now = int(time.time() * 1000)
+            bad = [
+                encode_record(["/ip4/0.0.0.0/tcp/1"]),  # undialable
+                b"\x92\x01\xc0",  # [1, nil]
+                encode_record(["/ip4/127.0.0.1/tcp/5"]),  # right shape, wrong type tag below
+            ]
+            for index, payload in enumerate(bad):
+                tag = "offer" if index == 2 else RECORD_TYPE_TAG
+                envelope = sign_envelope(signer, "testchain", tag, payload, now + index)
+                await rogue.publish(topic, encode_envelope(envelope))
+            rejected = victim.statistics()["rejected"]["by_reason"]
+            await wait_until(
+                lambda: victim.statistics()["rejected"]["by_reason"].get("validator_rejected", 0)
+                >= 3,
+                GOSSIP_S,
+                f"three bad records rejected: {rejected}",
+            )
+            assert victim.statistics()["records_received"] == 0
+            assert len(victim._candidates) == 0, "no candidate from a rejected record"
 
 
 @contextlib.asynccontextmanager
