@@ -174,8 +174,9 @@ async def test_a_malformed_peer_record_is_rejected_and_scored() -> None:
                 await rogue.publish(topic, encode_envelope(envelope))
             rejected = victim.statistics()["rejected"]["by_reason"]
             await wait_until(
-                lambda: victim.statistics()["rejected"]["by_reason"].get("validator_rejected", 0)
-                >= 3,
+                lambda: (
+                    victim.statistics()["rejected"]["by_reason"].get("validator_rejected", 0) >= 3
+                ),
                 GOSSIP_S,
                 f"three bad records rejected: {rejected}",
             )
