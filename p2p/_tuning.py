@@ -63,8 +63,11 @@ import libp2p.kad_dht.utils as kad_utils_module
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
+from google.protobuf.message import DecodeError
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import StreamState
+from libp2p.peer.envelope import consume_envelope
 from libp2p.security.secure_session import SecureSession
 
 local_record_ttl_s = 5.0
@@ -134,9 +137,32 @@ def _cached_maybe_consume(msg: Any, host: Any, peer_id: Any) -> bool:
     if verified_at is not None and now - verified_at < remote_record_ttl_s:
         return True
     ok: bool = _original_consume(msg, host, peer_id)
+    if not ok:
+        ok = _is_stale_own_record(msg.senderRecord, host, peer_id)
     if ok:
         _remember(key, now)
     return ok
+
+
+def _is_stale_own_record(raw: bytes, host: Any, peer_id: Any) -> bool:
+    """True when ``raw`` is the sender's own valid record, only older than one we hold.
+
+    py-libp2p refuses a record with a lower sequence number than the stored one, and then
+    ignores the whole pubsub RPC that carried it: subscriptions included. Every side makes
+    a new record (a new sequence number) for identify and for pubsub, and ours reuses one
+    for ``local_record_ttl_s``, so identify's newer record often lands first. A market
+    cluster lost a provider's subscription to job requests this way (it never came
+    again). A stale record of the sender's own signing says nothing wrong: keep the newer
+    one and handle the RPC.
+    """
+    try:
+        _envelope, record = consume_envelope(raw, "libp2p-peer-record")
+    except (ValueError, DecodeError, BaseLibp2pError):  # a bad envelope: refused as before
+        return False
+    if record.peer_id != peer_id:
+        return False
+    stored = host.get_peerstore().get_peer_record(peer_id)
+    return stored is not None and stored.record().seq >= record.seq
 
 
 async def _batched_window_update(stream: Any, *, bytes_read: int = 0) -> None:
