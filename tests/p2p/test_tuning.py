@@ -129,3 +129,48 @@ def test_score_decay_matches_py_libp2p() -> None:
         _decay_scores(ours)
     for name in tables:
         assert getattr(ours, name) == getattr(stock, name), f"{name} decays differently"
+
+
+def test_an_rpc_with_the_senders_older_signed_record_is_handled_not_dropped() -> None:
+    # py-libp2p refuses a signed peer record older than the stored one and, with it, the
+    # whole pubsub RPC (its subscriptions too). An older but valid record of the sender's
+    # own is let through, without replacing the newer one; forged or foreign records are
+    # still refused.
+    import multiaddr
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.envelope import seal_record
+    from libp2p.peer.id import ID
+    from libp2p.peer.peer_record import PeerRecord
+    from libp2p.peer.peerstore import PeerStore
+
+    from p2p.testing import seed_for
+
+    sender = create_new_key_pair(seed_for(1, "stale-record"))
+    other = create_new_key_pair(seed_for(2, "stale-record"))
+    sender_id = ID.from_pubkey(sender.public_key)
+    addrs = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/4001")]
+
+    def record(seq: int, key: Any = sender, peer: ID = sender_id) -> bytes:
+        sealed: bytes = seal_record(
+            PeerRecord(peer, addrs, seq), key.private_key
+        ).marshal_envelope()
+        return sealed
+
+    class _Host:
+        def __init__(self) -> None:
+            self.store = PeerStore()
+
+        def get_peerstore(self) -> PeerStore:
+            return self.store
+
+    host = _Host()
+    assert _tuning._cached_maybe_consume(rpc_pb2.RPC(senderRecord=record(20)), host, sender_id)
+    older = rpc_pb2.RPC(senderRecord=record(10))
+    assert not _tuning._original_consume(older, host, sender_id), "py-libp2p drops it"
+    assert _tuning._cached_maybe_consume(older, host, sender_id), "we handle the RPC"
+    stored = host.store.get_peer_record(sender_id)
+    assert stored is not None and stored.record().seq == 20, "the newer record stays"
+    foreign = rpc_pb2.RPC(senderRecord=record(5, key=other, peer=ID.from_pubkey(other.public_key)))
+    assert not _tuning._cached_maybe_consume(foreign, host, sender_id), "not the sender's"
+    forged = rpc_pb2.RPC(senderRecord=record(10)[:-3] + b"xyz")
+    assert not _tuning._cached_maybe_consume(forged, host, sender_id), "bad signature"
