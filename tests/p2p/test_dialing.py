@@ -77,6 +77,12 @@ async def test_one_dht_walk_makes_candidates_of_every_peer_its_answers_named() -
             spoke, _ = await start_mesh(nursery, seed_for(index, "walk"), "testchain", spoke_config)
             spokes.append(spoke)
         await wait_until(lambda: hub.peer_count() == 4, CONNECT_S, "the hub has 4 peers")
+        assert hub._dht is not None
+        await wait_until(
+            lambda: len(hub._dht.routing_table.get_peer_ids()) == 4,
+            CONNECT_S,
+            "the hub's routing table holds its 4 peers (added once identify gave their addresses)",
+        )
         newcomer_config = dataclasses.replace(config, bootstrap=(hub.listen_addrs()[0],))
         newcomer, _ = await start_mesh(nursery, seed_for(9, "walk"), "testchain", newcomer_config)
         spoke_ids = {s._id for s in spokes}
