@@ -392,6 +392,31 @@ async def test_peer_events_and_restart_with_same_seed_and_port_rejoins() -> None
         nursery.cancel_scope.cancel()
 
 
+async def test_every_stop_of_a_peer_is_seen_by_the_peer_it_was_connected_to() -> None:
+    # py-libp2p's swarm closes its connections when cancelled, unshielded, beside our own
+    # shutdown: SwarmConn.close() marks a connection closed, is cut at its first checkpoint
+    # with the socket still open, and every later close() returns at once; the other end
+    # then held a dead connection (before the fix, 5 of 12 stops). A race, so stop a node
+    # several times; each stop must reach the anchor within a few seconds.
+    base = P2PConfig.for_tests()
+    async with trio.open_nursery() as nursery:
+        anchor, _ = await start_mesh(nursery, seed_for(0), "testchain", base)
+        events = anchor.peer_events()
+        leaver_config = dataclasses.replace(base, bootstrap=tuple(anchor.listen_addrs()))
+        for round_ in range(6):
+            leaver, scope = await start_mesh(nursery, seed_for(1), "testchain", leaver_config)
+            with trio.fail_after(CONNECT_S):
+                event = await events.receive()
+            assert event.kind == PeerEventKind.CONNECTED, f"round {round_}: {event}"
+            scope.cancel()
+            with trio.fail_after(5):
+                event = await events.receive()
+            assert (event.kind, event.peer_id) == (PeerEventKind.DISCONNECTED, leaver.peer_id), (
+                f"round {round_}: the anchor must see the leaver go, got {event}"
+            )
+        nursery.cancel_scope.cancel()
+
+
 async def test_peer_table_is_bounded_by_peers_max() -> None:
     config = P2PConfig.for_tests(peers_max=2, known_peers_max=4)
     async with open_meshes(5, config=config, bootstrap_of=lambda i: [0] if i else []) as meshes:
