@@ -205,6 +205,41 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
         topics = [topic_id] if isinstance(topic_id, str) else list(topic_id)
         await self.push_msg(self.my_id, rpc_pb2.Message(data=data, topicIDs=topics))
 
+    def get_hello_packet(self) -> rpc_pb2.RPC:
+        packet: rpc_pb2.RPC = super().get_hello_packet()
+        hellos: dict[object, frozenset[str]] = self.__dict__.setdefault("_hello_topics", {})
+        hellos[trio.lowlevel.current_task()] = frozenset(
+            sub.topicid for sub in packet.subscriptions if sub.subscribe
+        )
+        return packet
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        """py-libp2p's, then tell the peer of subscriptions its hello missed.
+
+        The stock version builds the hello (our topics), awaits its write, and only then
+        registers the peer; a topic subscribed during that write is in neither the hello
+        nor the announcement, which goes to registered peers only. The peer never learned
+        of it: a market cluster's requester lost a provider's subscription to job
+        requests this way (docs/p2p.md). Once the peer is registered, announce to it
+        whatever changed since its hello was built.
+        """
+        task = trio.lowlevel.current_task()
+        hellos: dict[object, frozenset[str]] = self.__dict__.setdefault("_hello_topics", {})
+        try:
+            await super()._handle_new_peer(peer_id)
+        finally:
+            sent = hellos.pop(task, None)
+        queue = self.peer_queues.get(peer_id)
+        if sent is None or queue is None:
+            return
+        now = set(self.topic_ids)
+        for topic, subscribe in [(t, True) for t in now - sent] + [(t, False) for t in sent - now]:
+            packet, subopt = self._build_announce_rpc(topic, subscribe)
+            self._enqueue_or_retry_announce(peer_id, queue, packet, subopt)
+        if now != sent:
+            # Peers told of a subscription that changed while their hello was written.
+            self.hello_catch_ups = getattr(self, "hello_catch_ups", 0) + 1
+
     async def validate_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         """Run our (synchronous) topic validators on every copy that is not yet seen.
 
@@ -874,11 +909,10 @@ class Mesh(MeshAPI):
         assert self._dht is not None
         while not self._connected:
             await self._peers_changed.wait()
-        # One lookup at once, as without records: it also fills the routing tables on the
-        # way. (Without it a 5-node market cluster, each node bootstrapped to all earlier
-        # ones, lost a provider's subscription to job requests in 3 runs of 3; not
-        # understood yet, see docs/p2p.md.)
-        await self._dht_walk()
+        # No lookup at the first connection: its candidates were dialed from both ends at
+        # once (48-66 duplicate connections in a 34-node start, each closed again inside
+        # the measured window). It had been kept while it hid a lost subscription, which
+        # was py-libp2p's hello race (_GuardedPubsub._handle_new_peer), now fixed.
         await trio.sleep(self.config.dht_walk_first_ms / 1000)
         dry = 0
         found_before = False
@@ -1294,6 +1328,7 @@ class Mesh(MeshAPI):
         return {
             "peer_id": self.peer_id,
             "corrupt_frames": getattr(self._pubsub, "corrupt_frames_here", 0),
+            "hello_catch_ups": getattr(self._pubsub, "hello_catch_ups", 0),
             "peers": len(self._connected),
             "peers_by_source": by_source,
             "known_peers": len(self._candidates),
