@@ -45,11 +45,17 @@ Issue 14, per frame (each message copy is one yamux frame in one Noise message):
   Anything else (another muxer, a closed stream, a short window) takes the stock path.
 - A full Kademlia bucket pings its oldest peer before taking a new one; a peer we are
   connected to counts as alive without a ping (``_ping_unless_connected``).
+- The swarm tells its notifees of every stream opened and closed through a fresh nursery
+  and one task per notifee (four: the tag store, identify, pubsub and ours), though each
+  of those four only counts or checkpoints: eight task spawns per stream, ~4.5 streams
+  per connection. ``_notify_inline`` awaits them one after another in the caller's task,
+  each still in its own exception barrier; connection events keep the stock fan-out.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import struct
 import time
@@ -67,8 +73,11 @@ from google.protobuf.message import DecodeError
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import StreamState
+from libp2p.network.swarm import Swarm
 from libp2p.peer.envelope import consume_envelope
 from libp2p.security.secure_session import SecureSession
+
+logger = logging.getLogger(__name__)
 
 local_record_ttl_s = 5.0
 remote_record_ttl_s = 60.0
@@ -82,6 +91,8 @@ _original_ping_peer = routing_table_module.KBucket._ping_peer
 _original_tcp_read = TrioTCPStream.read
 _original_read_exactly = yamux_module.read_exactly
 _original_read_data_body = yamux_module.Yamux._read_data_body
+_original_notify = Swarm._notify
+_inline_notifications = frozenset({"opened_stream", "closed_stream"})
 _yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
 _installed = False
 _local: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
@@ -262,6 +273,17 @@ async def write_stream(stream: Any, data: bytes) -> None:
     await stream.write(data)
 
 
+async def _notify_inline(swarm: Any, method: str, *args: Any) -> None:
+    if method not in _inline_notifications:
+        await _original_notify(swarm, method, *args)
+        return
+    for notifee in list(swarm.notifees):
+        try:
+            await getattr(notifee, method)(swarm, *args)
+        except Exception:  # the stock fan-out's barrier: one notifee's fault is logged
+            logger.exception("notifee %s.%s raised", type(notifee).__name__, method)
+
+
 def apply() -> None:
     """Install the caches and the lean I/O paths (idempotent)."""
     global _installed
@@ -277,6 +299,7 @@ def apply() -> None:
     yamux_module.Yamux._write_frame = _lean_write_frame
     yamux_module.read_exactly = _buffered_read_exactly
     yamux_module.Yamux._read_data_body = _lean_read_data_body
+    Swarm._notify = _notify_inline
     _installed = True
     if not any(name.startswith("PY_YAMUX_") for name in os.environ):
         yamux_module.YamuxStream._auto_tune_and_send_window_update = _batched_window_update
