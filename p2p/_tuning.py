@@ -55,6 +55,12 @@ Issue 14, per frame (each message copy is one yamux frame in one Noise message):
   does. 33 connections made that 2.3 of a nearly idle node's ~6 frames received a
   second at 34 nodes. Only the dialing end pings now (``_ping_from_initiator_only``),
   so each connection still sees traffic both ways every 30 s, as go-yamux's keepalive.
+- multistream-select on every new stream and connection upgrade: the stock client wrote
+  the multistream header, waited for its echo, then wrote the protocol and waited again:
+  two frames out and a round trip more than needed per stream (~4.5 streams and two
+  upgrades per connection). ``_pipelined_select_one_of`` writes header and first
+  protocol in one write and reads both answers, as go-libp2p's ``SelectProtoOrFail`` and
+  js-libp2p do; a refused first protocol falls back to the stock one-by-one tries.
 """
 
 from __future__ import annotations
@@ -71,16 +77,26 @@ import libp2p.kad_dht.kad_dht as kad_dht_module
 import libp2p.kad_dht.peer_routing as peer_routing_module
 import libp2p.kad_dht.routing_table as routing_table_module
 import libp2p.kad_dht.utils as kad_utils_module
+import libp2p.protocol_muxer.multiselect_client as multiselect_client_module
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
+import trio
 from google.protobuf.message import DecodeError
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.io.exceptions import IOException
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.stream.net_stream import StreamState
 from libp2p.network.swarm import Swarm
 from libp2p.peer.envelope import consume_envelope
+from libp2p.protocol_muxer.exceptions import (
+    MultiselectClientError,
+    MultiselectCommunicatorError,
+    ProtocolNotSupportedError,
+)
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.secure_session import SecureSession
+from libp2p.utils import encode_delim
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +114,7 @@ _original_read_exactly = yamux_module.read_exactly
 _original_read_data_body = yamux_module.Yamux._read_data_body
 _original_notify = Swarm._notify
 _original_measure_rtt_loop = yamux_module.Yamux._measure_rtt_loop
+_original_select_one_of = multiselect_client_module.MultiselectClient.select_one_of
 _inline_notifications = frozenset({"opened_stream", "closed_stream"})
 _yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
 _installed = False
@@ -295,6 +312,61 @@ async def _ping_from_initiator_only(conn: Any) -> None:
         await _original_measure_rtt_loop(conn)
 
 
+async def _pipelined_select_one_of(
+    client: Any,
+    protocols: Any,
+    communicator: Any,
+    negotiate_timeout: int = multiselect_client_module.DEFAULT_NEGOTIATE_TIMEOUT,
+) -> Any:
+    if not protocols or type(communicator) is not MultiselectCommunicator:
+        return await _original_select_one_of(client, protocols, communicator, negotiate_timeout)
+    header = multiselect_client_module.MULTISELECT_PROTOCOL_ID
+    first = protocols[0]
+    first_str = first if first is not None else ""
+    with trio.move_on_after(negotiate_timeout):
+        try:
+            await communicator.read_writer.write(
+                encode_delim(header.encode()) + encode_delim(first_str.encode())
+            )
+        except (IOException, AssertionError, ValueError) as error:
+            raise MultiselectClientError(f"handshake write failed: {error}") from error
+        try:
+            echoed = await communicator.read()
+            if echoed != header:
+                raise MultiselectClientError(
+                    f"multiselect protocol ID mismatch: expected {header}, got {echoed!r}"
+                )
+            response = await communicator.read()
+        except MultiselectCommunicatorError as error:
+            raise MultiselectClientError(f"negotiation read failed: {error}") from error
+        if response == first_str:
+            return first
+        if response == multiselect_client_module.PROTOCOL_NOT_FOUND_MSG:
+            refused = [f"protocol not supported: {first}, response={response!r}"]
+            rest = list(protocols[1:])
+        elif response == header:  # the peer restarted the handshake: the stock retries
+            await client.handshake(communicator)
+            refused, rest = [], list(protocols)
+        else:
+            raise MultiselectClientError(
+                f"unrecognized response: {response!r}, expected {first_str!r} or "
+                f"{multiselect_client_module.PROTOCOL_NOT_FOUND_MSG!r}, protocol={first}"
+            )
+        for protocol in rest:
+            try:
+                return await client.try_select(communicator, protocol)
+            except ProtocolNotSupportedError as error:
+                refused.append(str(error))
+        raise MultiselectClientError(
+            multiselect_client_module._build_protocols_not_supported_message(
+                protocols, negotiate_timeout, refused
+            )
+        )
+    raise MultiselectClientError(
+        f"response timed out after {negotiate_timeout}s, protocols tried: {list(protocols)}"
+    )
+
+
 def apply() -> None:
     """Install the caches and the lean I/O paths (idempotent)."""
     global _installed
@@ -311,6 +383,7 @@ def apply() -> None:
     yamux_module.read_exactly = _buffered_read_exactly
     yamux_module.Yamux._read_data_body = _lean_read_data_body
     Swarm._notify = _notify_inline
+    multiselect_client_module.MultiselectClient.select_one_of = _pipelined_select_one_of
     _installed = True
     if not any(name.startswith("PY_YAMUX_") for name in os.environ):
         yamux_module.YamuxStream._auto_tune_and_send_window_update = _batched_window_update
