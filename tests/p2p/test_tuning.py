@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+import trio.testing
+from libp2p.custom_types import TProtocol
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectError
+from libp2p.protocol_muxer.multiselect import Multiselect
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.pubsub.pb import rpc_pb2
 
 from p2p import _tuning
@@ -174,3 +181,68 @@ def test_an_rpc_with_the_senders_older_signed_record_is_handled_not_dropped() ->
     assert not _tuning._cached_maybe_consume(foreign, host, sender_id), "not the sender's"
     forged = rpc_pb2.RPC(senderRecord=record(10)[:-3] + b"xyz")
     assert not _tuning._cached_maybe_consume(forged, host, sender_id), "bad signature"
+
+
+class _MemoryPipe(ReadWriteCloser):
+    """One end of an in-memory byte stream, as py-libp2p's multistream code reads it."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.writes = 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        data: bytes = await self.stream.receive_some(n)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self.writes += 1
+        await self.stream.send_all(data)
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return None
+
+
+async def _negotiate(offered: list[str], served: list[str]) -> tuple[object, int]:
+    """Our client offering ``offered`` against py-libp2p's own listener serving ``served``."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    client, server = _MemoryPipe(client_end), _MemoryPipe(server_end)
+
+    async def handler(stream: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    listener = Multiselect({TProtocol(p): handler for p in served})
+    outcome: dict[str, object] = {}
+
+    async def serve() -> None:
+        try:
+            outcome["served"], _ = await listener.negotiate(MultiselectCommunicator(server), 5)
+        except MultiselectError as error:
+            outcome["served"] = error
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        try:
+            chosen: object = await _tuning._pipelined_select_one_of(
+                MultiselectClient(),
+                [TProtocol(p) for p in offered],
+                MultiselectCommunicator(client),
+                5,
+            )
+        except MultiselectClientError as error:
+            chosen = error
+        await client.close()
+    assert isinstance(chosen, Exception) or outcome["served"] == chosen, outcome
+    return chosen, client.writes
+
+
+async def test_pipelined_multistream_select_agrees_with_the_stock_listener() -> None:
+    chosen, writes = await _negotiate(["/a/1", "/b/1"], ["/a/1", "/b/1"])
+    assert (chosen, writes) == ("/a/1", 1), "header and first protocol go out in one write"
+    chosen, writes = await _negotiate(["/a/2", "/a/1"], ["/a/1"])
+    assert (chosen, writes) == ("/a/1", 2), "a refused first protocol falls back to the next"
+    refused, _ = await _negotiate(["/x/1", "/y/1"], ["/a/1"])
+    assert isinstance(refused, MultiselectClientError), refused
+    assert "/x/1" in str(refused) and "/y/1" in str(refused), str(refused)
