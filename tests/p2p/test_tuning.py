@@ -7,7 +7,6 @@ from typing import Any
 import trio
 import trio.testing
 from libp2p.custom_types import TProtocol
-from libp2p.io.abc import ReadWriteCloser
 from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectError
 from libp2p.protocol_muxer.multiselect import Multiselect
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
@@ -183,7 +182,7 @@ def test_an_rpc_with_the_senders_older_signed_record_is_handled_not_dropped() ->
     assert not _tuning._cached_maybe_consume(forged, host, sender_id), "bad signature"
 
 
-class _MemoryPipe(ReadWriteCloser):
+class _MemoryPipe:
     """One end of an in-memory byte stream, as py-libp2p's multistream code reads it."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
