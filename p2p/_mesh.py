@@ -327,7 +327,7 @@ class _GuardedPubsub(Pubsub):  # type: ignore[misc]  # libp2p types are Any to m
             while self.manager.is_running:
                 frame = _take_frame(buffer, self.max_inbound_rpc_size)
                 if frame is None:
-                    chunk = await stream.read(pubsub_read_chunk_bytes)
+                    chunk = await _tuning.read_stream(stream, pubsub_read_chunk_bytes)
                     if not chunk:
                         return
                     buffer += chunk

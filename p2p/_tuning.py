@@ -61,6 +61,26 @@ Issue 14, per frame (each message copy is one yamux frame in one Noise message):
   upgrades per connection). ``_pipelined_select_one_of`` writes header and first
   protocol in one write and reads both answers, as go-libp2p's ``SelectProtoOrFail`` and
   js-libp2p do; a refused first protocol falls back to the stock one-by-one tries.
+
+Issue 14, part 5: the layers between a yamux frame and the socket. Each frame written went
+through SecureSession, the Noise writer, the length-prefix writer, RawConnection,
+TrioTCPStream (its lock) and trio's SocketStream (its conflict detector, a checkpoint after
+the send): three scheduler passes and ~15 Python calls for one ``send``. Reads were the same
+chain upwards, per Noise message.
+
+- ``_lean_write_frame``: with the connection's write lock free, the frame is encrypted and
+  handed to the socket in one step (lock taken without waiting, nonce order kept because
+  nothing awaits between encryption and ``send``); only when the kernel's buffer is full
+  does the rest go through the stock, waiting write, still under the lock.
+- ``_fill_from_socket``: when yamux wants bytes and the secure session has none, the next
+  Noise message is cut from the TCP stream's buffer (filled straight from the socket, with
+  trio's own wait and yield rules) and decrypted into the session. End of stream and socket
+  errors are left to the stock read, which sees the same buffered bytes.
+- ``read_stream``: pubsub's read takes what its yamux stream has buffered without the net
+  stream's and the connection's locks; a closing or reset stream takes the stock read.
+
+Each falls back to the stock path for any other transport, security or muxer
+(``_socket_path``).
 """
 
 from __future__ import annotations
@@ -80,12 +100,14 @@ import libp2p.kad_dht.utils as kad_utils_module
 import libp2p.protocol_muxer.multiselect_client as multiselect_client_module
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
+import libp2p.security.noise.io as noise_io_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.io.exceptions import IOException
+from libp2p.io.exceptions import ConnectionClosedError, IOException
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.net_stream import StreamState
 from libp2p.network.swarm import Swarm
 from libp2p.peer.envelope import consume_envelope
@@ -118,6 +140,11 @@ _original_select_one_of = multiselect_client_module.MultiselectClient.select_one
 _inline_notifications = frozenset({"opened_stream", "closed_stream"})
 _yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
 _installed = False
+io_counts = collections.Counter[str]()
+"""Yamux frames written straight to the socket (``write_direct``: one send took all of it;
+``write_waited``: the kernel's buffer was full and the rest went out through the stock wait),
+through the stock layers (``write_stock``), and Noise messages read straight from the
+socket (``read_direct``)."""
 _local: weakref.WeakKeyDictionary[Any, tuple[float, tuple[bytes, bool]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -251,9 +278,15 @@ async def _buffered_read_exactly(reader: Any, n: int, *args: Any, **kwargs: Any)
     # Yamux reads each frame's 12-byte header and then its body from the Noise session; a
     # frame arrives in one Noise message, so both are usually in the session's buffer
     # already: take them without the retry loop (and, for bodies, the timeout scope).
-    if type(reader) is SecureSession and reader.high_watermark - reader.low_watermark >= n:
-        buffered: bytes = reader._drain(n)
-        return buffered
+    if type(reader) is SecureSession:
+        available = reader.high_watermark - reader.low_watermark
+        if available == 0:
+            path = _socket_path(reader)
+            if path is not None and await _fill_from_socket(reader, path):
+                available = reader.high_watermark - reader.low_watermark
+        if available >= n:
+            buffered: bytes = reader._drain(n)
+            return buffered
     data: bytes = await _original_read_exactly(reader, n, *args, **kwargs)
     return data
 
@@ -268,8 +301,153 @@ async def _lean_read_data_body(conn: Any, length: int) -> bytes:
 
 
 async def _lean_write_frame(conn: Any, data: bytes) -> None:
-    async with conn._write_lock:
-        await conn.secured_conn.write(data)
+    path = _socket_path(conn.secured_conn)
+    lock = conn._write_lock
+    if path is None or lock.locked() or len(data) > noise_io_module.MAX_PLAINTEXT_LENGTH:
+        io_counts["write_stock"] += 1
+        async with lock:
+            await conn.secured_conn.write(data)
+        return
+    noise_state, tcp = path
+    sock = tcp.stream.socket
+    if tcp.write_lock.locked() or sock.did_shutdown_SHUT_WR or sock.fileno() == -1:
+        io_counts["write_stock"] += 1
+        async with lock:
+            await conn.secured_conn.write(data)
+        return
+    await trio.lowlevel.checkpoint_if_cancelled()
+    # From here to the send nothing awaits: the frame is encrypted and handed to the kernel
+    # in this task's step, in nonce order, under the connection's write lock.
+    lock.acquire_nowait()
+    try:
+        encrypted: bytes = noise_state.encrypt(data)
+        wire = len(encrypted).to_bytes(2, "big") + encrypted
+        try:
+            sent: int = sock._sock.send(wire)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            raise ConnectionClosedError(
+                f"TCP connection reset by remote peer: {error}", transport="tcp"
+            ) from error
+        if sent < len(wire):
+            io_counts["write_waited"] += 1
+            await tcp.write(wire[sent:])  # the kernel's buffer is full: wait for it as stock
+        else:
+            io_counts["write_direct"] += 1
+    finally:
+        lock.release()
+
+
+def _socket_path(secured: Any) -> tuple[Any, Any] | None:
+    """The Noise cipher and TCP stream under a secure session, when they are the stock ones.
+
+    Cached on the session; None (the stock paths) for any other transport or security layer.
+    """
+    try:
+        cached: tuple[Any, Any] | None = secured._gpumesh_socket_path
+        return cached
+    except AttributeError:
+        pass
+    path = None
+    noise: Any = getattr(secured, "conn", None) if type(secured) is SecureSession else None
+    if type(noise) is noise_io_module.NoiseTransportReadWriter:
+        packets: Any = noise.read_writer
+        raw: Any = getattr(packets, "read_write_closer", None)
+        tcp: Any = getattr(raw, "stream", None)
+        if (
+            type(packets) is noise_io_module.NoisePacketReadWriter
+            and packets.size_len_bytes == 2
+            and type(raw) is RawConnection
+            and type(tcp) is TrioTCPStream
+            and type(tcp.stream) is trio.SocketStream
+        ):
+            path = (noise.noise_state, tcp)
+    secured._gpumesh_socket_path = path
+    return path
+
+
+async def _fill_from_socket(session: Any, path: tuple[Any, Any]) -> bool:
+    """Put the next Noise message, decrypted, into an empty secure session's buffer.
+
+    Reads the socket directly into the TCP stream's buffer (the one ``_buffered_tcp_read``
+    serves) and decrypts in place of the four read layers between them. False, with every
+    byte read left in that buffer, when the stock path must answer instead (end of stream,
+    a socket error, another reader).
+    """
+    noise_state, tcp = path
+    if tcp.read_lock.locked():
+        return False
+    buffered: bytearray | None = getattr(tcp, "_gpumesh_read_buffer", None)
+    if buffered is None:
+        buffered = tcp._gpumesh_read_buffer = bytearray()
+    sock = tcp.stream.socket
+    while True:
+        if len(buffered) >= 2:
+            end = 2 + ((buffered[0] << 8) | buffered[1])
+            if len(buffered) >= end:
+                plaintext: bytes = noise_state.decrypt(bytes(buffered[2:end]))
+                del buffered[:end]
+                if not plaintext:
+                    raise ConnectionClosedError("Connection closed")  # as SecureSession.read
+                session._fill(plaintext)
+                io_counts["read_direct"] += 1
+                return True
+        if sock.fileno() == -1:
+            return False
+        try:
+            chunk: bytes = sock._sock.recv(tcp_read_chunk_bytes)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock._sock)
+            try:
+                chunk = sock._sock.recv(tcp_read_chunk_bytes)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False
+        except OSError:
+            return False
+        else:
+            # Data was already there: yield once, as trio's own receive does.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if not chunk:
+            return False
+        buffered += chunk
+
+
+async def read_stream(stream: Any, n: int) -> bytes:
+    """Read up to ``n`` bytes from a net stream: straight from its yamux buffer when it can.
+
+    pubsub's read loop is the only reader of its stream. The stock read takes the net
+    stream's state lock and the connection's stream lock (a scheduler pass each) and formats
+    several debug lines per read; here the bytes already buffered for an open yamux stream
+    are taken directly and the window credited as the stock read does. A stream that is
+    closing, reset or on another muxer takes the stock path, with its errors.
+    """
+    muxed: Any = getattr(stream, "muxed_stream", None)
+    if _installed and type(muxed) is yamux_module.YamuxStream:
+        conn = muxed.conn
+        sid = muxed.stream_id
+        while (
+            stream._state is StreamState.OPEN
+            and not (muxed.closed or muxed.reset_received or muxed.recv_closed)
+            and not conn.event_shutting_down.is_set()
+            and sid in conn.streams
+        ):
+            buffer = conn.stream_buffers.get(sid)
+            event = conn.stream_events.get(sid)
+            if buffer is None or event is None:
+                break
+            if buffer:
+                data = bytes(buffer[:n])
+                del buffer[:n]
+                await muxed._auto_tune_and_send_window_update(bytes_read=len(data))
+                return data
+            await event.wait()
+            if conn.stream_events.get(sid) is event:
+                conn.stream_events[sid] = trio.Event()
+    stock: bytes = await stream.read(n)
+    return stock
 
 
 async def write_stream(stream: Any, data: bytes) -> None:

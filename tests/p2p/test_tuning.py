@@ -245,3 +245,67 @@ async def test_pipelined_multistream_select_agrees_with_the_stock_listener() -> 
     refused, _ = await _negotiate(["/x/1", "/y/1"], ["/a/1"])
     assert isinstance(refused, MultiselectClientError), refused
     assert "/x/1" in str(refused) and "/y/1" in str(refused), str(refused)
+
+
+async def test_frames_written_straight_to_a_full_socket_arrive_whole_and_in_order() -> None:
+    # Yamux frames go from the cipher straight to the socket (_tuning._lean_write_frame);
+    # when the kernel's buffer is full the rest of a frame goes out first, under the
+    # connection's write lock. Four streams write at once into a small send buffer while
+    # the reader waits: every byte must arrive, per stream, in order.
+    import socket
+
+    from libp2p.network.stream.exceptions import StreamEOF
+
+    from p2p.testing import open_meshes
+
+    protocol = TProtocol("/gpumesh-test/sink/1")
+    received: dict[int, bytearray] = {}
+    done = trio.Semaphore(0)
+    chunks, chunk_bytes = 24, 24 * 1024
+
+    def pattern(index: int) -> bytes:
+        return bytes((index + 7 * k) % 251 for k in range(chunks * chunk_bytes))
+
+    async def sink(stream: Any) -> None:
+        await trio.sleep(0.5)  # let the sender's buffers fill first
+        data = bytearray()
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except StreamEOF:
+                break
+            if not chunk:
+                break
+            data += chunk
+        received[data[0]] = data
+        done.release()
+
+    async with open_meshes(2) as (a, b):
+        b._host.set_stream_handler(protocol, sink)
+        await a.wait_for_peers(1)
+        conn = a._host.get_network().get_connections(b._id)[0].muxed_conn
+        path = _tuning._socket_path(conn.secured_conn)
+        assert path is not None, "a Noise-over-TCP yamux connection takes the direct path"
+        path[1].stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        before = dict(_tuning.io_counts)
+
+        async def send(index: int) -> None:
+            stream = await a._host.new_stream(b._id, [protocol])
+            data = pattern(index)
+            for k in range(chunks):
+                await stream.write(data[k * chunk_bytes : (k + 1) * chunk_bytes])
+            await stream.close()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for index in range(1, 5):
+                    nursery.start_soon(send, index)
+            for _ in range(4):
+                await done.acquire()
+        assert sorted(received) == [1, 2, 3, 4]
+        for index, data in received.items():
+            assert data == pattern(index), f"stream {index} arrived changed"
+        counts = _tuning.io_counts
+        assert counts["write_direct"] > before.get("write_direct", 0)
+        assert counts["write_waited"] > before.get("write_waited", 0), "the socket never filled"
+        assert counts["read_direct"] > before.get("read_direct", 0)
