@@ -301,6 +301,7 @@ async def _lean_read_data_body(conn: Any, length: int) -> bytes:
 
 
 async def _lean_write_frame(conn: Any, data: bytes) -> None:
+    await trio.lowlevel.checkpoint_if_cancelled()
     path = _socket_path(conn.secured_conn)
     lock = conn._write_lock
     if path is None or lock.locked() or len(data) > noise_io_module.MAX_PLAINTEXT_LENGTH:
@@ -315,9 +316,8 @@ async def _lean_write_frame(conn: Any, data: bytes) -> None:
         async with lock:
             await conn.secured_conn.write(data)
         return
-    await trio.lowlevel.checkpoint_if_cancelled()
-    # From here to the send nothing awaits: the frame is encrypted and handed to the kernel
-    # in this task's step, in nonce order, under the connection's write lock.
+    # From the lock checks to the send nothing awaits: the frame is encrypted and handed to
+    # the kernel in this task's step, in nonce order, under the connection's write lock.
     lock.acquire_nowait()
     try:
         encrypted: bytes = noise_state.encrypt(data)
