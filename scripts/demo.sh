@@ -6,9 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 NODES=${NODES:-5}
-DIR=${DIR:-$(mktemp -d /tmp/gpumesh-demo.XXXXXX)}
+if [ -z "${DIR:-}" ]; then
+  DIR=$(mktemp -d /tmp/gpumesh-demo.XXXXXX)
+  MADE_DIR=1 # ours to remove at the end (its nodes' data and the 64 MiB job's files, ~200 MB)
+fi
 export PATH="$PWD/.venv/bin:$PATH"
-cleanup() { [ "${KEEP:-0}" = 1 ] || gpumesh testnet down --dir "$DIR" >/dev/null 2>&1 || true; }
+cleanup() {
+  [ "${KEEP:-0}" = 1 ] && return
+  gpumesh testnet down --dir "$DIR" >/dev/null 2>&1 || true
+  if [ "${MADE_DIR:-0}" = 1 ]; then rm -rf "$DIR"; fi
+}
 trap cleanup EXIT
 .venv/bin/python -m node.demo --dir "$DIR" --nodes "$NODES"
 echo
@@ -17,5 +24,5 @@ gpumesh dashboard --home "$DIR/node0"
 if [ "${KEEP:-0}" = 1 ]; then
   echo "the testnet keeps running; stop it with: gpumesh testnet down --dir $DIR"
 else
-  echo "(the testnet stops now; run with KEEP=1 to keep it and the dashboard up)"
+  echo "(the testnet stops now and its directory is removed; KEEP=1 keeps both and the dashboard up)"
 fi
