@@ -304,18 +304,20 @@ async def _lean_write_frame(conn: Any, data: bytes) -> None:
     await trio.lowlevel.checkpoint_if_cancelled()
     path = _socket_path(conn.secured_conn)
     lock = conn._write_lock
-    if path is None or lock.locked() or len(data) > noise_io_module.MAX_PLAINTEXT_LENGTH:
+    if (
+        path is None
+        or lock.locked()
+        or len(data) > noise_io_module.MAX_PLAINTEXT_LENGTH
+        or path[1].write_lock.locked()
+        or path[1].stream.socket.did_shutdown_SHUT_WR
+        or path[1].stream.socket.fileno() == -1
+    ):
         io_counts["write_stock"] += 1
         async with lock:
             await conn.secured_conn.write(data)
         return
     noise_state, tcp = path
     sock = tcp.stream.socket
-    if tcp.write_lock.locked() or sock.did_shutdown_SHUT_WR or sock.fileno() == -1:
-        io_counts["write_stock"] += 1
-        async with lock:
-            await conn.secured_conn.write(data)
-        return
     # From the lock checks to the send nothing awaits: the frame is encrypted and handed to
     # the kernel in this task's step, in nonce order, under the connection's write lock.
     lock.acquire_nowait()
