@@ -22,7 +22,8 @@ fi
 # A node provides compute only where bubblewrap works (filesystem and network isolation), or
 # where the operator chose [compute] sandbox = "process". The sandbox tests also run hostile
 # jobs written in sh and python3 (setsid from util-linux); container images are unpacked by
-# umoci and the image tests build one from busybox-static. Installed as root from Debian; under
+# umoci and the image tests build one from busybox-static; a provider pulls images from a
+# registry with skopeo. Installed as root from Debian; under
 # CI=true a missing part fails setup (the tests would fail, never skip, anyway).
 sandbox_missing() {
   command -v bwrap >/dev/null 2>&1 || return 0
@@ -30,21 +31,22 @@ sandbox_missing() {
   [ -x /usr/bin/python3 ] || return 0
   command -v umoci >/dev/null 2>&1 || return 0
   [ -x /bin/busybox ] || return 0
+  command -v skopeo >/dev/null 2>&1 || return 0
   return 1
 }
 if sandbox_missing && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "setup: installing bubblewrap, util-linux and python3 for job sandboxing" >&2
+  echo "setup: installing bubblewrap, util-linux, python3, umoci, busybox-static and skopeo" >&2
   { apt-get update -qq &&
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3 \
-      umoci busybox-static; } \
+      umoci busybox-static skopeo; } \
     >"$log" 2>&1 || cat "$log" >&2
 fi
 if sandbox_missing; then
   if [ "${CI:-}" = true ]; then
-    echo "setup: bubblewrap, setsid or /usr/bin/python3 missing; the sandbox tests need them" >&2
+    echo "setup: bwrap, setsid, /usr/bin/python3, umoci, busybox or skopeo missing; the sandbox and image tests need them" >&2
     exit 1
   fi
-  echo "setup: bubblewrap, setsid or /usr/bin/python3 missing; bwrap sandbox tests will skip" >&2
+  echo "setup: bwrap, setsid, /usr/bin/python3, umoci, busybox or skopeo missing; those tests will skip" >&2
 fi
 # The dashboard tests (tests/e2e/test_dashboard.py) render every page in headless Chromium.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
