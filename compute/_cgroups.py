@@ -23,11 +23,12 @@ import dataclasses
 import errno
 import logging
 import os
-import signal
-import time
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
+from compute import _reaper
 from compute.exceptions import SandboxError
 
 log = logging.getLogger("gpumesh.compute.cgroups")
@@ -38,9 +39,6 @@ V1_OPTIONAL = ("cpuacct",)
 NODE_LEAF = "gpumesh-node"
 PARENT_PREFIX = "gpumesh-"
 V2_WANTED = "+memory +pids +cpu"
-stale_kill_passes_max = 400
-"""Kill passes over a stale cgroup (at start, no job running) before removing it fails."""
-stale_kill_pause_s = 0.005
 
 
 def _parse_mounts(text: str) -> tuple[Path | None, dict[str, Path]]:
@@ -216,35 +214,15 @@ class JobCgroup:
 
     def pids(self) -> set[int]:
         """Every live member (zombies are not members)."""
-        found: set[int] = set()
-        for _, path in self.dirs:
-            try:
-                text = (path / "cgroup.procs").read_text()
-            except FileNotFoundError:
-                continue
-            found.update(int(pid) for pid in text.split())
-        return found
+        return _reaper.members(path for _, path in self.dirs)
 
     def is_empty(self) -> bool:
         return not self.pids()
 
     def kill(self) -> None:
-        """SIGKILL every member, however it left the job's process group or session."""
-        if self.version == "v2":
-            kill_file = self._dir("memory") / "cgroup.kill"
-            if kill_file.exists():
-                try:
-                    _write(kill_file, "1")
-                except FileNotFoundError:
-                    return  # already removed
-                return
-        # One pass: a process stays listed while it exits, so the caller re-checks (and kills
-        # what a fork raced in) until the cgroup is empty instead of spinning here.
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # exited between the listing and the kill
+        """SIGKILL every member, however it left the job's process group or session (one
+        pass: see ``_reaper.kill_once``)."""
+        _reaper.kill_once(self.version, (path for _, path in self.dirs))
 
     def oom_kills(self) -> int:
         """How many processes the kernel killed for going over the memory cap."""
@@ -288,12 +266,113 @@ class JobCgroup:
         """A cgroup of the same name left by a crashed run: kill what is in it, remove it."""
         if any(path.exists() for _, path in self.dirs):
             log.warning("removing a stale job cgroup %s", self.dirs[0][1])
-            for _ in range(stale_kill_passes_max):
-                self.kill()
-                if self.is_empty():
-                    break
-                time.sleep(stale_kill_pause_s)
+            _reaper.kill_until_empty(self.version, (path for _, path in self.dirs))
             self.remove()
+
+
+reaper_exit_wait_s = 5.0
+"""How long ``Lifeline.close`` waits for the reaper to exit."""
+
+
+class Lifeline:
+    """This daemon's end of its job reaper (``compute._reaper``): a process of its own that
+    kills every job cgroup it holds once this process ends, however it ends.
+
+    ``hold`` a job's cgroup before the job's first process starts, ``release`` it once the
+    cgroup is removed, ``close`` at a clean stop. A reaper that was killed is started again,
+    and told every cgroup still held, at the next ``hold`` or ``release``."""
+
+    def __init__(self, cgroups: Cgroups) -> None:
+        script = _reaper.__file__
+        assert script is not None, "compute._reaper is a file"
+        parents = [str(path) for _, path in cgroups.parents]
+        self._argv = [sys.executable, "-I", "-S", script, cgroups.version, *parents]
+        self._held: set[str] = set()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._fd = -1
+        self.restarts = 0
+        self.unrecorded = 0
+        """Holds or releases the reaper did not get (its pipe was full: it is not reading)."""
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        read, write = os.pipe()  # not inheritable: no job, nor anything else we start, holds it
+        try:
+            self._proc = subprocess.Popen(
+                self._argv,
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                cwd="/",
+                start_new_session=True,  # a signal to our process group is not its end
+            )
+        except OSError as exc:
+            os.close(write)
+            raise SandboxError(f"cannot start the job reaper {self._argv}: {exc}") from exc
+        finally:
+            os.close(read)
+        os.set_blocking(write, False)
+        self._fd = write
+        lines = b"".join(b"+" + name.encode() + b"\n" for name in sorted(self._held))
+        if lines:
+            os.write(self._fd, lines)  # far below a fresh pipe's capacity
+
+    def hold(self, name: str) -> None:
+        self._held.add(name)
+        self._send(b"+" + name.encode() + b"\n")
+
+    def release(self, name: str) -> None:
+        self._held.discard(name)
+        self._send(b"-" + name.encode() + b"\n")
+
+    def _send(self, line: bytes) -> None:
+        assert self._fd >= 0, "the lifeline is closed"
+        try:
+            os.write(self._fd, line)  # shorter than PIPE_BUF: whole or not at all
+        except BrokenPipeError:
+            log.warning("the job reaper (pid %s) is gone; starting another", self.pid)
+            os.close(self._fd)
+            self._fd = -1
+            if self._proc is not None:
+                self._proc.wait()
+            self.restarts += 1
+            self._start()  # it is told every held cgroup, this line's included
+        except BlockingIOError:
+            self.unrecorded += 1
+            log.error(
+                "the job reaper (pid %s) is not reading its pipe; %r not recorded", self.pid, line
+            )
+
+    def close(self) -> None:
+        """Close our end: the reaper kills what is still held (nothing, after a clean stop)
+        and exits; wait for that, at most ``reaper_exit_wait_s``."""
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        if self._proc is None:
+            return
+        try:
+            self._proc.wait(timeout=reaper_exit_wait_s)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "the job reaper (pid %s) did not exit in %.0f s", self.pid, reaper_exit_wait_s
+            )
+
+    def __del__(self) -> None:
+        # Dropped without close() (a test's executor): the reaper must not wait for our exit,
+        # and it exits at once when it holds nothing.
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=reaper_exit_wait_s)
+                except subprocess.TimeoutExpired:
+                    pass  # Popen's own warning names it
 
 
 def probe_cgroups(

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import ledger
-from compute._cgroups import Cgroups, JobCgroup, probe_cgroups
+from compute._cgroups import Cgroups, JobCgroup, Lifeline, probe_cgroups
 from compute._files import clone_file
 from compute._gpu_mounts import GpuHost, GpuMountPlan, gpu_mount_plan
 from compute.exceptions import JobSpecError, SandboxError
@@ -380,7 +380,6 @@ def probe_bwrap(*, sandbox_uid: int | None = None) -> str | None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWNET = 0x40000000
@@ -439,7 +438,9 @@ def _drop_privileges_fn(sandbox_uid: int | None) -> Callable[[], None]:
 
 
 def _bwrap_base_args(tmp_bytes: int, rootfs: Path | None = None) -> list[str]:
-    args = ["--unshare-all", "--die-with-parent", "--hostname", "gpumesh-job"]
+    # No --die-with-parent: bwrap's own PR_SET_PDEATHSIG would tie it to the worker thread
+    # that forked it (see ``Executor._limits_fn``); the job reaper covers the daemon's death.
+    args = ["--unshare-all", "--hostname", "gpumesh-job"]
     if rootfs is not None:
         # An image job: the image's root is all of /, read-only; nothing of the host's.
         args += ["--ro-bind", str(rootfs), "/"]
@@ -644,6 +645,7 @@ class Executor:
         swept = self.cgroups.sweep()
         if swept:
             log.warning("killed and removed %d job cgroup(s) left by an earlier run", swept)
+        self.lifeline = Lifeline(self.cgroups)
         self._jobs_run = 0
         self._leftovers = 0
         self._running: set[JobId] = set()
@@ -667,7 +669,9 @@ class Executor:
         return LogTail(bytes(buffer[offset : offset + bytes_max]), offset, len(buffer), True)
 
     def close(self) -> None:
-        """Give back what the executor set up outside ``work_root`` (its cgroup parents)."""
+        """Give back what the executor set up outside ``work_root``: its job reaper and its
+        cgroup parents."""
+        self.lifeline.close()
         self.cgroups.close()
 
     @property
@@ -874,9 +878,9 @@ class Executor:
                 # The uid is this job's alone, so the per-uid process cap is per job too.
                 resource.setrlimit(resource.RLIMIT_NPROC, (procs, procs))
             drop()
-            # After the uid change (which clears it): if the daemon dies, the job's leader
-            # dies too instead of running on unsupervised.
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            # No PR_SET_PDEATHSIG: it fires when the forking *thread* ends, and trio forks in
+            # a worker thread that exits after 10 s idle. The job reaper (``Lifeline``) kills
+            # the job's whole cgroup when the daemon dies.
 
         drop = _drop_privileges_fn(uid)
         isolate_fn = _isolate_fn(limits.tmp_bytes) if isolate else None
@@ -941,6 +945,7 @@ class Executor:
                 memory_bytes=spec.limits.memory_bytes,
                 processes_max=spec.limits.processes_max,
             )
+            self.lifeline.hold(job_id)  # before its first process: a daemon's death kills it
         except (SandboxError, OSError):
             if uid is not None and self._uids is not None:
                 self._uids.release(uid)
@@ -954,6 +959,7 @@ class Executor:
             clean = cgroup.is_empty()
             if clean:
                 cgroup.remove()
+                self.lifeline.release(job_id)
             else:
                 self._leftovers += 1
                 log.error("job %s: processes left in %s; uid %s retired", job_id, cgroup.dirs, uid)

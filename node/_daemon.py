@@ -190,6 +190,9 @@ class Node:
                     task_status.started()
         finally:
             self.job_store.close()
+            if self.compute.executor is not None:
+                # Every job has ended by now: its reaper exits, its cgroup parents go.
+                self.compute.executor.close()
 
     async def _forward_commits(self, commits: trio.MemoryReceiveChannel[CommitEvent]) -> None:
         async with commits:

@@ -270,44 +270,107 @@ async def test_resources_snapshot_is_json(executor: compute.Executor) -> None:
     assert decoded["sandbox"]["sandbox"] == executor.sandbox
 
 
+def live_jobs_running(comm: str, text: str) -> list[int]:
+    """Live processes named ``comm`` (``/proc/PID/comm``) with ``text`` in their command line:
+    the job itself, not the bwrap around it (whose command line holds the job's too)."""
+    found = []
+    for pid in live_processes_with(text):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 DAEMON = """
 import sys, trio, compute
 async def main():
     ex = compute.Executor(sys.argv[1], sandbox=sys.argv[2])
+    print(ex.lifeline.pid, flush=True)
     async with trio.open_nursery() as n:
-        n.start_soon(ex.run, compute.JobId("orphan"), compute.JobSpec(("sleep", sys.argv[3])))
-        print("running", flush=True)
+        n.start_soon(ex.run, compute.JobId("orphan"), compute.JobSpec(tuple(sys.argv[3:])))
 trio.run(main)
 """
 
+JOBS = {
+    "leader": lambda tag: ("sleep", tag),
+    # A grandchild in a session of its own: neither the leader's death nor a signal to its
+    # process group reaches it; only its cgroup does.
+    "setsid-grandchild": lambda tag: ("/bin/sh", "-c", f"setsid sleep {tag} & wait"),
+}
 
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("when", ["running", "starting"])
 @pytest.mark.parametrize("kind", KINDS)
-async def test_job_dies_with_a_killed_daemon(work_root: Path, kind: str) -> None:
+async def test_job_dies_with_a_killed_daemon(
+    work_root: Path, kind: str, when: str, job: str
+) -> None:
+    """kill -9 of the daemon, once the job runs or while its sandbox is still being set up
+    (bwrap's own ``--die-with-parent`` has a gap there): nothing of the job lives on."""
     tag = marker()
     async with trio.open_nursery() as nursery:
         daemon = await nursery.start(
             partial(
                 trio.run_process,
-                [sys.executable, "-c", DAEMON, str(work_root), kind, tag],
+                [sys.executable, "-c", DAEMON, str(work_root), kind, *JOBS[job](tag)],
                 stdout=subprocess.PIPE,
                 check=False,
                 cwd=str(Path(compute.__file__).parents[1]),
             )
         )
         with trio.fail_after(20):
-            assert await daemon.stdout.receive_some(100), "the daemon did not start"
-            for _ in range(1000):  # the job is exec'd just after the daemon says it runs
-                if live_processes_with(f"sleep\0{tag}"):
+            reaper = int(await daemon.stdout.receive_some(100))
+            for _ in range(2000):
+                if when == "starting" and live_processes_with(tag):
                     break
-                await trio.sleep(0.02)
-        assert live_processes_with(f"sleep\0{tag}"), "the job never started"
+                if live_jobs_running("sleep", tag):
+                    break
+                await trio.sleep(0.005 if when == "starting" else 0.02)
+        assert live_processes_with(tag), "the job never started"
         daemon.kill()
+    # The reaper exits once it has killed the job's cgroup until it was empty.
     with trio.fail_after(10):
-        for _ in range(500):
-            if not live_processes_with(tag):
+        for _ in range(1000):
+            if stat_state(reaper) == b"Z":
                 break
             await trio.sleep(0.02)
     assert live_processes_with(tag) == [], "the job outlived its killed daemon"
+
+
+def stat_state(pid: int) -> bytes:
+    """A process's state letter; ``Z`` for one that has exited (reaped or not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return b"Z"
+
+
+async def test_jobs_outlive_the_worker_threads_that_started_them(work_root: Path) -> None:
+    """trio starts each job from a worker thread that exits after 10 s idle; a parent-death
+    signal would kill the job then (it is tied to the thread, not the process). Both sandbox
+    kinds at once, with no other thread work while they run (disk polls off)."""
+    need_bwrap()
+    executors = [
+        compute.Executor(work_root / kind, sandbox=kind, disk_poll_ms=60_000)
+        for kind in ("bwrap", "process")
+    ]
+    results: dict[str, compute.JobResult] = {}
+
+    async def run(ex: compute.Executor) -> None:
+        results[ex.sandbox] = await ex.run(compute.JobId(f"long-{ex.sandbox}"), spec("sleep 11.5"))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for ex in executors:
+                nursery.start_soon(run, ex)
+    finally:
+        for ex in executors:
+            ex.close()
+    for kind, result in sorted(results.items()):
+        assert result.succeeded and result.exit_code == 0, f"{kind}: {result.reason}"
+    assert sorted(results) == ["bwrap", "process"]
 
 
 @given(

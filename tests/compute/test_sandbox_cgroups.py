@@ -9,12 +9,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import compute
-from compute._cgroups import probe_cgroups
+from compute import _reaper
+from compute._cgroups import JobCgroup, probe_cgroups
 
 
 def write(path: Path, text: str) -> Path:
@@ -132,3 +134,62 @@ def test_a_restarted_executor_kills_what_a_crashed_one_left() -> None:
                 orphan.wait()
     finally:
         shutil.rmtree(root)
+
+
+def test_the_reaper_kills_what_is_held_when_the_daemon_end_closes() -> None:
+    """The lifeline's reaper, killed itself, is started again and told every held cgroup; when
+    the daemon's end closes (as at the daemon's death), it kills and removes the held ones and
+    leaves a released one alone."""
+    root = Path(tempfile.mkdtemp(prefix="gpumesh-cg-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        executor = compute.Executor(root / "jobs", sandbox="process")
+        lifeline = executor.lifeline
+
+        def start_in(name: str) -> tuple[subprocess.Popen[bytes], JobCgroup]:
+            cgroup = executor.cgroups.create(name, memory_bytes=1 << 30, processes_max=16)
+
+            def join() -> None:
+                for path in cgroup.procs_files:
+                    with open(path, "w") as handle:
+                        handle.write(str(os.getpid()))
+
+            proc = subprocess.Popen(["sleep", "600"], preexec_fn=join)
+            procs.append(proc)
+            return proc, cgroup
+
+        lifeline.hold("held-1")
+        held, held_cgroup = start_in("held-1")
+        first = lifeline.pid
+        assert first is not None
+        os.kill(first, 9)
+        for _ in range(500):  # until its end of the pipe is gone (it is then a zombie)
+            state = Path(f"/proc/{first}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            if state == b"Z":
+                break
+            time.sleep(0.01)
+        lifeline.hold("freed-1")  # finds the pipe broken: a new reaper, told of held-1 too
+        freed, freed_cgroup = start_in("freed-1")
+        assert lifeline.restarts == 1 and lifeline.pid != first
+        lifeline.release("freed-1")
+        lifeline.close()
+        assert held.wait(timeout=10) == -9, "the held cgroup's process was not killed"
+        assert not any(p.exists() for _, p in held_cgroup.dirs), "the held cgroup stayed"
+        assert freed.poll() is None, "a released cgroup was killed"
+        freed.kill()
+        freed.wait()
+        freed_cgroup.remove()
+        executor.close()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(root)
+
+
+def test_reaper_lines_that_are_not_holds_or_releases_are_ignored() -> None:
+    lines = [b"+a\n", b"+b\n", b"-a\n", b"+../x\n", b"+\n", b"?c\n", b"+" + b"n" * 200 + b"\n"]
+    assert _reaper.read_held(lines) == {"b"}
+    assert _reaper.main(["v3"]) == 2
