@@ -4,6 +4,7 @@ job, an RPC client for a node's home and the ``gpumesh`` CLI run as a subprocess
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
@@ -67,3 +68,14 @@ def start_pair(
         _testnet.down(directory)
         raise
     return directory, homes, layout
+
+
+def log_warnings(home: Home, lines_max: int = 30) -> str:
+    """The last ``lines_max`` warning and error lines of a node's log, to print when a test
+    fails: CI shows a failed test's output, and a node's own reason is in its log."""
+    try:
+        text = home.log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no log at {home.log_path})"
+    found = [line for line in text.splitlines() if re.search(r"(?i)warn|error|exception", line)]
+    return "\n".join(found[-lines_max:]) or "(no warnings)"

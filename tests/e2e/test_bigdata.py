@@ -165,6 +165,11 @@ def test_a_gigabyte_in_and_out_resumes_after_the_provider_is_killed_mid_fetch(
             f" (input fetch), running -> done {stamps['done'] - stamps['running']} ms (run, seal,"
             f" fetch with a provider restart, check, ack, receipt, open); {events}"
         )
+    except BaseException:
+        for role, home in (("provider", provider), ("requester", requester)):
+            print(f"--- the {role}'s warnings ({home.log_path}):\n{_nodes.log_warnings(home)}")
+        print(f"--- disk: {shutil.disk_usage(tmp_path).free} bytes free at {tmp_path}")
+        raise
     finally:
         _testnet.down(directory)
         shutil.rmtree(directory, ignore_errors=True)
