@@ -322,13 +322,19 @@ async def test_job_dies_with_a_killed_daemon(
         )
         with trio.fail_after(20):
             reaper = int(await daemon.stdout.receive_some(100))
+            seen: set[int] = set()
             for _ in range(2000):
-                if when == "starting" and live_processes_with(tag):
-                    break
-                if live_jobs_running("sleep", tag):
+                # The daemon's own command line holds the tag too; a child of it that does
+                # is being forked into the job (or is the job's bwrap). Read once: a process
+                # in the middle of an exec may show no command line for a moment.
+                if when == "starting":
+                    seen = set(live_processes_with(tag)) - {daemon.pid}
+                else:
+                    seen = set(live_jobs_running("sleep", tag))
+                if seen:
                     break
                 await trio.sleep(0.005 if when == "starting" else 0.02)
-        assert live_processes_with(tag), "the job never started"
+        assert seen, "the job never started"
         daemon.kill()
     # The reaper exits once it has killed the job's cgroup until it was empty.
     with trio.fail_after(10):
