@@ -578,6 +578,32 @@ class _Run:
         self.cgroup.kill()  # and everything that left the group (setsid, double fork)
 
 
+def drop_scratch(work: Path) -> int:
+    """Delete what an ended job left in its directory beside ``out/``: its copies of the
+    inputs and its scratch files; how many entries went. Only ``out/`` is ever read after the
+    run, and the node keeps its own copy of every input, so on a provider a 1 GiB input is
+    1 GiB less disk while the outputs are sealed and fetched. A job can make its scratch hard
+    to delete (a mode-0 directory under an unprivileged daemon): that stays, with a warning,
+    until the job's directory goes."""
+    removed = 0
+    try:
+        entries = list(os.scandir(work))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name == "out":
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError as exc:
+            log.warning("could not delete the ended job's scratch %s: %s", entry.path, exc)
+    return removed
+
+
 class Executor:
     """Runs jobs in the sandbox under ``work_root/<job_id>/``; cancellable at any await."""
 
@@ -1053,6 +1079,7 @@ class Executor:
             files = ()  # the job removed its own output directory: it produced nothing
         if outcome is not JobOutcome.SUCCEEDED and outcome is not JobOutcome.EXIT_NONZERO:
             files = ()  # a job stopped at a limit delivers nothing
+        await trio.to_thread.run_sync(drop_scratch, work)
         cpu_ns = cgroup.cpu_usage_ns()
         return JobResult(
             job_id=job_id,

@@ -105,6 +105,22 @@ async def test_job_runs_with_inputs_and_hashed_outputs(executor: compute.Executo
     assert result.sandbox == executor.sandbox
 
 
+async def test_an_ended_job_keeps_only_its_outputs_on_disk(executor: compute.Executor) -> None:
+    """The job's copies of its inputs and its scratch go when it ends (the node keeps its own
+    inputs); its outputs stay, one hard-linked to an input included."""
+    job = compute.JobSpec(
+        ("/bin/sh", "-c", "mkdir -p scratch/deep && head -c 4096 /dev/zero > scratch/deep/z; "
+         "ln data/in.bin out/same.bin; printf ok > out/ok.txt; ln -s /etc scratch/etc"),
+        inputs=(("data/in.bin", b"x" * 10_000),),
+    )  # fmt: skip
+    result = await executor.run(compute.JobId("scratch-1"), job)
+    assert result.outcome is compute.JobOutcome.SUCCEEDED, result.reason
+    work = executor.job_dir(compute.JobId("scratch-1")) / "work"
+    assert sorted(p.name for p in work.iterdir()) == ["out"], "scratch or inputs stayed"
+    assert (work / "out" / "same.bin").read_bytes() == b"x" * 10_000
+    assert [o.path for o in result.outputs] == ["ok.txt", "same.bin"]
+
+
 async def test_timeout_kills_the_job_and_its_grandchildren(executor: compute.Executor) -> None:
     tag = marker()
     script = f"sleep {tag} & (sleep {tag} &) ; sleep {tag}; wait"
