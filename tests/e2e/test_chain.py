@@ -11,6 +11,7 @@ import pytest
 
 import ledger
 from node import _testnet
+from node._chain_rpc import NOT_READY
 from node._home import Home
 from node.testing import free_port_block, wait_until
 from rpc import RpcCallError, RpcClient
@@ -45,6 +46,17 @@ def committed(home: Home, tx_hash: str) -> bool:
 
 def height(home: Home) -> int:
     return int(client(home).call("chain_head")["height"])
+
+
+def reached(home: Home, target: int) -> bool:
+    """Whether the node's head is at ``target`` or above; False while its chain service is
+    still starting (a restarted node answers RPC before its chain is open)."""
+    try:
+        return height(home) >= target
+    except RpcCallError as exc:
+        if exc.code != NOT_READY:
+            raise
+        return False
 
 
 def hashes(home: Home, top: int) -> list[str]:
@@ -127,7 +139,7 @@ def test_four_validators_agree_tolerate_one_crash_halt_at_two_and_catch_up(
         restart(homes[3])
         target = height(homes[0])
         wait_until(
-            lambda: height(homes[3]) >= target,
+            lambda: reached(homes[3], target),
             timeout_s=60,
             what="the restarted validator to catch up",
         )

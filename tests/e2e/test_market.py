@@ -99,7 +99,8 @@ def test_fifty_jobs_from_two_nodes_settle_identically_everywhere(tmp_path: Path)
                 what=f"job {job_id[:8]} to finish",
             )
         states = {j: f["state"] for j, f in finals.items()}
-        assert set(states.values()) == {"done"}, f"not all jobs done: {states}"
+        errors = {j[:8]: f.get("error") for j, f in finals.items() if f["state"] != "done"}
+        assert set(states.values()) == {"done"}, f"not all jobs done: {errors}"
         for home, job_id in jobs:
             result = client(home).call("job_result", {"job_id": job_id})
             i = jobs.index((home, job_id))
