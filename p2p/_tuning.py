@@ -81,6 +81,13 @@ chain upwards, per Noise message.
 
 Each falls back to the stock path for any other transport, security or muxer
 (``_socket_path``).
+
+Issue 14, part 6: py-libp2p's service manager found the parent of every task it started by
+walking the whole task tree of the service through nested generators
+(``TrioManager._find_parent_task``): O(tasks) per task started, and pubsub, the swarm and
+identify start several per peer and per stream. ``_indexed_find_parent_task`` looks the
+running task up by its trio task instead (``_indexed_task_run`` keeps the index), and still
+answers None for a task outside this manager's tree.
 """
 
 from __future__ import annotations
@@ -118,6 +125,8 @@ from libp2p.protocol_muxer.exceptions import (
 )
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.security.secure_session import SecureSession
+from libp2p.tools.anyio_service.trio_manager import TrioManager
+from libp2p.tools.anyio_service.trio_tasks import FunctionTask
 from libp2p.utils import encode_delim
 
 logger = logging.getLogger(__name__)
@@ -137,6 +146,8 @@ _original_read_data_body = yamux_module.Yamux._read_data_body
 _original_notify = Swarm._notify
 _original_measure_rtt_loop = yamux_module.Yamux._measure_rtt_loop
 _original_select_one_of = multiselect_client_module.MultiselectClient.select_one_of
+_original_task_run = FunctionTask.run
+_original_find_parent_task = TrioManager._find_parent_task
 _inline_notifications = frozenset({"opened_stream", "closed_stream"})
 _yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
 _installed = False
@@ -547,6 +558,37 @@ async def _pipelined_select_one_of(
     )
 
 
+_running_tasks: dict[trio.lowlevel.Task, Any] = {}
+"""Every running service ``FunctionTask``, by the trio task it runs in."""
+
+
+async def _indexed_task_run(self: Any) -> None:
+    trio_task = trio.lowlevel.current_task()
+    outer = _running_tasks.get(trio_task)  # one task per trio task, unless run is awaited
+    _running_tasks[trio_task] = self
+    try:
+        await _original_task_run(self)
+    finally:
+        if outer is None:
+            del _running_tasks[trio_task]
+        else:
+            _running_tasks[trio_task] = outer
+
+
+def _indexed_find_parent_task(self: Any, trio_task: trio.lowlevel.Task) -> Any:
+    """``TrioManager._find_parent_task`` by lookup: the stock one walks every task of the
+    service, with nested generators, each time a task starts (6% of a node's busy samples while
+    a 34-node mesh connects: pubsub alone runs several tasks per peer). Same answer: the
+    running task of this trio task, if it is in this manager's tree."""
+    task = _running_tasks.get(trio_task)
+    if task is None:
+        return None
+    root = task
+    while root.parent is not None:
+        root = root.parent
+    return task if root in self._root_tasks else None
+
+
 def apply() -> None:
     """Install the caches and the lean I/O paths (idempotent)."""
     global _installed
@@ -564,6 +606,8 @@ def apply() -> None:
     yamux_module.Yamux._read_data_body = _lean_read_data_body
     Swarm._notify = _notify_inline
     multiselect_client_module.MultiselectClient.select_one_of = _pipelined_select_one_of
+    FunctionTask.run = _indexed_task_run
+    TrioManager._find_parent_task = _indexed_find_parent_task
     _installed = True
     if not any(name.startswith("PY_YAMUX_") for name in os.environ):
         yamux_module.YamuxStream._auto_tune_and_send_window_update = _batched_window_update

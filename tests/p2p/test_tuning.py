@@ -12,6 +12,7 @@ from libp2p.protocol_muxer.multiselect import Multiselect
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.tools.anyio_service import Service, background_trio_service
 
 from p2p import _tuning
 from p2p._mesh import _framed, _take_frame
@@ -309,3 +310,43 @@ async def test_frames_written_straight_to_a_full_socket_arrive_whole_and_in_orde
         assert counts["write_direct"] > before.get("write_direct", 0)
         assert counts["write_waited"] > before.get("write_waited", 0), "the socket never filled"
         assert counts["read_direct"] > before.get("read_direct", 0)
+
+
+async def test_the_indexed_parent_lookup_agrees_with_the_stock_walk() -> None:
+    """Service tasks started from tasks of two services (nested three deep) and from outside
+    any: each gets the parent the stock walk over the whole tree finds."""
+    _tuning.apply()
+    stock = _tuning._original_find_parent_task
+    seen: list[tuple[object, object]] = []
+    both_up = trio.Event()
+    checked = trio.Event()
+
+    class Tree(Service):  # type: ignore[misc]  # libp2p is Any to mypy
+        async def run(self) -> None:
+            for _ in range(3):
+                self.manager.run_task(self.branch, 2)
+            await trio.sleep_forever()
+
+        async def branch(self, depth: int) -> None:
+            if depth:
+                for _ in range(2):
+                    self.manager.run_task(self.branch, depth - 1)
+            await both_up.wait()
+            me = trio.lowlevel.current_task()
+            for manager in managers:
+                seen.append((stock(manager, me), _tuning._indexed_find_parent_task(manager, me)))
+            if len(seen) >= 2 * 2 * 21:
+                checked.set()
+            await trio.sleep_forever()
+
+    managers: list[Any] = []
+    with trio.fail_after(10):
+        async with background_trio_service(Tree()) as one, background_trio_service(Tree()) as two:
+            managers.extend([one, two])
+            both_up.set()
+            assert _tuning._indexed_find_parent_task(one, trio.lowlevel.current_task()) is None
+            await checked.wait()
+            one.cancel()
+            two.cancel()
+    assert seen and all(a is b for a, b in seen), "the lookup found another parent"
+    assert sum(a is not None for a, _ in seen) == len(seen) // 2, "one manager each"
