@@ -337,7 +337,7 @@ async def test_job_dies_with_a_killed_daemon(
             )
         )
         with trio.fail_after(20):
-            reaper = int(await daemon.stdout.receive_some(100))
+            reaper = os.pidfd_open(int(await daemon.stdout.receive_some(100)))
             seen: set[int] = set()
             for _ in range(2000):
                 # The daemon's own command line holds the tag too; a child of it that does
@@ -352,21 +352,14 @@ async def test_job_dies_with_a_killed_daemon(
                 await trio.sleep(0.005 if when == "starting" else 0.02)
         assert seen, "the job never started"
         daemon.kill()
-    # The reaper exits once it has killed the job's cgroup until it was empty.
-    with trio.fail_after(10):
-        for _ in range(1000):
-            if stat_state(reaper) == b"Z":
-                break
-            await trio.sleep(0.02)
-    assert live_processes_with(tag) == [], "the job outlived its killed daemon"
-
-
-def stat_state(pid: int) -> bytes:
-    """A process's state letter; ``Z`` for one that has exited (reaped or not)."""
+    # The reaper exits once it has killed the job's cgroup until it was empty (its pidfd then
+    # reads as ready).
     try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return b"Z"
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(reaper)
+    finally:
+        os.close(reaper)
+    assert live_processes_with(tag) == [], "the job outlived its killed daemon"
 
 
 async def test_jobs_outlive_the_worker_threads_that_started_them(work_root: Path) -> None:
