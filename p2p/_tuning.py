@@ -109,6 +109,7 @@ import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
 import libp2p.security.noise.io as noise_io_module
 import libp2p.stream_muxer.yamux.yamux as yamux_module
+import multiaddr.protocols as multiaddr_protocols
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.exceptions import BaseLibp2pError
@@ -128,6 +129,7 @@ from libp2p.security.secure_session import SecureSession
 from libp2p.tools.anyio_service.trio_manager import TrioManager
 from libp2p.tools.anyio_service.trio_tasks import FunctionTask
 from libp2p.utils import encode_delim
+from multiaddr import Multiaddr
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +145,16 @@ _original_ping_peer = routing_table_module.KBucket._ping_peer
 _original_tcp_read = TrioTCPStream.read
 _original_read_exactly = yamux_module.read_exactly
 _original_read_data_body = yamux_module.Yamux._read_data_body
+_original_handle_incoming = yamux_module.Yamux.handle_incoming
 _original_notify = Swarm._notify
 _original_measure_rtt_loop = yamux_module.Yamux._measure_rtt_loop
 _original_select_one_of = multiselect_client_module.MultiselectClient.select_one_of
 _original_task_run = FunctionTask.run
 _original_find_parent_task = TrioManager._find_parent_task
+_original_multiaddr_from_string = Multiaddr._from_string
+_original_multiaddr_str = Multiaddr.__str__
+_original_multiaddr_value_for_protocol = Multiaddr.value_for_protocol
+multiaddr_cached_max = 4_096
 _inline_notifications = frozenset({"opened_stream", "closed_stream"})
 _yamux_data_bytes_max = yamux_module.MAX_MESSAGE_SIZE - yamux_module.HEADER_SIZE
 _installed = False
@@ -290,16 +297,74 @@ async def _buffered_read_exactly(reader: Any, n: int, *args: Any, **kwargs: Any)
     # frame arrives in one Noise message, so both are usually in the session's buffer
     # already: take them without the retry loop (and, for bodies, the timeout scope).
     if type(reader) is SecureSession:
-        available = reader.high_watermark - reader.low_watermark
-        if available == 0:
-            path = _socket_path(reader)
-            if path is not None and await _fill_from_socket(reader, path):
-                available = reader.high_watermark - reader.low_watermark
-        if available >= n:
+        muxer = reader.__dict__.get("_gpumesh_absorbing")
+        while True:
+            available = reader.high_watermark - reader.low_watermark
+            if available == 0:
+                path = _socket_path(reader)
+                if path is not None and await _fill_from_socket(reader, path):
+                    available = reader.high_watermark - reader.low_watermark
+            if available < n:
+                break
             buffered: bytes = reader._drain(n)
-            return buffered
+            if n != yamux_module.HEADER_SIZE or muxer is None:
+                return buffered
+            if not _absorb(muxer, reader, buffered):
+                return buffered
+            io_counts["frames_absorbed"] += 1
     data: bytes = await _original_read_exactly(reader, n, *args, **kwargs)
     return data
+
+
+def _absorb(muxer: Any, reader: Any, header: bytes) -> bool:
+    """Deliver a plain DATA frame to its open stream, as ``Yamux.handle_incoming`` would.
+
+    The stock loop gives every frame a pass through its 300 lines: five debug f-strings (the
+    peer id formatted into each, debug logging off or not), the body read, and the streams
+    lock, whose acquire always yields to the scheduler, so each gossip copy cost its reader
+    two scheduler passes. A DATA frame with no flags, for a stream that is open, whose body
+    is already in the session's buffer, with the streams lock free, is handled here in the
+    same step: appended to the stream's buffer, debited from its receive window (clamped at
+    0 with the stock warning) and its reader woken. Anything else (flags, other frame types,
+    an unknown stream, an oversized length, a body still on the wire) is left to the stock
+    loop: False, and the header goes back to it unchanged.
+    """
+    _, typ, flags, stream_id, length = struct.unpack(yamux_module.YAMUX_HEADER_FORMAT, header)
+    if (
+        typ != yamux_module.TYPE_DATA
+        or flags
+        or length == 0
+        or length > yamux_module.MAX_WINDOW_SIZE
+        or reader.high_watermark - reader.low_watermark < length
+        or muxer.streams_lock.locked()
+    ):
+        return False
+    stream = muxer.streams.get(stream_id)
+    buffer = muxer.stream_buffers.get(stream_id)
+    event = muxer.stream_events.get(stream_id)
+    if stream is None or buffer is None or event is None:
+        return False
+    buffer.extend(reader._drain(length))
+    stream.recv_window -= length
+    if stream.recv_window < 0:
+        logger.warning(
+            "Stream %s: peer exceeded receive window by %d bytes", stream_id, -stream.recv_window
+        )
+        stream.recv_window = 0
+    event.set()
+    return True
+
+
+async def _absorbing_handle_incoming(self: Any) -> None:
+    reader = self.secured_conn
+    if type(reader) is not SecureSession:
+        await _original_handle_incoming(self)
+        return
+    reader._gpumesh_absorbing = self
+    try:
+        await _original_handle_incoming(self)
+    finally:
+        reader._gpumesh_absorbing = None
 
 
 async def _lean_read_data_body(conn: Any, length: int) -> bytes:
@@ -307,7 +372,15 @@ async def _lean_read_data_body(conn: Any, length: int) -> bytes:
     if type(reader) is SecureSession and reader.high_watermark - reader.low_watermark >= length:
         buffered: bytes = reader._drain(length)
         return buffered
-    data: bytes = await _original_read_data_body(conn, length)
+    # The stock body read goes through read_exactly too: a 12-byte body is not a header.
+    muxer = reader.__dict__.get("_gpumesh_absorbing") if type(reader) is SecureSession else None
+    if muxer is not None:
+        reader._gpumesh_absorbing = None
+    try:
+        data: bytes = await _original_read_data_body(conn, length)
+    finally:
+        if muxer is not None:
+            reader._gpumesh_absorbing = muxer
     return data
 
 
@@ -589,6 +662,57 @@ def _indexed_find_parent_task(self: Any, trio_task: trio.lowlevel.Task) -> Any:
     return task if root in self._root_tasks else None
 
 
+# Multiaddrs are immutable (their bytes are their value), and a connection parses and prints
+# the same few dozen addresses again and again: identify's listen addresses, the peerstore's,
+# every peer record's, the swarm's remote address. Successful answers are remembered by their
+# input, for the stock registry only; errors are never cached, so bad input still raises.
+_multiaddr_bytes_of: dict[str, bytes] = {}
+_multiaddr_text_of: dict[bytes, str] = {}
+_multiaddr_values: dict[tuple[bytes, Any], Any] = {}
+
+
+def _remember_multiaddr(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= multiaddr_cached_max:
+        cache.clear()  # bounded; the working set refills in one connection's worth of calls
+    cache[key] = value
+
+
+def _cached_multiaddr_from_string(self: Any, addr: str) -> None:
+    if self.registry is not multiaddr_protocols.REGISTRY:
+        _original_multiaddr_from_string(self, addr)
+        return
+    known = _multiaddr_bytes_of.get(addr)
+    if known is not None:
+        self._bytes = known
+        return
+    _original_multiaddr_from_string(self, addr)
+    _remember_multiaddr(_multiaddr_bytes_of, addr, self._bytes)
+
+
+def _cached_multiaddr_str(self: Any) -> str:
+    known = _multiaddr_text_of.get(self._bytes)
+    if known is not None:
+        return known
+    text: str = _original_multiaddr_str(self)
+    _remember_multiaddr(_multiaddr_text_of, self._bytes, text)
+    return text
+
+
+def _cached_value_for_protocol(self: Any, proto: Any) -> Any:
+    if self.registry is not multiaddr_protocols.REGISTRY:
+        return _original_multiaddr_value_for_protocol(self, proto)
+    try:
+        key = (self._bytes, proto)
+        return _multiaddr_values[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable protocol argument: the stock lookup says what is wrong
+        return _original_multiaddr_value_for_protocol(self, proto)
+    value = _original_multiaddr_value_for_protocol(self, proto)
+    _remember_multiaddr(_multiaddr_values, key, value)
+    return value
+
+
 def apply() -> None:
     """Install the caches and the lean I/O paths (idempotent)."""
     global _installed
@@ -604,10 +728,14 @@ def apply() -> None:
     yamux_module.Yamux._write_frame = _lean_write_frame
     yamux_module.read_exactly = _buffered_read_exactly
     yamux_module.Yamux._read_data_body = _lean_read_data_body
+    yamux_module.Yamux.handle_incoming = _absorbing_handle_incoming
     Swarm._notify = _notify_inline
     multiselect_client_module.MultiselectClient.select_one_of = _pipelined_select_one_of
     FunctionTask.run = _indexed_task_run
     TrioManager._find_parent_task = _indexed_find_parent_task
+    Multiaddr._from_string = _cached_multiaddr_from_string
+    Multiaddr.__str__ = _cached_multiaddr_str
+    Multiaddr.value_for_protocol = _cached_value_for_protocol
     _installed = True
     if not any(name.startswith("PY_YAMUX_") for name in os.environ):
         yamux_module.YamuxStream._auto_tune_and_send_window_update = _batched_window_update

@@ -350,3 +350,91 @@ async def test_the_indexed_parent_lookup_agrees_with_the_stock_walk() -> None:
             two.cancel()
     assert seen and all(a is b for a, b in seen), "the lookup found another parent"
     assert sum(a is not None for a, _ in seen) == len(seen) // 2, "one manager each"
+
+
+def test_cached_multiaddrs_parse_print_and_fail_as_the_stock_ones() -> None:
+    import multiaddr.protocols as multiaddr_protocols
+    import pytest
+    from multiaddr import Multiaddr
+    from multiaddr.exceptions import ProtocolLookupError, StringParseError
+
+    _tuning.apply()
+    text = "/ip4/10.1.2.3/tcp/4001/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
+    stock = Multiaddr.__new__(Multiaddr)
+    stock.registry = multiaddr_protocols.REGISTRY
+    _tuning._original_multiaddr_from_string(stock, text)
+    for _ in range(2):  # the first parse fills the caches, the second is served from them
+        addr = Multiaddr(text)
+        assert addr.to_bytes() == stock.to_bytes()
+        assert str(addr) == text == _tuning._original_multiaddr_str(addr)
+        assert str(Multiaddr(addr.to_bytes())) == text
+        assert addr.value_for_protocol("tcp") == "4001"
+        assert addr.value_for_protocol("ip4") == "10.1.2.3"
+        with pytest.raises(ProtocolLookupError):
+            addr.value_for_protocol("udp")
+        with pytest.raises(StringParseError):
+            Multiaddr("/ip4/300.1.2.3/tcp/1")  # an error is never cached as an answer
+    assert Multiaddr("/ip4/10.1.2.3/tcp/4002") != Multiaddr("/ip4/10.1.2.3/tcp/4001")
+    for index in range(_tuning.multiaddr_cached_max + 10):  # bounded
+        Multiaddr(f"/ip4/10.0.{index // 250}.{index % 250}/tcp/1")
+    assert len(_tuning._multiaddr_bytes_of) <= _tuning.multiaddr_cached_max
+
+
+async def test_data_frames_absorbed_in_the_header_read_arrive_whole_and_in_order() -> None:
+    # Plain DATA frames for open streams are delivered inside yamux's header read
+    # (_tuning._absorb); opening (SYN), closing (FIN) and large frames split over several
+    # Noise messages still go through the stock loop. Four streams interleave writes of
+    # 1 byte, 12 bytes (a body the size of a header), 300 bytes and 100 KiB.
+    from libp2p.network.stream.exceptions import StreamEOF
+
+    from p2p.testing import open_meshes
+
+    protocol = TProtocol("/gpumesh-test/absorb/1")
+    sizes = [1, 12, 300, 12, 100 * 1024, 12, 1] * 6
+    received: dict[int, bytearray] = {}
+    windows: list[int] = []
+    done = trio.Semaphore(0)
+
+    def pattern(index: int) -> bytes:
+        total = sum(sizes)
+        return bytes([index]) + bytes((index + 13 * k) % 251 for k in range(total - 1))
+
+    async def sink(stream: Any) -> None:
+        data = bytearray()
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except StreamEOF:
+                break
+            if not chunk:
+                break
+            data += chunk
+        received[data[0]] = data
+        windows.append(stream.muxed_stream.recv_window)
+        done.release()
+
+    async with open_meshes(2) as (a, b):
+        b._host.set_stream_handler(protocol, sink)
+        await a.wait_for_peers(1)
+        before = _tuning.io_counts["frames_absorbed"]
+
+        async def send(index: int) -> None:
+            stream = await a._host.new_stream(b._id, [protocol])
+            data, at = pattern(index), 0
+            for size in sizes:
+                await stream.write(data[at : at + size])
+                at += size
+                await trio.lowlevel.checkpoint()
+            await stream.close()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for index in range(1, 5):
+                    nursery.start_soon(send, index)
+            for _ in range(4):
+                await done.acquire()
+        assert sorted(received) == [1, 2, 3, 4]
+        for index, data in received.items():
+            assert data == pattern(index), f"stream {index} arrived changed"
+        assert all(window >= 0 for window in windows), windows
+        assert _tuning.io_counts["frames_absorbed"] > before + 50, "nothing took the lean path"
