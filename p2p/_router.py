@@ -30,12 +30,14 @@ py-libp2p already does when a peer subscribes.
 from __future__ import annotations
 
 import functools
+import random
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from libp2p.peer.id import ID
-from libp2p.pubsub import floodsub
+from libp2p.pubsub import floodsub, gossipsub
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
@@ -48,6 +50,18 @@ opportunistic_graft_ticks = 60
 idontwant_message_bytes_min = 1024
 """Below this an IDONTWANT (a frame to every mesh peer) costs about what it saves; js-libp2p's
 gossipsub uses a threshold for the same reason (``idontwantMinDataSize``)."""
+
+_gossip_protocols = frozenset(
+    {
+        gossipsub.PROTOCOL_ID,
+        gossipsub.PROTOCOL_ID_V11,
+        gossipsub.PROTOCOL_ID_V12,
+        gossipsub.PROTOCOL_ID_V13,
+        gossipsub.PROTOCOL_ID_V14,
+        gossipsub.PROTOCOL_ID_V20,
+    }
+)
+"""The meshsub versions py-libp2p gossips to (a floodsub peer gets no IHAVE)."""
 
 
 class ContentAddressedMessageCache(MessageCache):  # type: ignore[misc]  # libp2p is Any to mypy
@@ -177,6 +191,44 @@ class StrictNoSignGossipSub(GossipSub):  # type: ignore[misc]  # libp2p is Any t
         # on the same schedule as opportunistic grafting.
         if not self._fast_publish or self._ticks % opportunistic_graft_ticks == 0:
             await super()._maintain_mesh_quality(topic)
+
+    def gossip_heartbeat(self) -> defaultdict[ID, dict[str, list[bytes]]]:
+        """Choose each topic's IHAVE peers as the gossipsub v1.1 spec and go-libp2p do.
+
+        py-libp2p leaves out every peer in GRAFT backoff for the topic, which is every peer
+        we PRUNEd in the last minute (an oversubscribed mesh prunes several a heartbeat): a
+        node whose mesh censors was then gossiped to by nobody who had just pruned it, and
+        a test with one honest path (``test_ihave_gossip_repairs_a_mesh_whose_only_peer_
+        censors``) lost messages. Backoff governs GRAFT only. Here the peers are those of
+        the topic outside its mesh (or fanout) speaking gossipsub, above the score's gossip
+        threshold (which py-libp2p did not check for IHAVE), ``gossip_degree_lazy`` of them
+        at random.
+        """
+        pubsub = self.pubsub
+        assert pubsub is not None, "the router is attached before pubsub runs"
+        scorer = self.scorer
+        peers_to_gossip: defaultdict[ID, dict[str, list[bytes]]] = defaultdict(dict)
+        topics = list(self.mesh.items())
+        topics += [(t, peers) for t, peers in self.fanout.items() if t not in self.mesh]
+        for topic, current in topics:
+            in_topic = pubsub.peer_topics.get(topic)
+            if not in_topic:
+                continue
+            msg_ids = self.mcache.window(topic)
+            if not msg_ids:
+                continue
+            pool = [
+                peer
+                for peer in in_topic
+                if peer not in current
+                and self.peer_protocol.get(peer) in _gossip_protocols
+                and (scorer is None or scorer.allow_gossip(peer, [topic]))
+            ]
+            count = self._get_adaptive_gossip_peers_count(topic, len(in_topic) - len(current))
+            chosen = pool if count >= len(pool) else random.sample(pool, max(count, 0))
+            for peer in chosen:
+                peers_to_gossip[peer][topic] = list(msg_ids)
+        return peers_to_gossip
 
     def _get_adaptive_gossip_peers_count(self, topic: str, total_peers: int) -> int:
         # py-libp2p fixes D_lazy at max(6, 25% of the topic's other peers): with everyone

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import multiaddr
 import pytest
@@ -81,6 +82,60 @@ async def test_five_node_bootstrap_chain_connects_and_gossip_reaches_all() -> No
         assert meshes[0].statistics()["topics"][topic]["out_total"] == 1, "node 0 counted 1 out"
         sources = {p.source for p in meshes[4].peers()}
         assert PeerSource.BOOTSTRAP in sources, f"node 4 records its bootstrap peer: {sources}"
+
+
+async def test_ihave_gossip_repairs_a_mesh_whose_only_peer_censors() -> None:
+    """With D=1 each node's mesh for a topic is one peer. The origin publishes; every node but
+    the origin and the victim is a censor (it forwards nothing, so it caches nothing and
+    gossips no IHAVE either), the origin's one mesh peer among them. The only way to the
+    victim is the origin's IHAVE gossip to peers outside its mesh (``gossip_degree_lazy``,
+    here all three) and the victim's IWANT: every message must still arrive."""
+    config = P2PConfig.for_tests(gossip_degree=1, gossip_degree_low=1, gossip_degree_high=1)
+    assert config.gossip_degree_lazy >= 3, "the default reaches all 3 peers outside the mesh"
+    async with open_meshes(5, config=config, bootstrap_of=lambda i: list(range(i))) as meshes:
+        subs = [m.subscribe("blocks") for m in meshes]
+        await wait_until(lambda: all(m.peer_count() == 4 for m in meshes), CONNECT_S, "all 5")
+        origin = meshes[0]
+        topic = origin.topic("blocks")
+        router = origin._gossipsub
+
+        def origin_mesh() -> set[object]:
+            return set(router.mesh.get(topic, ()))  # type: ignore[misc]
+
+        await wait_until(lambda: len(origin_mesh()) == 1, CONNECT_S, "the origin's mesh of 1")
+        relay = next(iter(origin_mesh()))
+        victim_index = next(i for i in range(1, 5) if meshes[i]._id != relay)
+        victim = meshes[victim_index]
+        for index, mesh in enumerate(meshes):
+            if index in (0, victim_index):
+                continue
+            stock_publish = mesh._gossipsub.publish
+
+            async def forward_nothing(
+                forwarder: object, msg: object, own: object = mesh._id, stock: Any = stock_publish
+            ) -> None:
+                if forwarder == own:  # its own messages (peer records) go out as before
+                    await stock(forwarder, msg)
+
+            mesh._gossipsub.publish = forward_nothing  # type: ignore[method-assign]
+        iwants: list[int] = []
+        stock_iwant = victim._gossipsub.emit_iwant
+
+        async def counted_iwant(msg_ids: object, to_peer: object) -> None:
+            iwants.append(1)
+            await stock_iwant(msg_ids, to_peer)
+
+        victim._gossipsub.emit_iwant = counted_iwant  # type: ignore[method-assign]
+        for n in range(3):
+            # The mesh changes at heartbeats: publish while the victim is outside it.
+            await wait_until(
+                lambda: victim._id not in origin_mesh(), CONNECT_S, "victim outside the mesh"
+            )
+            before = len(iwants)
+            await origin.publish("blocks", "block", b"censored %d" % n)
+            got = await receive_one(subs[victim_index], f"the victim hearing message {n}")
+            assert got.payload == b"censored %d" % n
+            assert len(iwants) > before, "the copy came by IWANT, not by the mesh"
 
 
 def _star_then_one(i: int) -> list[int]:
