@@ -88,6 +88,11 @@ walking the whole task tree of the service through nested generators
 identify start several per peer and per stream. ``_indexed_find_parent_task`` looks the
 running task up by its trio task instead (``_indexed_task_run`` keeps the index), and still
 answers None for a task outside this manager's tree.
+
+Issue 14, part 7: ``_absorb`` delivers a plain DATA frame (no flags, an open stream, its body
+buffered, the streams lock free) inside yamux's header read, so the stock loop's streams-lock
+yield and debug f-strings are skipped; every other frame reaches the stock loop unchanged.
+Multiaddr parsing, printing and ``value_for_protocol`` are cached by input (bounded).
 """
 
 from __future__ import annotations
