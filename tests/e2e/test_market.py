@@ -60,13 +60,24 @@ def start_testnet(tmp_path: Path, name: str) -> tuple[Path, list[Home], Any]:
     )
     homes = [Home(n.home) for n in layout.nodes]
     _testnet.up(directory)
-    wait_until(
-        lambda: all(
-            sum(1 for o in client(h).call("market_offers") if o["gpus"]) == 3 for h in homes
-        ),
-        timeout_s=30,
-        what="every node to list exactly the three GPU providers",
-    )
+    try:
+        wait_until(
+            lambda: all(
+                sum(1 for o in client(h).call("market_offers") if o["gpus"]) == 3 for h in homes
+            ),
+            timeout_s=30,
+            what="every node to list exactly the three GPU providers",
+        )
+    except AssertionError:
+        for index, home in enumerate(homes):  # what each node saw, and its own complaints
+            try:
+                offers = [str(o)[:120] for o in client(home).call("market_offers") if o["gpus"]]
+                peers = len(client(home).call("net_peers"))
+            except (RpcCallError, OSError) as error:
+                offers, peers = [f"(no answer: {error})"], -1
+            print(f"node {index}: {peers} peers, GPU offers from {offers}")
+            print(_nodes.log_warnings(home))
+        raise
     return directory, homes, layout
 
 
