@@ -26,10 +26,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from compute import _reaper
 from compute.exceptions import SandboxError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("gpumesh.compute.cgroups")
 
@@ -38,6 +41,7 @@ V1_REQUIRED = ("memory", "pids")
 V1_OPTIONAL = ("cpuacct",)
 NODE_LEAF = "gpumesh-node"
 PARENT_PREFIX = "gpumesh-"
+parent_make_attempts = 5
 V2_WANTED = "+memory +pids +cpu"
 
 
@@ -454,11 +458,40 @@ def _setup_v2(mount: Path, own_path: str, name: str) -> Cgroups:
             ) from exc2
     parent = own / name
     try:
-        parent.mkdir(exist_ok=True)
-        _enable(parent, wanted)
+        _make_parent(parent, lambda made: _enable(made, wanted))
     except OSError as exc:
         raise _Unusable(f"cannot create {parent}: {exc}") from exc
     return Cgroups("v2", (("unified", parent),), wanted)
+
+
+def _make_parent(parent: Path, ready: Callable[[Path], None]) -> None:
+    """Make ``parent`` and check it with ``ready``, again if it vanished in between.
+
+    Every daemon's probe prunes the idle ``gpumesh-*`` parents beside its own, and a parent
+    just made by a daemon starting at the same moment is idle: in a CI run one of four
+    testnet nodes lost its parent between ``mkdir`` and its check, and provided no compute.
+    ``ready`` raises FileNotFoundError for a parent that is gone; bounded tries.
+    """
+    for _ in range(parent_make_attempts):
+        parent.mkdir(exist_ok=True)
+        try:
+            ready(parent)
+            return
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(
+        errno.ENOENT,
+        f"removed {parent_make_attempts} times by other daemons' pruning as soon as made",
+        str(parent),
+    )
+
+
+def _check_v1_parent(parent: Path) -> None:
+    procs = parent / "cgroup.procs"
+    if not os.access(procs, os.W_OK):
+        if not procs.exists():
+            raise FileNotFoundError(errno.ENOENT, "the cgroup is gone", str(parent))
+        raise PermissionError(errno.EACCES, "cgroup.procs is not writable", str(parent))
 
 
 def _enable(path: Path, wanted: str) -> None:
@@ -475,9 +508,7 @@ def _setup_v1(mounts: dict[str, Path], paths: dict[str, str], name: str) -> Cgro
             continue
         parent = _under(mounts[controller], paths[controller]) / name
         try:
-            parent.mkdir(exist_ok=True)
-            if not os.access(parent / "cgroup.procs", os.W_OK):
-                raise PermissionError(errno.EACCES, "cgroup.procs is not writable", str(parent))
+            _make_parent(parent, _check_v1_parent)
         except OSError as exc:
             if controller in V1_REQUIRED:
                 raise _Unusable(f"cannot create {parent}: {exc}") from exc

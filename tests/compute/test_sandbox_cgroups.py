@@ -9,14 +9,16 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import compute
 from compute import _reaper
-from compute._cgroups import JobCgroup, probe_cgroups
+from compute._cgroups import JobCgroup, _check_v1_parent, _make_parent, probe_cgroups
 
 
 def write(path: Path, text: str) -> Path:
@@ -105,6 +107,92 @@ async def test_a_parent_pruned_by_a_daemon_starting_beside_ours_is_no_error() ->
         first.close()
     finally:
         shutil.rmtree(root)
+
+
+def test_a_parent_pruned_between_its_mkdir_and_its_check_is_made_again(tmp_path: Path) -> None:
+    # The probe's own window (a CI run: one of four testnet nodes provided no compute): the
+    # parent is made, another daemon's prune removes it (still idle), then the check runs.
+    parent = tmp_path / "gpumesh-t"
+    checks: list[bool] = []
+
+    def pruned_once_then_checked(made: Path) -> None:
+        if not checks:
+            made.rmdir()  # what the other daemon's _prune does to an idle gpumesh-* parent
+        else:
+            write(made / "cgroup.procs", "")  # the kernel fills a new cgroup directory
+        checks.append(made.exists())
+        _check_v1_parent(made)
+
+    _make_parent(parent, pruned_once_then_checked)
+    assert checks == [False, True] and parent.is_dir()
+
+    def always_pruned(made: Path) -> None:
+        made.rmdir()
+        _check_v1_parent(made)
+
+    with pytest.raises(FileNotFoundError, match="removed 5 times"):
+        _make_parent(tmp_path / "gpumesh-u", always_pruned)
+    write(parent / "cgroup.procs", "")
+    os.chmod(parent / "cgroup.procs", 0o444)
+    if os.geteuid() != 0:  # root may write anything: the refusal is only seen unprivileged
+        with pytest.raises(PermissionError):
+            _make_parent(parent, _check_v1_parent)
+
+
+def test_daemons_probing_at_the_same_moment_all_get_their_cgroups() -> None:
+    # The real hierarchy: four processes probe side by side (each pruning the others' idle
+    # parents), released together, ten rounds; every one must come out with cgroups.
+    code = (
+        "import sys\n"
+        "from compute._cgroups import probe_cgroups\n"
+        "sys.stdin.readline()\n"
+        "cgroups = probe_cgroups(sys.argv[1])\n"
+        "print(cgroups.version, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "cgroups.close()\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    for round_ in range(10):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, f"gpumesh-race{round_}-{index}"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=repo,
+            )
+            for index in range(4)
+        ]
+        try:
+            time.sleep(0.5)  # all imported and waiting
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            for proc in procs:
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 30)
+                line = proc.stdout.readline() if ready else ""
+                _, err = ("", "") if line else proc.communicate(timeout=30)
+                assert line.strip() in ("v1", "v2"), f"round {round_}: no cgroups: {err[-800:]}"
+        finally:
+            for proc in procs:
+                if proc.poll() is None and proc.stdin is not None:
+                    try:
+                        proc.stdin.write("done\n")
+                        proc.stdin.close()
+                    except BrokenPipeError:
+                        pass
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                for pipe in (proc.stdout, proc.stderr):
+                    if pipe is not None:
+                        pipe.close()
 
 
 def test_a_restarted_executor_kills_what_a_crashed_one_left() -> None:
