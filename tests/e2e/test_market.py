@@ -77,6 +77,7 @@ def start_testnet(tmp_path: Path, name: str) -> tuple[Path, list[Home], Any]:
                 offers, peers = [f"(no answer: {error})"], -1
             print(f"node {index}: {peers} peers, GPU offers from {offers}")
             print(_nodes.log_warnings(home))
+        _testnet.down(directory)  # the callers' finally is not reached yet: stop them here
         raise
     return directory, homes, layout
 
