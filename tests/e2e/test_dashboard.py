@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -144,11 +145,16 @@ class Page:
 @asynccontextmanager
 async def browser() -> AsyncIterator[Page]:
     binary = chromium_path()
-    with tempfile.TemporaryDirectory(prefix="gpumesh-chromium-") as profile:
+    profile = tempfile.mkdtemp(prefix="gpumesh-chromium-")
+    try:
+        # Its own session: chromium's helpers (renderer, crashpad) outlive the browser process
+        # for a moment and write into the profile; a CI run failed removing it ('Default':
+        # directory not empty). The whole group is stopped before the profile is removed.
         proc = await trio.lowlevel.open_process(
             [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -177,6 +183,21 @@ async def browser() -> AsyncIterator[Page]:
             if waited.cancelled_caught:
                 proc.kill()
                 await proc.wait()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers still running in its session
+            except ProcessLookupError:
+                pass
+    finally:
+        for _ in range(50):  # bounded: a helper killed above may take a moment to go
+            try:
+                shutil.rmtree(profile)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                await trio.sleep(0.1)
+        else:
+            shutil.rmtree(profile)  # the last try says why it cannot be removed
 
 
 offer_wait_s = 90.0

@@ -30,6 +30,17 @@ PROBE = (
 
 
 def run_probe(requester: Home, ref: str, outputs: Path, *, try_rm: bool = False) -> str:
+    # The provider's offer says its one GPU is free again a gossip hop after the last job
+    # ended (the requester sees the job done first): until then a submit is refused as
+    # "full right now" (-32021), as a CI run found.
+    wait_until(
+        lambda: any(
+            "bwrap-image" in (o.get("runtimes") or ()) and o.get("free_gpus", 0) >= 1
+            for o in client(requester).call("market_offers")
+        ),
+        timeout_s=30,
+        what="the requester to see the provider's GPU free",
+    )
     job = cli(
         requester,
         "job",
