@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +144,7 @@ def test_daemons_probing_at_the_same_moment_all_get_their_cgroups() -> None:
     code = (
         "import sys\n"
         "from compute._cgroups import probe_cgroups\n"
+        "print('ready', flush=True)\n"
         "sys.stdin.readline()\n"
         "cgroups = probe_cgroups(sys.argv[1])\n"
         "print(cgroups.version, flush=True)\n"
@@ -165,7 +165,10 @@ def test_daemons_probing_at_the_same_moment_all_get_their_cgroups() -> None:
             for index in range(4)
         ]
         try:
-            time.sleep(0.5)  # all imported and waiting
+            for proc in procs:  # all imported and waiting to be released together
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 30)
+                assert ready and proc.stdout.readline() == "ready\n", f"round {round_}: no start"
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")

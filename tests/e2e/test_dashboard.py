@@ -183,21 +183,40 @@ async def browser() -> AsyncIterator[Page]:
             if waited.cancelled_caught:
                 proc.kill()
                 await proc.wait()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # helpers still running in its session
-            except ProcessLookupError:
-                pass
+            await _kill_group(proc.pid)  # helpers still running in its session
     finally:
-        for _ in range(50):  # bounded: a helper killed above may take a moment to go
-            try:
-                shutil.rmtree(profile)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                await trio.sleep(0.1)
-        else:
-            shutil.rmtree(profile)  # the last try says why it cannot be removed
+        shutil.rmtree(profile)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or gone already
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+async def _kill_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid`` and wait, on a pidfd each, until every member is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for pid in _group_members(pgid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            with trio.fail_after(10):
+                await trio.lowlevel.wait_readable(pidfd)  # readable once the process exited
+        finally:
+            os.close(pidfd)
 
 
 offer_wait_s = 90.0

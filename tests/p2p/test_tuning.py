@@ -255,61 +255,84 @@ async def test_frames_written_straight_to_a_full_socket_arrive_whole_and_in_orde
     # the reader waits: every byte must arrive, per stream, in order.
     import socket
 
-    from libp2p.network.stream.exceptions import StreamEOF
-
     from p2p.testing import open_meshes
 
-    protocol = TProtocol("/gpumesh-test/sink/1")
-    received: dict[int, bytearray] = {}
-    done = trio.Semaphore(0)
     chunks, chunk_bytes = 24, 24 * 1024
 
     def pattern(index: int) -> bytes:
         return bytes((index + 7 * k) % 251 for k in range(chunks * chunk_bytes))
 
-    async def sink(stream: Any) -> None:
+    async def write(stream: Any, data: bytes) -> None:
         # No wait needed for the buffer to fill: one 24 KiB frame overfills a 4 KiB buffer.
-        data = bytearray()
-        while True:
-            try:
-                chunk = await stream.read(65536)
-            except StreamEOF:
-                break
-            if not chunk:
-                break
-            data += chunk
-        received[data[0]] = data
-        done.release()
+        for k in range(chunks):
+            await stream.write(data[k * chunk_bytes : (k + 1) * chunk_bytes])
 
     async with open_meshes(2) as (a, b):
-        b._host.set_stream_handler(protocol, sink)
         await a.wait_for_peers(1)
         conn = a._host.get_network().get_connections(b._id)[0].muxed_conn
         path = _tuning._socket_path(conn.secured_conn)
         assert path is not None, "a Noise-over-TCP yamux connection takes the direct path"
         path[1].stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         before = dict(_tuning.io_counts)
-
-        async def send(index: int) -> None:
-            stream = await a._host.new_stream(b._id, [protocol])
-            data = pattern(index)
-            for k in range(chunks):
-                await stream.write(data[k * chunk_bytes : (k + 1) * chunk_bytes])
-            await stream.close()
-
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                for index in range(1, 5):
-                    nursery.start_soon(send, index)
-            for _ in range(4):
-                await done.acquire()
-        assert sorted(received) == [1, 2, 3, 4]
+        received, _ = await _four_streams(a, b, pattern, write, _stock_read)
         for index, data in received.items():
             assert data == pattern(index), f"stream {index} arrived changed"
         counts = _tuning.io_counts
         assert counts["write_direct"] > before.get("write_direct", 0)
         assert counts["write_waited"] > before.get("write_waited", 0), "the socket never filled"
         assert counts["read_direct"] > before.get("read_direct", 0)
+
+
+async def _stock_read(stream: Any, n: int) -> bytes:
+    data: bytes = await stream.read(n)
+    return data
+
+
+async def _four_streams(
+    a: Any,
+    b: Any,
+    pattern: Any,
+    write: Any,
+    read: Any,
+) -> tuple[dict[int, bytearray], list[int]]:
+    """Four streams from ``a`` to ``b`` at once, stream ``i`` carrying ``pattern(i)`` (whose
+    first byte is ``i``) through ``write``; ``b`` reads each with ``read`` to its end.
+    What arrived, by first byte, and each receiving stream's window once it ended."""
+    from libp2p.network.stream.exceptions import StreamEOF
+
+    protocol = TProtocol("/gpumesh-test/four-streams/1")
+    received: dict[int, bytearray] = {}
+    windows: list[int] = []
+    done = trio.Semaphore(0)
+
+    async def sink(stream: Any) -> None:
+        data = bytearray()
+        while True:
+            try:
+                chunk = await read(stream, 65536)
+            except StreamEOF:
+                break
+            if not chunk:
+                break
+            data += chunk
+        received[data[0]] = data
+        windows.append(stream.muxed_stream.recv_window)
+        done.release()
+
+    async def send(index: int) -> None:
+        stream = await a._host.new_stream(b._id, [protocol])
+        await write(stream, pattern(index))
+        await stream.close()
+
+    b._host.set_stream_handler(protocol, sink)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for index in range(1, 5):
+                nursery.start_soon(send, index)
+        for _ in range(4):
+            await done.acquire()
+    assert sorted(received) == [1, 2, 3, 4]
+    return received, windows
 
 
 async def test_the_indexed_parent_lookup_agrees_with_the_stock_walk() -> None:
@@ -385,57 +408,27 @@ async def test_data_frames_absorbed_in_the_header_read_arrive_whole_and_in_order
     # (_tuning._absorb); opening (SYN), closing (FIN) and large frames split over several
     # Noise messages still go through the stock loop. Four streams interleave writes of
     # 1 byte, 12 bytes (a body the size of a header), 300 bytes and 100 KiB.
-    from libp2p.network.stream.exceptions import StreamEOF
-
     from p2p.testing import open_meshes
 
-    protocol = TProtocol("/gpumesh-test/absorb/1")
     sizes = [1, 12, 300, 12, 100 * 1024, 12, 1] * 6
-    received: dict[int, bytearray] = {}
-    windows: list[int] = []
-    done = trio.Semaphore(0)
 
     def pattern(index: int) -> bytes:
         total = sum(sizes)
         return bytes([index]) + bytes((index + 13 * k) % 251 for k in range(total - 1))
 
-    async def sink(stream: Any) -> None:
-        # Read as pubsub does (_tuning.read_stream): the stock read holds the streams lock
-        # across a yield on every call, and a frame that finds it held takes the stock path.
-        data = bytearray()
-        while True:
-            try:
-                chunk = await _tuning.read_stream(stream, 65536)
-            except StreamEOF:
-                break
-            if not chunk:
-                break
-            data += chunk
-        received[data[0]] = data
-        windows.append(stream.muxed_stream.recv_window)
-        done.release()
+    async def write(stream: Any, data: bytes) -> None:
+        at = 0
+        for size in sizes:
+            await stream.write(data[at : at + size])
+            at += size
+            await trio.lowlevel.checkpoint()
 
     async with open_meshes(2) as (a, b):
-        b._host.set_stream_handler(protocol, sink)
         await a.wait_for_peers(1)
         before = _tuning.io_counts["frames_absorbed"]
-
-        async def send(index: int) -> None:
-            stream = await a._host.new_stream(b._id, [protocol])
-            data, at = pattern(index), 0
-            for size in sizes:
-                await stream.write(data[at : at + size])
-                at += size
-                await trio.lowlevel.checkpoint()
-            await stream.close()
-
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                for index in range(1, 5):
-                    nursery.start_soon(send, index)
-            for _ in range(4):
-                await done.acquire()
-        assert sorted(received) == [1, 2, 3, 4]
+        # Read as pubsub does (_tuning.read_stream): the stock read holds the streams lock
+        # across a yield on every call, and a frame that finds it held takes the stock path.
+        received, windows = await _four_streams(a, b, pattern, write, _tuning.read_stream)
         for index, data in received.items():
             assert data == pattern(index), f"stream {index} arrived changed"
         assert all(window >= 0 for window in windows), windows
